@@ -1,0 +1,58 @@
+# M-AI: every target does its own set-up on a fresh machine.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.m-ai-installed
+PYTEST  := $(PY) -m pytest
+export PYTHONPATH := $(CURDIR)
+export DS_ACCELERATOR := cpu
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: help venv run test test-slow test-load test-all lint bench checkpoint clean
+
+help:
+	@echo "make run        serve the tiny model on 127.0.0.1 (local Ray + Serve)"
+	@echo "make test       the default test suite (unit, integration, e2e)"
+	@echo "make test-slow  tests marked slow"
+	@echo "make test-load  load, soak and leak tests"
+	@echo "make bench      the benchmarks (JSON under out/)"
+	@echo "make lint       ruff"
+
+venv: $(STAMP)
+
+# torch first (the CPU wheel; never let a dependency pull a CUDA build), then DeepSpeed
+# without build isolation (its setup imports torch), then the project and its dev tools.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-build-isolation deepspeed==0.19.8
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+checkpoint: venv
+	.venv/bin/m-ai checkpoint make-tiny --default
+
+run: venv
+	.venv/bin/m-ai serve
+
+test: venv
+	$(PYTEST) -q -m "not slow and not load and not gpu" tests
+
+test-slow: venv
+	$(PYTEST) -q -m slow tests
+
+test-load: venv
+	$(PYTEST) -q -m load tests/load
+
+test-all: venv
+	$(PYTEST) -q -m "not gpu" tests
+
+lint: venv
+	.venv/bin/ruff check cluster engine actors deployments tests benchmarks
+
+bench: venv
+	mkdir -p out
+	$(PY) benchmarks/engine_throughput.py --out out/engine_throughput.json
+
+clean:
+	rm -rf .venv .cache out
