@@ -1,0 +1,331 @@
+"""Tokenizer, chat template and streaming detokenizer for Llama 2 checkpoints.
+
+``load_tokenizer`` wraps the transformers tokenizer of a local checkpoint directory (the
+project's tiny checkpoint or a real Llama 2 one, unchanged) behind the few calls the engine
+needs. ``IncrementalDetokenizer`` turns a stream of token ids into text deltas in O(1) per
+token, never splitting a character whose UTF-8 bytes arrive as several byte-fallback tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from cluster.errors import CheckpointError, InvalidRequestError
+from cluster.logging_setup import get_logger
+
+log = get_logger("engine.tokenizer")
+
+FALLBACK_CHAT_TEMPLATE_FILE = Path(__file__).parent / "data" / "llama2_chat.jinja"
+CHAT_ROLES = ("system", "user", "assistant")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+def _message_fields(message: Any, index: int) -> dict[str, str]:
+    """``{"role", "content"}`` of a mapping or of an object with those attributes."""
+    if isinstance(message, Mapping):
+        role, content = message.get("role"), message.get("content")
+    else:
+        role, content = getattr(message, "role", None), getattr(message, "content", None)
+    if role not in CHAT_ROLES:
+        raise InvalidRequestError(
+            f"messages[{index}].role={role!r} is not one of {', '.join(CHAT_ROLES)}",
+            param=f"messages[{index}].role",
+        )
+    if not isinstance(content, str):
+        raise InvalidRequestError(
+            f"messages[{index}].content must be a string, got {type(content).__name__}",
+            param=f"messages[{index}].content",
+        )
+    return {"role": role, "content": content}
+
+
+def validate_llama2_messages(
+    messages: Sequence[Any], *, add_generation_prompt: bool
+) -> list[dict[str, str]]:
+    """The messages as dicts, checked against Llama 2's rules.
+
+    Llama 2 chat wants an optional system message, then user and assistant turns
+    alternating, user first; a prompt for a reply ends with a user turn.
+    """
+    if not messages:
+        raise InvalidRequestError(
+            "messages is empty; give at least one user message", param="messages"
+        )
+    checked = [_message_fields(m, i) for i, m in enumerate(messages)]
+    first_turn = 1 if checked[0]["role"] == "system" else 0
+    if first_turn == len(checked):
+        raise InvalidRequestError(
+            "messages has only a system message; add a user message", param="messages"
+        )
+    for index in range(first_turn, len(checked)):
+        expected = "user" if (index - first_turn) % 2 == 0 else "assistant"
+        if checked[index]["role"] != expected:
+            raise InvalidRequestError(
+                f"messages[{index}].role={checked[index]['role']!r}, expected {expected!r}: Llama 2 "
+                "chat takes an optional system message, then user and assistant alternating, user first",
+                param=f"messages[{index}].role",
+            )
+    if add_generation_prompt and checked[-1]["role"] != "user":
+        raise InvalidRequestError(
+            f"messages[{len(checked) - 1}] is an assistant message; the last message of a prompt "
+            "for a reply must come from the user",
+            param=f"messages[{len(checked) - 1}].role",
+        )
+    return checked
+
+
+class Tokenizer:
+    """The engine's view of a Hugging Face tokenizer (build it with ``load_tokenizer``)."""
+
+    def __init__(self, hf_tokenizer: Any, *, name: str = "") -> None:
+        self._hf = hf_tokenizer
+        self.name = name
+        self._special_ids = frozenset(hf_tokenizer.all_special_ids)
+        # Byte-fallback pieces <0x00>..<0xFF>, by id; empty for a tokenizer without them.
+        self._byte_values: dict[int, int] = {
+            token_id: int(match.group(1), 16)
+            for token, token_id in hf_tokenizer.get_vocab().items()
+            if (match := _BYTE_TOKEN.fullmatch(token))
+        }
+        self._byte_ids = {value: token_id for token_id, value in self._byte_values.items()}
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The wrapped transformers tokenizer (for libraries that need it, e.g. grammars)."""
+        return self._hf
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._hf.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._hf.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """None for Llama 2, which has no pad token (batching pads with any id and masks it)."""
+        return self._hf.pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._hf)
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        return self._special_ids
+
+    @cached_property
+    def chat_template(self) -> str:
+        """The checkpoint's chat template, or the Llama 2 one when the checkpoint has none."""
+        own = getattr(self._hf, "chat_template", None)
+        if isinstance(own, str) and own.strip():
+            return own
+        return FALLBACK_CHAT_TEMPLATE_FILE.read_text(encoding="utf-8")
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``; special-token strings such as ``</s>`` in it become those tokens."""
+        ids = self._hf.encode(text, add_special_tokens=False)
+        return [self.bos_token_id, *ids] if add_bos else list(ids)
+
+    def count_tokens(self, text: str) -> int:
+        """How many tokens ``text`` adds to a sequence (no BOS counted)."""
+        return len(self.encode(text, add_bos=False))
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """The text of ``ids``.
+
+        Equal to the transformers decode, except for byte-fallback runs that are not valid
+        UTF-8 (random or sampled output): transformers then turns every byte of the run into
+        U+FFFD, here only the invalid bytes are replaced (Python's ``errors="replace"``), so
+        that a character already streamed stays in the final text.
+        """
+        ids = list(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_ids]
+        return self._hf.decode(self._repair_byte_runs(ids), skip_special_tokens=skip_special_tokens)
+
+    def _repair_byte_runs(self, ids: list[int]) -> list[int]:
+        """``ids`` with each invalid UTF-8 run of byte tokens replaced by the bytes of its lossy decoding."""
+        if not self._byte_values:
+            return ids
+        repaired: list[int] | None = None
+        start = 0
+        while start < len(ids):
+            if ids[start] not in self._byte_values:
+                if repaired is not None:
+                    repaired.append(ids[start])
+                start += 1
+                continue
+            end = start
+            while end < len(ids) and ids[end] in self._byte_values:
+                end += 1
+            raw = bytes(self._byte_values[i] for i in ids[start:end])
+            try:
+                raw.decode("utf-8")
+                run = ids[start:end]
+            except UnicodeDecodeError:
+                fixed = raw.decode("utf-8", errors="replace").encode("utf-8")
+                run = [self._byte_ids[b] for b in fixed]
+                if repaired is None:
+                    repaired = ids[:start]
+            if repaired is not None:
+                repaired.extend(run)
+            start = end
+        return ids if repaired is None else repaired
+
+    def render_chat_prompt(
+        self, messages: Sequence[Any], add_generation_prompt: bool = True
+    ) -> str:
+        """The chat prompt as text (with ``<s>``/``</s>`` written out), ready for ``encode(add_bos=False)``."""
+        checked = validate_llama2_messages(messages, add_generation_prompt=add_generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return self._hf.apply_chat_template(
+                checked,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except TemplateError as exc:
+            raise InvalidRequestError(
+                f"messages do not fit the chat template: {exc}", param="messages"
+            ) from exc
+
+    def apply_chat_template(
+        self, messages: Sequence[Any], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of the chat prompt; the template itself writes ``<s>`` at each turn."""
+        return self.encode(self.render_chat_prompt(messages, add_generation_prompt), add_bos=False)
+
+    @cached_property
+    def stream_anchor(self) -> tuple[int, str]:
+        """A plain piece (no leading space; not a byte or special token) and its text.
+
+        Put in front of a window of tokens cut from the middle of a sequence, it makes the
+        window decode as it does inside the sequence.
+        """
+        for piece in ("a", "x", "e", "s", "t"):
+            token_id = self._hf.convert_tokens_to_ids(piece)
+            if (
+                isinstance(token_id, int)
+                and token_id not in self._special_ids
+                and token_id not in self._byte_values
+            ):
+                text = self.decode([token_id])
+                if text and not text[0].isspace():
+                    return token_id, text
+        raise CheckpointError(
+            f"tokenizer {self.name!r} has no single-letter piece to anchor streaming decode",
+            param="checkpoint",
+        )
+
+    def piece_text(self, token_id: int) -> str:
+        """The vocabulary piece of ``token_id`` (``▁the``, ``<0x0A>``), for debugging and grammars."""
+        return self._hf.convert_ids_to_tokens(token_id)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of the checkpoint directory ``path`` (no network access)."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"tokenizer path {str(directory)!r} is not a directory; give a local checkpoint "
+            "directory with tokenizer files (download remote checkpoints first)",
+            param="checkpoint",
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"cannot load a tokenizer from {str(directory)!r}: {exc}; the directory needs "
+            "tokenizer.json or tokenizer.model with tokenizer_config.json",
+            param="checkpoint",
+        ) from exc
+    tokenizer = Tokenizer(hf_tokenizer, name=directory.name)
+    log.debug(
+        "loaded tokenizer", extra={"path": str(directory), "vocab_size": tokenizer.vocab_size}
+    )
+    return tokenizer
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a stream of generated token ids, O(1) work per token.
+
+    The prefix/read offset technique of vLLM and TGI: only the last few tokens are decoded,
+    and text is released when it does not end in U+FFFD, i.e. when no character is waiting
+    for more of its bytes. By default the deltas add up to ``decode(output_ids)`` exactly
+    (the first token's SentencePiece space is dropped, as in Meta's reference and
+    transformers); with ``continuation=True`` they are the text the output adds after the
+    prompt, leading space kept, as an OpenAI text completion returns it.
+    """
+
+    # Prompt tokens kept as context in continuation mode (vLLM keeps 5 as well).
+    PROMPT_CONTEXT = 5
+    # Tokens before the prefix offset are dropped once this many pile up, bounding memory.
+    TRIM_AFTER = 64
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] = (),
+        *,
+        skip_special_tokens: bool = True,
+        continuation: bool = False,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = list(prompt_ids[-self.PROMPT_CONTEXT :]) if continuation else []
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        # Whether ids[0] starts the decoded sequence, so that it decodes like decode(output).
+        self._at_sequence_start = not continuation
+        self._anchor_id, self._anchor_text = tokenizer.stream_anchor
+
+    def add(self, token_id: int) -> str:
+        """Append one generated token; return the text it completes ("" while a character is pending)."""
+        self._ids.append(token_id)
+        prefix_text = self._text(self._prefix_offset, self._read_offset)
+        new_text = self._text(self._prefix_offset, len(self._ids))
+        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self._trim()
+        return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """The text still held back (an unfinished character decodes to U+FFFD) at the end of the stream."""
+        prefix_text = self._text(self._prefix_offset, self._read_offset)
+        new_text = self._text(self._prefix_offset, len(self._ids))
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self._trim()
+        return new_text[len(prefix_text) :]
+
+    def _text(self, start: int, end: int) -> str:
+        if start == end:
+            return ""
+        window = self._ids[start:end]
+        if start == 0 and self._at_sequence_start:
+            return self._tokenizer.decode(window, self._skip_special_tokens)
+        # Decoding from the middle of a sequence would drop the leading space of the first
+        # piece (the decoder strips SentencePiece's dummy prefix); an anchor piece keeps it.
+        text = self._tokenizer.decode([self._anchor_id, *window], self._skip_special_tokens)
+        return text[len(self._anchor_text) :]
+
+    def _trim(self) -> None:
+        if self._prefix_offset >= self.TRIM_AFTER:
+            del self._ids[: self._prefix_offset]
+            self._read_offset -= self._prefix_offset
+            self._prefix_offset = 0
+            self._at_sequence_start = False

@@ -1,0 +1,133 @@
+"""The engine's request and output types: what crosses from a caller into the engine core.
+
+Plain dataclasses (cheap to create per request, picklable for Ray). The HTTP layer has its own
+pydantic models and converts to these.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "abort", "error", "content_filter"]
+
+_counter = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"req-{os.getpid():x}-{next(_counter):x}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` is greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked here too because the Python API may be called without the HTTP layer.
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature={self.temperature} must be in [0, 2]")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class RequestOutput:
+    """One streamed piece of a request's output (a delta), or its final record.
+
+    ``text`` holds only complete characters: a multi-byte character split over tokens is
+    held back until its last byte arrives. ``finished`` is set on the last piece.
+    """
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    # Seconds since the request arrived at the engine, for time-to-first-token accounting.
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine for health, metrics and admission control."""
+
+    running: int
+    waiting: int
+    max_num_seqs: int
+    kv_slots_used: int
+    kv_slots_total: int
+    steps: int
+    generated_tokens: int
+    alive: bool = True
+
+
+@runtime_checkable
+class RequestStream(Protocol):
+    """What ``LLMEngine.submit`` returns: iterate the deltas, or cancel."""
+
+    request_id: str
+
+    def __iter__(self) -> Iterator[RequestOutput]: ...
+
+    def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncEngineClient(Protocol):
+    """The engine as the serving layer sees it (the real engine and the fake one both fit).
+
+    ``generate`` yields deltas until one has ``finish_reason``; closing the iterator early
+    (client disconnect) cancels the request and frees its slot at once.
+    """
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    async def cancel(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def check_health(self) -> None:
+        """Raise ``EngineDeadError`` when the engine or any shard is gone."""
