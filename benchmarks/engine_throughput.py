@@ -1,0 +1,233 @@
+"""Engine throughput against Hugging Face generate and against the raw forward loop.
+
+The same tiny model, the same 64 prompts of mixed lengths and the same per-request output
+lengths (fixed with ignore_eos, as in real traffic they differ) in one run, on one torch
+thread each, greedy decoding:
+
+- hf_sequential: ``model.generate`` one request at a time;
+- hf_static_batch: ``generate`` on left-padded static batches of 32 (a batch runs until its
+  longest member is done: the others wait);
+- forward_loop@B: the model's raw batched forward (KV cache, no scheduling, no sampling) in
+  groups of B requests, each group decoding its members' mean output length: the ceiling;
+- engine@C: M-AI's engine with a client keeping C requests in flight.
+
+Writes JSON (``--out``) and a PNG plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from cluster.config import ModelConfig  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
+from engine.types import SamplingParams  # noqa: E402
+
+NUM_PROMPTS = 64
+CONCURRENCY = (1, 8, 32)
+
+
+def workload(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """64 prompts of 16-256 tokens and output lengths of 16-160 tokens, both skewed short."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, outputs = [], []
+    for _ in range(NUM_PROMPTS):
+        n_in = int(16 + 240 * torch.rand(1, generator=g).item() ** 2)
+        n_out = int(16 + 144 * torch.rand(1, generator=g).item() ** 1.5)
+        prompts.append([1] + torch.randint(3, vocab, (n_in - 1,), generator=g).tolist())
+        outputs.append(n_out)
+    return prompts, outputs
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def bench_hf_sequential(model, prompts, outputs) -> float:
+    tokens, start = 0, time.perf_counter()
+    for i, (p, n) in enumerate(zip(prompts, outputs)):
+        ids = torch.tensor([p])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+        tokens += out.shape[1] - ids.shape[1]
+        if i % 16 == 15:
+            log(f"  hf_sequential {i + 1}/{len(prompts)}")
+    return tokens / (time.perf_counter() - start)
+
+
+def _left_pad(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def bench_hf_static(model, prompts, outputs, batch_size: int) -> float:
+    useful, start = 0, time.perf_counter()
+    for b in range(0, len(prompts), batch_size):
+        group, lens = prompts[b:b + batch_size], outputs[b:b + batch_size]
+        ids, mask = _left_pad(group)
+        longest = max(lens)
+        model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                       do_sample=False, pad_token_id=0)
+        useful += sum(lens)  # tokens past a member's own length are waste
+    return useful / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def bench_forward_loop(model, prompts, outputs, batch_size: int) -> float:
+    from transformers import DynamicCache
+
+    tokens, start = 0, time.perf_counter()
+    for b in range(0, len(prompts), batch_size):
+        group, lens = prompts[b:b + batch_size], outputs[b:b + batch_size]
+        steps = round(sum(lens) / len(lens))
+        ids, mask = _left_pad(group)
+        cache = DynamicCache(config=model.config)
+        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for _ in range(steps - 1):
+            mask = torch.cat([mask, torch.ones(len(group), 1, dtype=torch.long)], 1)
+            model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+        tokens += steps * len(group)
+    return tokens / (time.perf_counter() - start)
+
+
+def bench_engine(engine: LLMEngine, prompts, outputs, concurrency: int) -> tuple[float, dict]:
+    """A client keeping ``concurrency`` requests in flight until all prompts are served."""
+    sem = threading.Semaphore(concurrency)
+    results: list = [None] * len(prompts)
+    threads = []
+
+    def run(i: int) -> None:
+        try:
+            params = SamplingParams(max_tokens=outputs[i], temperature=0.0, ignore_eos=True)
+            results[i] = engine.submit(prompts[i], params).result()
+        finally:
+            sem.release()
+
+    start = time.perf_counter()
+    for i in range(len(prompts)):
+        sem.acquire()
+        t = threading.Thread(target=run, args=(i,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r.token_ids) for r in results)
+    assert tokens == sum(outputs), "the engine returned fewer tokens than asked"
+    ttft = sorted(r.first_token_time - r.arrival_time for r in results)
+    return tokens / elapsed, {"ttft_p50_ms": 1000 * ttft[len(ttft) // 2]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write (a PNG is written next to it)")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the embedded tiny one)")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    path = Path(args.checkpoint) if args.checkpoint else ensure_tiny_checkpoint()
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts, outputs = workload(model.config.vocab_size)
+    log(f"workload: {len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens, "
+        f"{sum(outputs)} output tokens")
+
+    r: dict = {"model": str(path.name), "num_prompts": len(prompts), "output_tokens": sum(outputs),
+               "torch_threads": torch.get_num_threads()}
+    log("hf generate, one request at a time ...")
+    r["hf_sequential_tokens_per_s"] = bench_hf_sequential(model, prompts, outputs)
+    log("hf generate, static batches of 32 ...")
+    r["hf_static_batch_tokens_per_s"] = bench_hf_static(model, prompts, outputs, 32)
+    r["forward_loop_tokens_per_s"] = {}
+    for b in CONCURRENCY:
+        log(f"raw forward loop, batch {b} ...")
+        r["forward_loop_tokens_per_s"][b] = bench_forward_loop(model, prompts, outputs, b)
+    del model
+
+    config = ModelConfig(model_size="tiny", checkpoint=str(path), dtype="float32", device="cpu",
+                         max_num_seqs=32, max_batched_tokens=2048, context_length=1024, max_tokens=256)
+    engine = LLMEngine.from_config(config)
+    try:
+        bench_engine(engine, prompts[:8], [8] * 8, 8)  # warm-up
+        r["engine_tokens_per_s"], r["engine_ttft"] = {}, {}
+        for c in CONCURRENCY:
+            log(f"engine, {c} concurrent ...")
+            tps, extra = bench_engine(engine, prompts, outputs, c)
+            r["engine_tokens_per_s"][c], r["engine_ttft"][c] = tps, extra
+    finally:
+        engine.shutdown()
+
+    e32 = r["engine_tokens_per_s"][32]
+    r["speedup_vs_hf_sequential"] = e32 / r["hf_sequential_tokens_per_s"]
+    r["speedup_vs_hf_static_batch"] = e32 / r["hf_static_batch_tokens_per_s"]
+    r["efficiency_vs_forward_loop"] = e32 / r["forward_loop_tokens_per_s"][32]
+    r["targets"] = {"speedup_vs_hf_sequential": 6.0, "speedup_vs_hf_static_batch": 1.3,
+                    "efficiency_vs_forward_loop": 0.85}
+    r["targets_met"] = {k: r[k] >= v for k, v in r["targets"].items()}
+    print_table(r)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2))
+    plot(r, out.with_suffix(".png"))
+
+
+def print_table(r: dict) -> None:
+    seq = r["hf_sequential_tokens_per_s"]
+    print(f"\n{'':28}{'tokens/s':>10}{'x hf seq':>10}")
+    print(f"{'hf generate, sequential':28}{seq:10.0f}{1.0:10.2f}")
+    print(f"{'hf generate, static b=32':28}{r['hf_static_batch_tokens_per_s']:10.0f}"
+          f"{r['hf_static_batch_tokens_per_s'] / seq:10.2f}")
+    for c in CONCURRENCY:
+        fl, en = r["forward_loop_tokens_per_s"][c], r["engine_tokens_per_s"][c]
+        print(f"{f'raw forward loop, b={c}':28}{fl:10.0f}{fl / seq:10.2f}")
+        print(f"{f'engine, {c} concurrent':28}{en:10.0f}{en / seq:10.2f}   ({en / fl:.0%} of the raw loop)")
+    print()
+    for k, target in r["targets"].items():
+        mark = "met" if r["targets_met"][k] else "MISSED"
+        print(f"{k:30} {r[k]:6.2f}  (target {target}, {mark})")
+
+
+def plot(r: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = list(CONCURRENCY)
+    ax.plot(xs, [r["engine_tokens_per_s"][c] for c in xs], "o-", label="M-AI engine")
+    ax.plot(xs, [r["forward_loop_tokens_per_s"][c] for c in xs], "s--", label="raw forward loop")
+    ax.axhline(r["hf_sequential_tokens_per_s"], color="gray", ls=":", label="HF generate, sequential")
+    ax.axhline(r["hf_static_batch_tokens_per_s"], color="red", ls=":", label="HF generate, static b=32")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Tiny Llama 2, CPU, 1 thread")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    main()

@@ -1,0 +1,337 @@
+"""The engine core: one loop that drives the model step by step (iteration-level batching).
+
+Each step: take new requests and cancellations from the inbox, ask the scheduler which
+sequences run (every decoding sequence plus prefill chunks within the token budget), send the
+step to every tensor-parallel rank (``TPWorker.execute``), sample, then detokenize, check stop
+conditions and hand each request its delta. Requests join and leave at every step boundary.
+
+Threads: the loop owns the scheduler; other threads only put into the inbox
+(``add_request``, ``abort``) and read ``stats``. Outputs leave through per-request sinks;
+asyncio sinks are delivered in one ``call_soon_threadsafe`` per event loop per step.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cluster.config import ModelConfig
+from cluster.errors import CapacityError, EngineDeadError, InvalidRequestError, MAIError
+from cluster.logging_setup import get_logger
+from engine.sampling import Sampler, make_generator
+from engine.scheduler import Scheduler, Sequence
+from engine.step_messages import StepPlan
+from engine.stop import StopStringMatcher
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.types import EngineStats, RequestOutput, SamplingParams
+from engine.worker import HEARTBEAT_S, TPWorker
+
+log = get_logger("engine.core")
+
+Sink = Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    sink: Sink
+    detok: IncrementalDetokenizer
+    stop: StopStringMatcher | None
+    generator: torch.Generator | None
+    arrival: float
+    first_token_time: float | None = None
+    stopped_by_string: bool = False
+
+
+class EngineCore:
+    """Drives one model replica; rank 0 of its tensor-parallel group."""
+
+    def __init__(self, worker: TPWorker, tokenizer: Tokenizer, config: ModelConfig) -> None:
+        self.worker = worker
+        self.tokenizer = tokenizer
+        self.config = config
+        self.scheduler = Scheduler(
+            max_num_seqs=config.max_num_seqs,
+            max_batched_tokens=config.max_batched_tokens,
+            max_model_len=config.context_length,
+            max_queued_requests=config.max_queued_requests,
+        )
+        self.sampler = Sampler()
+        self._requests: dict[str, _Request] = {}
+        self._inbox: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._dead: str | None = None
+        self._pending = 0  # added but not yet taken by the loop (for admission control)
+        self._steps = 0
+        self._generated = 0
+        self._thread = threading.Thread(target=self._loop, name="m-ai-engine-core", daemon=True)
+
+    def start(self) -> EngineCore:
+        self._thread.start()
+        return self
+
+    # -- called from any thread -------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink
+    ) -> None:
+        """Queue a request; raises at once when it can never run or the queue is full."""
+        if self._dead:
+            raise EngineDeadError(f"the engine stopped: {self._dead}")
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.config.context_length:
+            raise InvalidRequestError(
+                f"prompt of {len(prompt_ids)} tokens + max_tokens={params.max_tokens} = {total} is "
+                f"above the context length {self.config.context_length}; shorten the prompt or "
+                f"lower max_tokens",
+                param="max_tokens",
+            )
+        queued = self.scheduler.num_waiting + self._pending
+        if queued >= self.config.max_queued_requests + self.config.max_num_seqs - self.scheduler.num_running:
+            raise CapacityError(
+                f"{queued} requests are waiting (max_queued_requests={self.config.max_queued_requests}); "
+                f"retry shortly",
+                retry_after=1.0,
+            )
+        self._pending += 1
+        self._inbox.append(("add", request_id, prompt_ids, params, sink, time.monotonic()))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its slot is free from the next step on."""
+        self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            running=s.num_running,
+            waiting=s.num_waiting + self._pending,
+            max_num_seqs=self.config.max_num_seqs,
+            kv_slots_used=s.num_slots_used,
+            kv_slots_total=self.config.max_num_seqs,
+            steps=self._steps,
+            generated_tokens=self._generated,
+            alive=self._dead is None and self.worker.alive,
+        )
+
+    def check_health(self) -> None:
+        if self._dead:
+            raise EngineDeadError(f"the engine stopped: {self._dead}")
+        if not self._thread.is_alive() and not self._stopping:
+            raise EngineDeadError("the engine loop is not running")
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.worker.shutdown()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.scheduler.has_work:
+                    if not self._wake.wait(HEARTBEAT_S):
+                        self.worker.heartbeat()
+                    self._wake.clear()
+                    continue
+                self._step()
+        except BaseException as exc:  # noqa: BLE001 - every request must hear about it
+            self._dead = f"{type(exc).__name__}: {exc}"
+            log.error("engine loop died; failing every request", exc_info=True)
+            self._fail_all(self._dead)
+        else:
+            self._fail_all("the engine is shutting down", reason="abort")
+
+    def _drain_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            item = inbox.popleft()
+            if item[0] == "add":
+                _, rid, prompt_ids, params, sink, arrival = item
+                self._pending -= 1
+                self._admit(rid, prompt_ids, params, sink, arrival)
+            else:
+                self._cancel(item[1])
+
+    def _admit(self, rid, prompt_ids, params, sink, arrival) -> None:
+        seq = Sequence(request_id=rid, prompt_token_ids=list(prompt_ids), max_tokens=params.max_tokens)
+        try:
+            self.scheduler.add(seq)
+        except MAIError as exc:
+            _call_sink(sink, RequestOutput(rid, finish_reason="error", error=exc.message, prompt_tokens=len(prompt_ids)))
+            return
+        self._requests[rid] = _Request(
+            seq=seq,
+            params=params,
+            sink=sink,
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            stop=StopStringMatcher(params.stop) if params.stop else None,
+            generator=make_generator(params.seed) if params.seed is not None else None,
+            arrival=arrival,
+        )
+
+    def _cancel(self, rid: str) -> None:
+        req = self._requests.pop(rid, None)
+        self.scheduler.abort(rid)
+        if req is not None:
+            _call_sink(req.sink, self._final(req, "abort"))
+
+    def _step(self) -> None:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return
+        plan = StepPlan(
+            slot_moves=out.slot_moves,
+            decode_tokens=[s.last_token_id for s in out.decode],
+            decode_positions=[s.num_tokens - 1 for s in out.decode],
+            decode_slots=[s.slot for s in out.decode],
+            prefill=[
+                (c.seq.prompt_token_ids[c.start : c.start + c.length], c.start, c.seq.slot) for c in out.prefill
+            ],
+        )
+        logits = self.worker.execute(plan)
+        self._steps += 1
+        # rows that produce a token: every decode row, and prefill chunks that end a prompt
+        rows = list(range(len(out.decode)))
+        seqs = list(out.decode)
+        base = len(out.decode)
+        for j, chunk in enumerate(out.prefill):
+            if chunk.completes_prompt:
+                rows.append(base + j)
+                seqs.append(chunk.seq)
+        if not seqs:
+            self.scheduler.update(out, {})
+            return
+        reqs = [self._requests[s.request_id] for s in seqs]
+        params = [r.params for r in reqs]
+        needs_history = any(p.repetition_penalty != 1.0 for p in params)
+        selected = logits if len(rows) == logits.shape[0] else logits[rows]
+        tokens = self.sampler.sample(
+            selected.float(),
+            params,
+            [r.generator for r in reqs],
+            [s.all_token_ids for s in seqs] if needs_history else None,
+        ).tolist()
+        self.scheduler.update(out, {s.request_id: t for s, t in zip(seqs, tokens)})
+        self._generated += len(tokens)
+        self._emit(reqs, tokens)
+
+    def _emit(self, reqs: list[_Request], tokens: list[int]) -> None:
+        now = time.monotonic()
+        eos = self.tokenizer.eos_token_id
+        deliveries: dict = {}
+        for req, token in zip(reqs, tokens):
+            seq, p = req.seq, req.params
+            if req.first_token_time is None:
+                req.first_token_time = now
+            finish = None
+            if (token == eos and not p.ignore_eos) or token in p.stop_token_ids:
+                finish = "stop"
+                text = ""
+            else:
+                text = req.detok.add(token)
+                if req.stop is not None:
+                    text, hit = req.stop.feed(text)
+                    if hit:
+                        finish = "stop"
+                        req.stopped_by_string = True
+            if finish is None and (seq.is_finished or len(seq.output_token_ids) >= p.max_tokens):
+                finish = "length"
+            if finish is None and seq.num_tokens >= self.config.context_length:
+                finish = "length"
+            if finish is None:
+                out = RequestOutput(
+                    seq.request_id,
+                    token_ids=[token],
+                    text=text,
+                    prompt_tokens=len(seq.prompt_token_ids),
+                    completion_tokens=len(seq.output_token_ids),
+                    arrival_time=req.arrival,
+                    first_token_time=req.first_token_time,
+                )
+            else:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq.request_id, finish)
+                self._requests.pop(seq.request_id, None)
+                # the stop token itself (eos, stop_token_ids) is not part of the output
+                stopped_by_token = finish == "stop" and not req.stopped_by_string
+                out = self._final(req, finish, token_ids=[] if stopped_by_token else [token], text=text)
+            _deliver_later(deliveries, req.sink, out)
+        _flush(deliveries)
+
+    def _final(self, req: _Request, reason: str, token_ids=None, text: str = "") -> RequestOutput:
+        if not req.stopped_by_string and reason != "error":
+            # release what was held back: an unfinished character, a possible stop prefix
+            tail = req.detok.flush()
+            if req.stop is not None:
+                tail, hit = req.stop.feed(tail)
+                tail = tail if hit else tail + req.stop.flush()
+            text += tail
+        return RequestOutput(
+            req.seq.request_id,
+            token_ids=token_ids or [],
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(req.seq.prompt_token_ids),
+            completion_tokens=len(req.seq.output_token_ids),
+            arrival_time=req.arrival,
+            first_token_time=req.first_token_time,
+        )
+
+    def _fail_all(self, error: str, reason: str = "error") -> None:
+        while self._inbox:
+            item = self._inbox.popleft()
+            if item[0] == "add":
+                self._pending -= 1
+                _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
+        for rid, req in list(self._requests.items()):
+            out = self._final(req, reason) if reason == "abort" else RequestOutput(
+                rid, finish_reason="error", error=error,
+                prompt_tokens=len(req.seq.prompt_token_ids), completion_tokens=len(req.seq.output_token_ids),
+            )
+            _call_sink(req.sink, out)
+            self.scheduler.abort(rid)
+        self._requests.clear()
+
+
+def _call_sink(sink: Sink, out: RequestOutput) -> None:
+    """A consumer that fails must never take the engine down with it."""
+    try:
+        sink(out)
+    except Exception:
+        log.warning("dropping output for a failed consumer", extra={"request_id": out.request_id}, exc_info=True)
+
+
+def _deliver_later(deliveries: dict, sink: Sink, out: RequestOutput) -> None:
+    loop = getattr(sink, "loop", None)
+    if loop is None:
+        _call_sink(sink, out)
+    else:
+        deliveries.setdefault(loop, []).append((sink, out))
+
+
+def _flush(deliveries: dict) -> None:
+    for loop, items in deliveries.items():
+        try:
+            loop.call_soon_threadsafe(_run_sinks, items)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            pass
+
+
+def _run_sinks(items) -> None:
+    for sink, out in items:
+        sink.deliver(out)

@@ -1,0 +1,234 @@
+"""The engine's Python API, usable without Ray.
+
+    engine = LLMEngine.from_config(ModelConfig(model_size="tiny", tp_size=2))
+    for delta in engine.submit("Hello", SamplingParams(max_tokens=16)):
+        print(delta.text, end="")
+    engine.shutdown()
+
+``from_config`` runs rank 0 (and the engine core loop, in a thread) in this process and
+starts one process per further tensor-parallel rank. Inside Ray, the shard actors build the
+workers themselves and rank 0 calls ``from_worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import queue
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from cluster.config import ModelConfig
+from cluster.errors import EngineDeadError, MAIError
+from cluster.logging_setup import get_logger
+from engine.core import EngineCore
+from engine.loader import resolve_checkpoint
+from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.types import EngineStats, RequestOutput, SamplingParams, new_request_id
+from engine.worker import TPWorker, free_port
+
+log = get_logger("engine")
+
+
+def _follower_main(config_json: str, rank: int, world_size: int, port: int, checkpoint: str) -> None:
+    """Entry point of a tensor-parallel rank > 0 started by ``LLMEngine.from_config``."""
+    config = ModelConfig.model_validate_json(config_json)
+    worker = TPWorker(config, rank, world_size, "127.0.0.1", port, checkpoint_dir=checkpoint)
+    worker.load()
+    worker.serve_forever()
+    worker.shutdown()
+
+
+class _SyncStream:
+    """What ``submit`` returns: iterate the deltas; ``cancel()`` stops the request."""
+
+    def __init__(self, engine: LLMEngine, request_id: str) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def __call__(self, out: RequestOutput) -> None:  # the sink, called by the core thread
+        self.queue.put(out)
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while True:
+            out = self.queue.get()
+            yield out
+            if out.finished:
+                return
+
+    def cancel(self) -> None:
+        self.engine.abort(self.request_id)
+
+    def result(self) -> RequestOutput:
+        """Wait for the end and return the whole output as one ``RequestOutput``."""
+        return merge_outputs(list(self))
+
+
+class _AsyncSink:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def __call__(self, out: RequestOutput) -> None:  # from a foreign thread, one at a time
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            pass
+
+    def deliver(self, out: RequestOutput) -> None:  # batched by the core, on the loop
+        self.queue.put_nowait(out)
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Fold a request's deltas into one output (token ids and text concatenated)."""
+    last = outputs[-1]
+    return RequestOutput(
+        last.request_id,
+        token_ids=[t for o in outputs for t in o.token_ids],
+        text="".join(o.text for o in outputs),
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        error=last.error,
+        arrival_time=last.arrival_time,
+        first_token_time=last.first_token_time,
+    )
+
+
+class LLMEngine:
+    """One model replica's engine: submit requests, stream their tokens, cancel, shut down."""
+
+    def __init__(self, core: EngineCore, tokenizer: Tokenizer, config: ModelConfig, followers=()) -> None:
+        self.core = core
+        self.tokenizer = tokenizer
+        self.config = config
+        self._followers = list(followers)
+        self._closed = False
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, checkpoint_dir: str | Path | None = None) -> LLMEngine:
+        """Start every rank of ``config`` on this machine (ranks > 0 as child processes)."""
+        path = Path(checkpoint_dir) if checkpoint_dir else resolve_checkpoint(config)
+        followers = []
+        port = free_port() if config.tp_size > 1 else None
+        if config.tp_size > 1:
+            ctx = mp.get_context("spawn")
+            for rank in range(1, config.tp_size):
+                p = ctx.Process(
+                    target=_follower_main,
+                    args=(config.model_dump_json(), rank, config.tp_size, port, str(path)),
+                    name=f"m-ai-tp-rank{rank}",
+                    daemon=True,
+                )
+                p.start()
+                followers.append(p)
+        worker = TPWorker(config, 0, config.tp_size, "127.0.0.1", port, checkpoint_dir=path)
+        try:
+            worker.load()
+        except BaseException:
+            for p in followers:
+                p.kill()
+            raise
+        engine = cls.from_worker(worker, config)
+        engine._followers = followers
+        return engine
+
+    @classmethod
+    def from_worker(cls, worker: TPWorker, config: ModelConfig) -> LLMEngine:
+        """Run the engine core over an already loaded rank-0 worker."""
+        tokenizer = load_tokenizer(worker.checkpoint_path)
+        core = EngineCore(worker, tokenizer, config).start()
+        return cls(core, tokenizer, config)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def default_params(self, **overrides) -> SamplingParams:
+        """Sampling parameters from the model config's defaults, with ``overrides``."""
+        c = self.config
+        fields = dict(
+            max_tokens=c.max_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+            repetition_penalty=c.repetition_penalty, seed=c.seed,
+        )
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**fields)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=True)
+        return list(prompt)
+
+    def submit(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> _SyncStream:
+        """Start a request; iterate the returned stream for its deltas."""
+        rid = request_id or new_request_id()
+        stream = _SyncStream(self, rid)
+        self.core.add_request(rid, self.encode_prompt(prompt), params or self.default_params(), stream)
+        return stream
+
+    def generate_text(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestOutput:
+        """Blocking convenience: the whole output of one request."""
+        return self.submit(prompt, params).result()
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's deltas; closing the iterator early cancels the request."""
+        rid = request_id or new_request_id()
+        sink = _AsyncSink(asyncio.get_running_loop())
+        self.core.add_request(rid, self.encode_prompt(prompt), params or self.default_params(), sink)
+        finished = False
+        try:
+            while True:
+                out = await sink.queue.get()
+                if out.finished:
+                    finished = True
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.core.abort(rid)
+
+    async def cancel(self, request_id: str) -> None:
+        self.core.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def check_health(self) -> None:
+        self.core.check_health()
+        dead = [p.name for p in self._followers if not p.is_alive()]
+        if dead:
+            raise EngineDeadError(f"tensor-parallel ranks stopped: {', '.join(dead)}")
+
+    def update_config(self, config: ModelConfig) -> None:
+        """Take new sampling defaults (fields that apply live; see ``cluster.config.plan_update``)."""
+        self.config = config
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.core.shutdown()
+        for p in self._followers:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+__all__ = ["LLMEngine", "merge_outputs", "MAIError"]
