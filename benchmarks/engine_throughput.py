@@ -7,8 +7,12 @@ thread each, greedy decoding:
 - hf_sequential: ``model.generate`` one request at a time;
 - hf_static_batch: ``generate`` on left-padded static batches of 32 (a batch runs until its
   longest member is done: the others wait);
-- forward_loop@B: the model's raw batched forward (KV cache, no scheduling, no sampling) in
-  groups of B requests, each group decoding its members' mean output length: the ceiling;
+- forward_loop@B: the raw batched forward loop of the same model through the engine's own
+  model runner (slot KV cache; no scheduling, no sampling, no detokenization), in groups of
+  B requests, each group decoding its members' mean output length with the batch always
+  full: the ceiling the engine's bookkeeping can approach;
+- hf_forward_loop@B: the same loop through Hugging Face's forward and DynamicCache, for
+  reference (slower per step than the runner: it concatenates the cache every step);
 - engine@C: M-AI's engine with a client keeping C requests in flight.
 
 Writes JSON (``--out``) and a PNG plot next to it.
@@ -89,6 +93,27 @@ def bench_hf_static(model, prompts, outputs, batch_size: int) -> float:
 
 @torch.inference_mode()
 def bench_forward_loop(model, prompts, outputs, batch_size: int) -> float:
+    """The engine's model runner driven directly: prefill the group, then full-batch decode."""
+    from engine.model_runner import ModelRunner
+
+    runner = ModelRunner(model, num_slots=batch_size, max_len=1024)
+    tokens, start = 0, time.perf_counter()
+    for b in range(0, len(prompts), batch_size):
+        group, lens = prompts[b:b + batch_size], outputs[b:b + batch_size]
+        steps = round(sum(lens) / len(lens))
+        runner.prefill([(p, 0, slot) for slot, p in enumerate(group)])
+        n = len(group)
+        slots = torch.arange(n)
+        positions = torch.tensor([len(p) for p in group])
+        nxt = torch.full((n,), 5, dtype=torch.long)
+        for step in range(steps - 1):
+            runner.decode(nxt, positions + step, slots)
+        tokens += steps * n
+    return tokens / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def bench_hf_forward_loop(model, prompts, outputs, batch_size: int) -> float:
     from transformers import DynamicCache
 
     tokens, start = 0, time.perf_counter()
@@ -141,6 +166,9 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(1)
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # generate() warns once per call otherwise
     path = Path(args.checkpoint) if args.checkpoint else ensure_tiny_checkpoint()
     from transformers import LlamaForCausalLM
 
@@ -155,10 +183,11 @@ def main() -> None:
     r["hf_sequential_tokens_per_s"] = bench_hf_sequential(model, prompts, outputs)
     log("hf generate, static batches of 32 ...")
     r["hf_static_batch_tokens_per_s"] = bench_hf_static(model, prompts, outputs, 32)
-    r["forward_loop_tokens_per_s"] = {}
+    r["forward_loop_tokens_per_s"], r["hf_forward_loop_tokens_per_s"] = {}, {}
     for b in CONCURRENCY:
         log(f"raw forward loop, batch {b} ...")
         r["forward_loop_tokens_per_s"][b] = bench_forward_loop(model, prompts, outputs, b)
+        r["hf_forward_loop_tokens_per_s"][b] = bench_hf_forward_loop(model, prompts, outputs, b)
     del model
 
     config = ModelConfig(model_size="tiny", checkpoint=str(path), dtype="float32", device="cpu",
@@ -196,6 +225,8 @@ def print_table(r: dict) -> None:
           f"{r['hf_static_batch_tokens_per_s'] / seq:10.2f}")
     for c in CONCURRENCY:
         fl, en = r["forward_loop_tokens_per_s"][c], r["engine_tokens_per_s"][c]
+        hf = r["hf_forward_loop_tokens_per_s"][c]
+        print(f"{f'hf forward loop, b={c}':28}{hf:10.0f}{hf / seq:10.2f}")
         print(f"{f'raw forward loop, b={c}':28}{fl:10.0f}{fl / seq:10.2f}")
         print(f"{f'engine, {c} concurrent':28}{en:10.0f}{en / seq:10.2f}   ({en / fl:.0%} of the raw loop)")
     print()
