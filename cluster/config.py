@@ -34,6 +34,7 @@ LIVE_FIELDS = frozenset({"temperature", "top_p", "top_k", "repetition_penalty", 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 _URI_SCHEMES = ("file", "s3", "gs", "gcs", "hf")
+_REFERENCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*@[A-Za-z0-9._-]+$")
 
 
 class _Frozen(BaseModel):
@@ -59,6 +60,16 @@ class ModelConfig(_Frozen):
         None,
         description="Directory or URI (file://, s3://, gs://) of a Hugging Face layout checkpoint. "
         "None for `tiny` means the embedded checkpoint, made on first use.",
+    )
+    checkpoint_cache_dir: str | None = Field(
+        None,
+        description="Local directory that store and Hub checkpoints are pulled into and verified in; "
+        "None is ~/.cache/m-ai/checkpoints.",
+    )
+    lazy_load: bool = Field(
+        False,
+        description="Start without weights in memory and load them on the first request (that request "
+        "waits; the wait is logged). A store version's weights are also pulled then.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights and activations; `auto` is float32 on CPU, float16 on CUDA."
@@ -117,6 +128,20 @@ class ModelConfig(_Frozen):
                     f"checkpoint={value!r} has scheme {scheme!r}; use one of {', '.join(_URI_SCHEMES)} or a path"
                 )
             return value
+        if _REFERENCE_RE.match(value):  # name@version in the checkpoint store, not a path
+            return value
+        return str(Path(os.path.expanduser(value)).resolve())
+
+    @field_validator("checkpoint_cache_dir")
+    @classmethod
+    def _check_cache_dir(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if not value or "://" in value or "\x00" in value:
+            raise ValueError(
+                f"checkpoint_cache_dir={value!r} must be a local directory path (the cache is on local disk)"
+            )
         return str(Path(os.path.expanduser(value)).resolve())
 
     @field_validator("top_p")
