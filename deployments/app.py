@@ -1,0 +1,131 @@
+"""The whole M-AI application, wired in one screen.
+
+    ingress (HTTP + handle API, N replicas) ──► LLMServer "llm-<model>" (one deployment per model)
+       │  deployment actors: sessions-0..S-1          └─ per replica: placement group (STRICT_PACK)
+       │  (the session store shards)                      bundle 0: the replica, 1..tp: ShardActors
+
+``build_app(config)`` returns the Serve application; ``app_builder(args)`` does the same from
+a ``serve deploy`` YAML (``import_path: deployments.app:app_builder``, ``args: {config: ...}``).
+Deployment options come from the config here; the classes stay plain.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from cluster.config import AppConfig, ModelConfig, build_app_config, load_config
+from cluster.serving_config import LiveConfig, ServingConfig, replica_bundles, replica_scaling
+
+FAKE_ENGINE = "engine.fake_engine:FakeEngine"
+
+
+def deployment_name(model: ModelConfig) -> str:
+    return "llm-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model.served_name)
+
+
+def llm_deployment_options(
+    model: ModelConfig, serving: ServingConfig, live: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Serve options of one model's deployment: resources, queue sizes, scaling, health, and
+    its live configuration (``user_config``, a ``LiveConfig``)."""
+    queued = serving.max_queued_requests
+    return {
+        "name": deployment_name(model),
+        "ray_actor_options": {"num_cpus": serving.replica_num_cpus},
+        "placement_group_bundles": replica_bundles(serving, model),
+        "placement_group_strategy": "STRICT_PACK",
+        # The engine batches max_num_seqs; as many again wait in it for the next step boundary.
+        "max_ongoing_requests": serving.max_ongoing_requests or 2 * model.max_num_seqs,
+        "max_queued_requests": queued if queued is not None else max(1, model.max_queued_requests),
+        "backpressure_config": {"status_code": 429, "retry_after_s": serving.retry_after_s},
+        "health_check_period_s": serving.health_check_period_s,
+        "health_check_timeout_s": serving.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": serving.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": serving.graceful_shutdown_wait_loop_s,
+        "user_config": LiveConfig.model_validate(live or {}).model_dump(exclude_none=True),
+        **replica_scaling(serving),
+    }
+
+
+def ingress_deployment_options(serving: ServingConfig) -> dict[str, Any]:
+    """Serve options of the ingress, with the session store shards as its deployment actors."""
+    import ray
+    from ray.serve.config import DeploymentActorConfig
+
+    from actors.session_store import SessionStore
+    from deployments.sessions import session_actor_name
+
+    store_cls = ray.remote(SessionStore)
+    return {
+        "name": "ingress",
+        "num_replicas": serving.ingress_replicas,
+        "ray_actor_options": {"num_cpus": serving.ingress_num_cpus},
+        "max_ongoing_requests": serving.ingress_max_ongoing_requests,
+        "graceful_shutdown_timeout_s": serving.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": serving.graceful_shutdown_wait_loop_s,
+        "deployment_actors": [
+            DeploymentActorConfig(
+                name=session_actor_name(i),
+                actor_class=store_cls,
+                init_kwargs={"max_sessions": serving.max_sessions_per_shard},
+                actor_options={"num_cpus": 0},
+            )
+            for i in range(serving.session_store_shards)
+        ],
+    }
+
+
+def build_app(
+    config: AppConfig,
+    engine_cls: str | type | None = None,
+    engine_options: dict[str, Any] | None = None,
+    live: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """The Serve application for ``config``. ``engine_cls``: None for the real engine
+    (``engine.engine:LLMEngine``), or a class / ``"module:Class"`` path such as ``FAKE_ENGINE``,
+    built with ``engine_options``. ``live``: model name -> its initial ``LiveConfig``."""
+    from ray import serve
+
+    from deployments.ingress import Ingress
+    from deployments.llm_server import LLMServer
+
+    serving = config.serving
+    models = {
+        model.served_name: serve.deployment(LLMServer)
+        .options(**llm_deployment_options(model, serving, (live or {}).get(model.served_name)))
+        .bind(model, serving, engine_cls, engine_options)
+        for model in config.models
+    }
+    cards = [
+        {"id": m.served_name, "created": 0, "context_length": m.context_length}
+        for m in config.models
+    ]
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+        **ingress_deployment_options(serving)
+    )
+    return ingress.bind(models, cards, serving)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """``serve deploy`` entry point. ``args``: ``config`` (a path to a YAML/JSON config, or the
+    config as a mapping), optional ``env`` (dev, staging, prod), optional ``engine_cls``."""
+    source = args.get("config")
+    if isinstance(source, dict):
+        config = build_app_config(source, "serve args: config")
+    else:
+        config = load_config(Path(source) if source else None, env=args.get("env"))
+    return build_app(
+        config, engine_cls=args.get("engine_cls"), engine_options=args.get("engine_options")
+    )
+
+
+__all__ = [
+    "build_app",
+    "app_builder",
+    "llm_deployment_options",
+    "ingress_deployment_options",
+    "deployment_name",
+    "FAKE_ENGINE",
+]

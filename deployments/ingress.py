@@ -1,0 +1,234 @@
+"""The front door: the OpenAI-compatible HTTP API and the Python handle API, in one class.
+
+A plain class (``app.py`` applies ``serve.deployment`` and ``serve.ingress``). Its methods
+are the handle API and the HTTP routes (``deployments/routes_*.py``) only call them:
+
+    handle = serve.get_app_handle("m-ai")
+    reply = await handle.chat.remote(ChatCompletionRequest(model="m-ai-tiny", messages=[...]))
+    async for chunk in handle.options(stream=True).chat_stream.remote(request):
+        print(chunk.choices[0].delta.content or "", end="")
+
+It routes each request to the model's LLMServer deployment, and with a ``session_id`` puts
+the session's earlier turns before the new ones and stores the finished turn afterwards
+(a turn that fails or is cancelled is not stored). Every failure leaves as a
+``cluster.errors.MAIError`` (``deployments.errors.as_mai_error``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.errors import EngineDeadError, InvalidRequestError
+from cluster.logging_setup import get_logger
+from cluster.serving_config import ServingConfig
+from deployments.auth import DEFAULT_TENANT, ApiKeyAuth
+from deployments.errors import as_mai_error
+from deployments.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    SessionCreateRequest,
+    SessionDeleted,
+    SessionInfo,
+    SessionList,
+    parse_request,
+)
+from deployments.sessions import SessionClient
+
+log = get_logger("deployments.ingress")
+
+# Deployment states in which a model cannot serve (Serve's DeploymentStatus values).
+UNHEALTHY = frozenset({"UNHEALTHY", "DEPLOY_FAILED"})
+STATUS_CACHE_S = 0.5  # GET /health asks the Serve controller at most this often per replica
+
+
+def _parse(model: type, value: Any) -> Any:
+    try:
+        return parse_request(model, value)
+    except Exception as exc:
+        raise as_mai_error(exc) from None
+
+
+class Ingress:
+    """Routes requests to the models and keeps sessions (see the module docstring)."""
+
+    def __init__(
+        self, models: dict[str, Any], cards: list[dict[str, Any]], serving: ServingConfig
+    ) -> None:
+        self.models = models
+        self._streaming = {name: h.options(stream=True) for name, h in models.items()}
+        self.cards = [ModelCard.model_validate(c) for c in cards]
+        self.serving = serving
+        self.auth = ApiKeyAuth(serving)
+        self.sessions = SessionClient(serving.session_store_shards)
+        self._status_cache: tuple[float, Any] | None = None
+        if not self.auth.enabled:
+            log.warning(
+                "authentication is off: serving.api_keys is empty, every caller is tenant "
+                f"{DEFAULT_TENANT!r}; configure key hashes (m-ai config hash-key) to turn it on"
+            )
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from deployments.http_app import create_http_app
+
+        return create_http_app(self)
+
+    # -- completions --------------------------------------------------------------------------
+
+    async def chat(
+        self, request: ChatCompletionRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> ChatCompletionResponse:
+        """A whole chat completion (``request.stream`` is ignored; see ``chat_stream``)."""
+        request = _parse(ChatCompletionRequest, request)
+        handle = self._model(request.model)
+        full, history_len = await self._with_history(request, tenant)
+        try:
+            response = await handle.chat.remote(full, history_len)
+        except Exception as exc:
+            raise as_mai_error(exc) from None
+        if request.session_id:
+            await self._store_turn(request, tenant, response.choices[0].message.content)
+            response.session_id = request.session_id
+        return response
+
+    async def chat_stream(
+        self, request: ChatCompletionRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """A chat completion as chunks; stopping the iteration cancels the generation."""
+        request = _parse(ChatCompletionRequest, request)
+        self._model(request.model)
+        full, history_len = await self._with_history(request, tenant)
+        stream = self._streaming[request.model].chat_stream.remote(full, history_len)
+        text: list[str] = []
+        finished = False
+        try:
+            async for chunk in stream:
+                for choice in chunk.choices:
+                    text.append(choice.delta.content or "")
+                    finished = finished or choice.finish_reason is not None
+                yield chunk
+        except Exception as exc:
+            raise as_mai_error(exc) from None
+        finally:
+            if not finished:
+                stream.cancel()
+        if request.session_id and finished:
+            await self._store_turn(request, tenant, "".join(text))
+
+    async def complete(
+        self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> CompletionResponse:
+        request = _parse(CompletionRequest, request)
+        handle = self._model(request.model)
+        try:
+            return await handle.complete.remote(request)
+        except Exception as exc:
+            raise as_mai_error(exc) from None
+
+    async def complete_stream(
+        self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[CompletionResponse]:
+        request = _parse(CompletionRequest, request)
+        self._model(request.model)
+        stream = self._streaming[request.model].complete_stream.remote(request)
+        finished = False
+        try:
+            async for chunk in stream:
+                finished = finished or any(c.finish_reason is not None for c in chunk.choices)
+                yield chunk
+        except Exception as exc:
+            raise as_mai_error(exc) from None
+        finally:
+            if not finished:
+                stream.cancel()
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def create_session(
+        self, request: SessionCreateRequest | dict | None = None, tenant: str = DEFAULT_TENANT
+    ) -> SessionInfo:
+        return await self.sessions.create(tenant, _parse(SessionCreateRequest, request or {}))
+
+    async def get_session(self, session_id: str, tenant: str = DEFAULT_TENANT) -> SessionInfo:
+        return await self.sessions.get(session_id, tenant)
+
+    async def list_sessions(self, tenant: str = DEFAULT_TENANT) -> SessionList:
+        return SessionList(data=await self.sessions.list(tenant))
+
+    async def delete_session(self, session_id: str, tenant: str = DEFAULT_TENANT) -> SessionDeleted:
+        await self.sessions.delete(session_id, tenant)
+        return SessionDeleted(id=session_id)
+
+    # -- models and health --------------------------------------------------------------------
+
+    def list_models(self) -> ModelList:
+        return ModelList(data=self.cards)
+
+    async def health(self) -> dict[str, Any]:
+        """Serve's view of each model: ``EngineDeadError`` (503) unless every model has a
+        running replica and its deployment is not unhealthy.
+
+        It asks the Serve controller, not the replicas: a call to a replica would wait in its
+        request queue behind the generations and time out under load. A dead engine or shard
+        fails the replica's health check (every ``serving.health_check_period_s``), which
+        shows here until Serve has replaced the replica.
+        """
+        from ray import serve
+
+        now = time.monotonic()
+        if self._status_cache is None or now - self._status_cache[0] > STATUS_CACHE_S:
+            self._status_cache = (now, await asyncio.to_thread(serve.status))
+        applications = self._status_cache[1].applications
+        report: dict[str, Any] = {}
+        for name, handle in self.models.items():
+            app = applications.get(handle.app_name)
+            deployment = app.deployments.get(handle.deployment_name) if app else None
+            if deployment is None:
+                raise EngineDeadError(f"model {name}: its deployment is not running")
+            running = deployment.replica_states.get("RUNNING", 0)
+            status = str(getattr(deployment.status, "value", deployment.status))
+            if running == 0 or status in UNHEALTHY:
+                why = f" ({deployment.message})" if deployment.message else ""
+                raise EngineDeadError(
+                    f"model {name}: {running} running replicas, deployment {status}{why}"
+                )
+            report[name] = {"status": status, "running_replicas": running}
+        return {"status": "ok", "models": report}
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _model(self, name: str) -> Any:
+        handle = self.models.get(name)
+        if handle is None:
+            raise InvalidRequestError(
+                f"model={name!r} is not served here; available: {', '.join(sorted(self.models))} "
+                f"(GET /v1/models)",
+                param="model",
+            )
+        return handle
+
+    async def _with_history(
+        self, request: ChatCompletionRequest, tenant: str
+    ) -> tuple[ChatCompletionRequest, int]:
+        """The request with its session's earlier messages in front, and how many those are."""
+        if not request.session_id:
+            return request, 0
+        history = await self.sessions.context(request.session_id, tenant)
+        messages = [ChatMessage.model_validate(m) for m in history] + list(request.messages)
+        return request.model_copy(update={"messages": messages, "session_id": None}), len(history)
+
+    async def _store_turn(self, request: ChatCompletionRequest, tenant: str, answer: str) -> None:
+        turn = [m.as_dict() for m in request.messages if m.role != "system"]
+        turn.append({"role": "assistant", "content": answer})
+        await self.sessions.append(request.session_id, tenant, turn)
+
+
+__all__ = ["Ingress"]

@@ -1,0 +1,293 @@
+"""Request and response models of the API: the OpenAI shapes plus M-AI's session extension.
+
+The same models cross HTTP (FastAPI validates the bodies) and the Python handle
+(``handle.chat.remote(ChatCompletionRequest(...))``). Requests are strict: unknown fields and
+values of the wrong type are refused with the field named, as the OpenAI API does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_SEQUENCES = 4
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- requests -------------------------------------------------------------------------------
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.text()}
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class SamplingFields(_Request):
+    """Fields common to chat and text completions."""
+
+    model: str = Field(description="A name from GET /v1/models.")
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="0 is greedy; None: the model's default."
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, description="Extension; 0 disables it.")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description="Extension; 1.0 disables it."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="None: the model's default, within the context."
+    )
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings."
+    )
+    seed: int | None = None
+    n: int = Field(1, description="Only 1 is supported.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(
+                f"n={value} is not supported; M-AI returns one choice per request (n=1)"
+            )
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(
+                f"stop has {len(stops)} strings; at most {MAX_STOP_SEQUENCES} are allowed"
+            )
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="With session_id: only the new turn(s)."
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    session_id: str | None = Field(
+        None,
+        max_length=128,
+        description="Extension: continue this server-side session (POST /v1/sessions).",
+    )
+
+    @model_validator(mode="after")
+    def _merge_max_tokens(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens differ; send only one")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int] | list[str] = Field(
+        description="Text, token ids, or a list of one text."
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[int] | list[str]) -> str | list[int]:
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            if len(value) != 1:
+                raise ValueError(f"prompt holds {len(value)} texts; send one prompt per request")
+            value = value[0]
+        if len(value) == 0:
+            raise ValueError("prompt is empty")
+        return value
+
+
+class SessionCreateRequest(_Request):
+    system_prompt: str | None = Field(None, max_length=32_000)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    session_id: str | None = None
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(_Response):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+# A streamed text completion has the same shape as the whole one (as in the OpenAI API).
+CompletionChunk = CompletionResponse
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "m-ai"
+    context_length: int | None = None
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SessionInfo(_Response):
+    id: str
+    object: Literal["session"] = "session"
+    created: int
+    system_prompt: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    turns: int = 0
+    messages: list[dict[str, str]] | None = None
+
+
+class SessionList(_Response):
+    object: Literal["list"] = "list"
+    data: list[SessionInfo]
+
+
+class SessionDeleted(_Response):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorDetail
+
+
+def parse_request(model: type[_Request], value: Any) -> Any:
+    """``value`` as ``model`` (an instance passes through; a dict is validated)."""
+    if isinstance(value, model):
+        return value
+    return model.model_validate(value)
+
+
+__all__ = [name for name in dir() if name[0].isupper()] + ["parse_request", "completion_id", "now"]
