@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,6 +48,7 @@ class _Request:
     arrival: float
     first_token_time: float | None = None
     stopped_by_string: bool = False
+    grammar: Any = None  # engine.structured.GrammarState of a constrained request
 
 
 class EngineCore:
@@ -71,6 +73,11 @@ class EngineCore:
         self._pending = 0  # added but not yet taken by the loop (for admission control)
         self._steps = 0
         self._generated = 0
+        # Constrained decoding (engine/structured.py), built on the first request that asks
+        # for it; while no running request has a grammar, a step pays nothing for it.
+        self._structured: Any = None
+        self._structured_lock = threading.Lock()
+        self._num_constrained = 0
         self._thread = threading.Thread(target=self._loop, name="m-ai-engine-core", daemon=True)
 
     def start(self) -> EngineCore:
@@ -102,14 +109,30 @@ class EngineCore:
                 f"retry shortly",
                 retry_after=1.0,
             )
+        grammar = self.structured_output().compile(params.response_format) if params.constrained else None
         self._pending += 1
-        self._inbox.append(("add", request_id, prompt_ids, params, sink, time.monotonic()))
+        self._inbox.append(("add", request_id, prompt_ids, params, sink, time.monotonic(), grammar))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slot is free from the next step on."""
         self._inbox.append(("abort", request_id))
         self._wake.set()
+
+    def structured_output(self) -> Any:
+        """The grammar compiler and masker of this engine's tokenizer (built once)."""
+        with self._structured_lock:
+            if self._structured is None:
+                from engine.structured import StructuredOutput
+
+                self._structured = StructuredOutput(self.tokenizer, self._model_vocab_size())
+            return self._structured
+
+    def _model_vocab_size(self) -> int:
+        """The logits width: the model's vocabulary, which may be padded beyond the tokenizer's."""
+        model = getattr(getattr(self.worker, "runner", None), "model", None)
+        size = getattr(getattr(model, "config", None), "vocab_size", None)
+        return int(size) if size else self.tokenizer.vocab_size
 
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -161,13 +184,13 @@ class EngineCore:
         while inbox:
             item = inbox.popleft()
             if item[0] == "add":
-                _, rid, prompt_ids, params, sink, arrival = item
+                _, rid, prompt_ids, params, sink, arrival, grammar = item
                 self._pending -= 1
-                self._admit(rid, prompt_ids, params, sink, arrival)
+                self._admit(rid, prompt_ids, params, sink, arrival, grammar)
             else:
                 self._cancel(item[1])
 
-    def _admit(self, rid, prompt_ids, params, sink, arrival) -> None:
+    def _admit(self, rid, prompt_ids, params, sink, arrival, grammar=None) -> None:
         seq = Sequence(request_id=rid, prompt_token_ids=list(prompt_ids), max_tokens=params.max_tokens)
         try:
             self.scheduler.add(seq)
@@ -182,13 +205,21 @@ class EngineCore:
             stop=StopStringMatcher(params.stop) if params.stop else None,
             generator=make_generator(params.seed) if params.seed is not None else None,
             arrival=arrival,
+            grammar=self._structured.new_state(grammar) if grammar is not None else None,
         )
+        if grammar is not None:
+            self._num_constrained += 1
 
     def _cancel(self, rid: str) -> None:
         req = self._requests.pop(rid, None)
         self.scheduler.abort(rid)
         if req is not None:
+            self._forget_grammar(req)
             _call_sink(req.sink, self._final(req, "abort"))
+
+    def _forget_grammar(self, req: _Request) -> None:
+        if req.grammar is not None:
+            self._num_constrained -= 1
 
     def _step(self) -> None:
         out = self.scheduler.schedule()
@@ -220,12 +251,17 @@ class EngineCore:
         params = [r.params for r in reqs]
         needs_history = any(p.repetition_penalty != 1.0 for p in params)
         selected = logits if len(rows) == logits.shape[0] else logits[rows]
+        grammars = [r.grammar for r in reqs] if self._num_constrained else None
+        if grammars is not None:
+            self._structured.apply_masks(selected, grammars)  # in place, grammar rows only
         tokens = self.sampler.sample(
             selected.float(),
             params,
             [r.generator for r in reqs],
             [s.all_token_ids for s in seqs] if needs_history else None,
         ).tolist()
+        if grammars is not None:
+            self._structured.accept(grammars, tokens)
         self.scheduler.update(out, {s.request_id: t for s, t in zip(seqs, tokens)})
         self._generated += len(tokens)
         self._emit(reqs, tokens)
@@ -239,9 +275,19 @@ class EngineCore:
             if req.first_token_time is None:
                 req.first_token_time = now
             finish = None
-            if (token == eos and not p.ignore_eos) or token in p.stop_token_ids:
+            drop_token = False  # a stop token (eos, stop_token_ids, grammar end) is not output
+            grammar = req.grammar
+            if (token == eos and not p.ignore_eos) or token in p.stop_token_ids or (
+                grammar is not None and grammar.terminated  # the JSON is complete
+            ):
                 finish = "stop"
                 text = ""
+                drop_token = True
+            elif grammar is not None and grammar.rejected is not None:
+                finish = "error"  # the mask allowed a token the grammar refuses: a bug
+                text = ""
+                drop_token = True
+                log.error("grammar refused a sampled token", extra={"request_id": seq.request_id, "token": token})
             else:
                 text = req.detok.add(token)
                 if req.stop is not None:
@@ -253,6 +299,8 @@ class EngineCore:
                 finish = "length"
             if finish is None and seq.num_tokens >= self.config.context_length:
                 finish = "length"
+            if finish == "length" and grammar is not None and grammar.completed:
+                finish = "stop"  # cut exactly where the document is complete: nothing is missing
             if finish is None:
                 out = RequestOutput(
                     seq.request_id,
@@ -267,9 +315,10 @@ class EngineCore:
                 if not seq.is_finished:
                     self.scheduler.finish(seq.request_id, finish)
                 self._requests.pop(seq.request_id, None)
-                # the stop token itself (eos, stop_token_ids) is not part of the output
-                stopped_by_token = finish == "stop" and not req.stopped_by_string
-                out = self._final(req, finish, token_ids=[] if stopped_by_token else [token], text=text)
+                self._forget_grammar(req)
+                out = self._final(req, finish, token_ids=[] if drop_token else [token], text=text)
+                if finish == "error":
+                    out.error = f"the grammar of response_format refused token {token}"
             _deliver_later(deliveries, req.sink, out)
         _flush(deliveries)
 
@@ -306,6 +355,7 @@ class EngineCore:
             _call_sink(req.sink, out)
             self.scheduler.abort(rid)
         self._requests.clear()
+        self._num_constrained = 0
 
 
 def _call_sink(sink: Sink, out: RequestOutput) -> None:

@@ -11,7 +11,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "abort", "error", "content_filter"]
 
@@ -35,6 +35,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # OpenAI's response_format ({"type": "json_object"} or {"type": "json_schema", ...}):
+    # constrained decoding (engine/structured.py). Not hashed: it holds a dict.
+    response_format: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         # Checked here too because the Python API may be called without the HTTP layer.
@@ -55,6 +58,19 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.response_format is not None and (
+            not isinstance(self.response_format, dict)
+            or self.response_format.get("type") not in ("text", "json_object", "json_schema")
+        ):
+            raise ValueError(
+                f"response_format={self.response_format!r} must be a dict whose type is text, "
+                "json_object or json_schema"
+            )
+
+    @property
+    def constrained(self) -> bool:
+        """Whether decoding follows a grammar (a JSON response_format)."""
+        return self.response_format is not None and self.response_format.get("type") != "text"
 
     @property
     def greedy(self) -> bool:
