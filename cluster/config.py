@@ -91,6 +91,13 @@ class ModelConfig(_Frozen):
     max_batched_tokens: int = Field(
         2048, ge=1, description="Tokens processed in one engine step (decode + prefill chunks)."
     )
+    prefix_cache_slots: int = Field(
+        4,
+        ge=0,
+        le=4096,
+        description="Extra KV slots keeping the prefixes of finished sequences (conversations, shared "
+        "system prompts) for reuse; each costs one sequence's KV memory; 0 disables prefix caching.",
+    )
     max_queued_requests: int = Field(
         1024, ge=0, description="Requests waiting beyond the running batch before new ones are refused."
     )

@@ -24,6 +24,7 @@ import torch
 from cluster.config import ModelConfig
 from cluster.errors import CapacityError, EngineDeadError, InvalidRequestError, MAIError
 from cluster.logging_setup import get_logger
+from engine.prefix_cache import PrefixCache
 from engine.sampling import Sampler, make_generator
 from engine.scheduler import Scheduler, Sequence
 from engine.step_messages import StepPlan
@@ -49,6 +50,7 @@ class _Request:
     first_token_time: float | None = None
     stopped_by_string: bool = False
     grammar: Any = None  # engine.structured.GrammarState of a constrained request
+    cache_load: tuple[int, int] | None = None  # (prefix cache slot, tokens) still to copy in
 
 
 class EngineCore:
@@ -65,6 +67,9 @@ class EngineCore:
             max_queued_requests=config.max_queued_requests,
         )
         self.sampler = Sampler()
+        # Cache slots follow the running sequences' slots in the runner's KV cache.
+        self.prefix_cache = PrefixCache(config.max_num_seqs, config.prefix_cache_slots)
+        self._pending_saves: list[tuple[int, int, int]] = []
         self._requests: dict[str, _Request] = {}
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
@@ -142,6 +147,8 @@ class EngineCore:
             max_num_seqs=self.config.max_num_seqs,
             kv_slots_used=s.num_slots_used,
             kv_slots_total=self.config.max_num_seqs,
+            prefix_cache_hit_rate=self.prefix_cache.stats.hit_rate,
+            prefix_cache_hit_tokens=self.prefix_cache.stats.hit_tokens,
             steps=self._steps,
             generated_tokens=self._generated,
             alive=self._dead is None and self.worker.alive,
@@ -192,9 +199,14 @@ class EngineCore:
 
     def _admit(self, rid, prompt_ids, params, sink, arrival, grammar=None) -> None:
         seq = Sequence(request_id=rid, prompt_token_ids=list(prompt_ids), max_tokens=params.max_tokens)
+        hit = self.prefix_cache.lookup(seq.prompt_token_ids)
+        if hit is not None:
+            seq.num_cached_tokens = hit[1]
         try:
             self.scheduler.add(seq)
         except MAIError as exc:
+            if hit is not None:
+                self.prefix_cache.release(hit[0])
             _call_sink(sink, RequestOutput(rid, finish_reason="error", error=exc.message, prompt_tokens=len(prompt_ids)))
             return
         self._requests[rid] = _Request(
@@ -206,6 +218,7 @@ class EngineCore:
             generator=make_generator(params.seed) if params.seed is not None else None,
             arrival=arrival,
             grammar=self._structured.new_state(grammar) if grammar is not None else None,
+            cache_load=hit,
         )
         if grammar is not None:
             self._num_constrained += 1
@@ -215,6 +228,8 @@ class EngineCore:
         self.scheduler.abort(rid)
         if req is not None:
             self._forget_grammar(req)
+            if req.cache_load is not None:
+                self.prefix_cache.release(req.cache_load[0])
             _call_sink(req.sink, self._final(req, "abort"))
 
     def _forget_grammar(self, req: _Request) -> None:
@@ -225,7 +240,18 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty:
             return
+        loads = []
+        for chunk in out.prefill:
+            req = self._requests.get(chunk.seq.request_id)
+            if req is not None and req.cache_load is not None:
+                cache_slot, n = req.cache_load
+                loads.append((cache_slot, chunk.seq.slot, n))
+                self.prefix_cache.release(cache_slot)
+                req.cache_load = None
+        saves, self._pending_saves = self._pending_saves, []
         plan = StepPlan(
+            kv_saves=saves,
+            kv_loads=loads,
             slot_moves=out.slot_moves,
             decode_tokens=[s.last_token_id for s in out.decode],
             decode_positions=[s.num_tokens - 1 for s in out.decode],
@@ -262,15 +288,16 @@ class EngineCore:
         ).tolist()
         if grammars is not None:
             self._structured.accept(grammars, tokens)
+        slots = [s.slot for s in seqs]  # update() may free the slots of finished sequences
         self.scheduler.update(out, {s.request_id: t for s, t in zip(seqs, tokens)})
         self._generated += len(tokens)
-        self._emit(reqs, tokens)
+        self._emit(reqs, tokens, slots)
 
-    def _emit(self, reqs: list[_Request], tokens: list[int]) -> None:
+    def _emit(self, reqs: list[_Request], tokens: list[int], slots: list[int]) -> None:
         now = time.monotonic()
         eos = self.tokenizer.eos_token_id
         deliveries: dict = {}
-        for req, token in zip(reqs, tokens):
+        for req, token, slot in zip(reqs, tokens, slots):
             seq, p = req.seq, req.params
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -315,12 +342,26 @@ class EngineCore:
                 if not seq.is_finished:
                     self.scheduler.finish(seq.request_id, finish)
                 self._requests.pop(seq.request_id, None)
+                if finish != "error":
+                    self._save_prefix(seq, slot)
                 self._forget_grammar(req)
                 out = self._final(req, finish, token_ids=[] if drop_token else [token], text=text)
                 if finish == "error":
                     out.error = f"the grammar of response_format refused token {token}"
             _deliver_later(deliveries, req.sink, out)
         _flush(deliveries)
+
+    def _save_prefix(self, seq: Sequence, slot: int) -> None:
+        """Keep a finished sequence's KV (all but its newest token) for the prefix cache.
+
+        The copy runs at the start of the next step, before the slot moves that reuse ``slot``.
+        """
+        if not self.prefix_cache.enabled:
+            return
+        computed = seq.num_computed_tokens
+        cache_slot = self.prefix_cache.store(seq.all_token_ids[:computed])
+        if cache_slot is not None:
+            self._pending_saves.append((slot, cache_slot, computed))
 
     def _final(self, req: _Request, reason: str, token_ids=None, text: str = "") -> RequestOutput:
         if not req.stopped_by_string and reason != "error":

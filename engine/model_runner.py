@@ -58,6 +58,13 @@ class ModelRunner:
 
     # -- cache maintenance ------------------------------------------------------------------
 
+    def copy_kv(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """Copy the first ``tokens`` positions of slot ``src`` into slot ``dst`` (prefix cache)."""
+        for src, dst, tokens in copies:
+            for k, v in zip(self.k_cache, self.v_cache):
+                k[dst, :, :tokens].copy_(k[src, :, :tokens])
+                v[dst, :, :tokens].copy_(v[src, :, :tokens])
+
     def move_slots(self, moves: Sequence[tuple[int, int]]) -> None:
         """Apply the scheduler's slot compaction moves (src -> dst), in order."""
         for src, dst in moves:

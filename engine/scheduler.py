@@ -75,6 +75,9 @@ class Sequence:
     max_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # Prompt tokens whose KV the engine copies in from the prefix cache on admission: the
+    # first prefill chunk starts after them.
+    num_cached_tokens: int = 0
     slot: int | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
@@ -242,6 +245,12 @@ class Scheduler:
             raise InvalidRequestError(
                 f"max_tokens={seq.max_tokens} must be >= 1", param="max_tokens"
             )
+        if not 0 <= seq.num_cached_tokens < prompt_len:
+            raise InvalidRequestError(
+                f"num_cached_tokens={seq.num_cached_tokens} must leave at least one of the "
+                f"{prompt_len} prompt tokens to compute",
+                param="prompt",
+            )
         if seq.num_computed_tokens != 0 or seq.output_token_ids:
             raise InvalidRequestError(
                 f"request_id={seq.request_id!r} already has computed or output tokens; "
@@ -317,8 +326,10 @@ class Scheduler:
                 seq.slot = slot
                 seq.status = SequenceStatus.RUNNING
                 self._running[seq.request_id] = seq
-                length = min(len(seq.prompt_token_ids), budget)
-                prefill.append(PrefillChunk(seq, 0, length))
+                start = seq.num_cached_tokens
+                seq.num_computed_tokens = start
+                length = min(len(seq.prompt_token_ids) - start, budget)
+                prefill.append(PrefillChunk(seq, start, length))
                 budget -= length
 
             out = SchedulerOutput(

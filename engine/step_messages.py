@@ -16,14 +16,19 @@ OP_STEP = 1
 OP_HEARTBEAT = 2  # keeps idle followers' collectives inside their timeout
 OP_SHUTDOWN = 3
 
-HEADER_LEN = 6  # op, n_moves, n_decode, n_chunks, n_prefill_tokens, reserved
+HEADER_LEN = 8  # op, n_moves, n_decode, n_chunks, n_prefill_tokens, n_saves, n_loads, reserved
 
 
 @dataclass
 class StepPlan:
     """The inputs of one engine step, identical on every rank."""
 
+    # prefix cache: (src_slot, dst_slot, tokens) copies; saves run before the slot moves
+    # (they read slots of sequences that just finished), loads after them (they fill the
+    # slots of sequences admitted in this step)
+    kv_saves: list[tuple[int, int, int]] = field(default_factory=list)
     slot_moves: list[tuple[int, int]] = field(default_factory=list)
+    kv_loads: list[tuple[int, int, int]] = field(default_factory=list)
     decode_tokens: list[int] = field(default_factory=list)
     decode_positions: list[int] = field(default_factory=list)
     decode_slots: list[int] = field(default_factory=list)
@@ -38,7 +43,7 @@ class StepPlan:
 def encode(op: int, plan: StepPlan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The header and payload tensors for ``op`` (payload empty unless ``op == OP_STEP``)."""
     if op != OP_STEP or plan is None:
-        header = torch.tensor([op, 0, 0, 0, 0, 0], dtype=torch.long)
+        header = torch.tensor([op] + [0] * (HEADER_LEN - 1), dtype=torch.long)
         return header, torch.empty(0, dtype=torch.long)
     values: list[int] = []
     for src, dst in plan.slot_moves:
@@ -52,20 +57,23 @@ def encode(op: int, plan: StepPlan | None = None) -> tuple[torch.Tensor, torch.T
         n_prefill_tokens += len(ids)
     for ids, _, _ in plan.prefill:
         values += ids
+    for copy in plan.kv_saves + plan.kv_loads:
+        values += copy
     header = torch.tensor(
-        [op, len(plan.slot_moves), len(plan.decode_tokens), len(plan.prefill), n_prefill_tokens, 0],
+        [op, len(plan.slot_moves), len(plan.decode_tokens), len(plan.prefill), n_prefill_tokens,
+         len(plan.kv_saves), len(plan.kv_loads), 0],
         dtype=torch.long,
     )
     return header, torch.tensor(values, dtype=torch.long)
 
 
 def payload_len(header: torch.Tensor) -> int:
-    _, n_moves, n_decode, n_chunks, n_tokens, _ = header.tolist()
-    return 2 * n_moves + 3 * n_decode + 3 * n_chunks + n_tokens
+    _, n_moves, n_decode, n_chunks, n_tokens, n_saves, n_loads, _ = header.tolist()
+    return 2 * n_moves + 3 * n_decode + 3 * n_chunks + n_tokens + 3 * (n_saves + n_loads)
 
 
 def decode(header: torch.Tensor, payload: torch.Tensor) -> tuple[int, StepPlan | None]:
-    op, n_moves, n_decode, n_chunks, _, _ = header.tolist()
+    op, n_moves, n_decode, n_chunks, _, n_saves, n_loads, _ = header.tolist()
     if op != OP_STEP:
         return op, None
     v = payload.tolist()
@@ -80,4 +88,8 @@ def decode(header: torch.Tensor, payload: torch.Tensor) -> tuple[int, StepPlan |
     for start, slot, length in metas:
         prefill.append((v[i : i + length], start, slot))
         i += length
-    return op, StepPlan(moves, tokens, positions, slots, prefill)
+    copies = [tuple(v[i + 3 * j : i + 3 * j + 3]) for j in range(n_saves + n_loads)]
+    return op, StepPlan(
+        kv_saves=copies[:n_saves], slot_moves=moves, kv_loads=copies[n_saves:],
+        decode_tokens=tokens, decode_positions=positions, decode_slots=slots, prefill=prefill,
+    )

@@ -112,6 +112,8 @@ class EngineStats:
     kv_slots_total: int
     steps: int
     generated_tokens: int
+    prefix_cache_hit_rate: float = 0.0
+    prefix_cache_hit_tokens: int = 0
     alive: bool = True
 
 

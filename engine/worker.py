@@ -82,7 +82,8 @@ class TPWorker:
         model = load_model(cfg, path, tp_size=self.world_size)
         self.runner = ModelRunner(
             model,
-            num_slots=cfg.max_num_seqs,
+            # running sequences' slots, then the prefix cache's
+            num_slots=cfg.max_num_seqs + cfg.prefix_cache_slots,
             max_len=cfg.context_length,
             tp_size=self.world_size,
             dtype=TORCH_DTYPES[cfg.resolved_dtype()],
@@ -194,8 +195,12 @@ class TPWorker:
 
     def _run(self, plan: msg.StepPlan) -> torch.Tensor | None:
         runner = self.runner
+        if plan.kv_saves:
+            runner.copy_kv(plan.kv_saves)
         if plan.slot_moves:
             runner.move_slots(plan.slot_moves)
+        if plan.kv_loads:
+            runner.copy_kv(plan.kv_loads)
         rows = []
         if plan.decode_tokens:
             dev = self.device
