@@ -8,7 +8,9 @@ token, never splitting a character whose UTF-8 bytes arrive as several byte-fall
 
 from __future__ import annotations
 
+import copy
 import re
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -128,10 +130,30 @@ class Tokenizer:
             return own
         return FALLBACK_CHAT_TEMPLATE_FILE.read_text(encoding="utf-8")
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text``; special-token strings such as ``</s>`` in it become those tokens."""
-        ids = self._hf.encode(text, add_special_tokens=False)
+    def encode(self, text: str, add_bos: bool = True, *, special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``. ``special_tokens``: whether special-token strings in it, such
+        as ``</s>``, become those tokens (transformers' default) or stay plain text."""
+        if special_tokens:
+            ids = self._hf.encode(text, add_special_tokens=False)
+        else:
+            ids = self._plain_text_backend.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids] if add_bos else list(ids)
+
+    @cached_property
+    def _plain_text_backend(self) -> Any:
+        """A copy of the Rust tokenizer that never matches special tokens in text.
+
+        transformers' ``split_special_tokens=True`` flips that switch on the shared tokenizer
+        for the call (and leaves it flipped), so two threads could see each other's setting; a
+        copy of its own keeps it fixed. Not pickled (the switch does not survive pickling)."""
+        backend = copy.deepcopy(self._hf.backend_tokenizer)
+        backend.encode_special_tokens = True
+        return backend
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_plain_text_backend", None)
+        return state
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` adds to a sequence (no BOS counted)."""
@@ -182,8 +204,15 @@ class Tokenizer:
     def render_chat_prompt(
         self, messages: Sequence[Any], add_generation_prompt: bool = True
     ) -> str:
-        """The chat prompt as text (with ``<s>``/``</s>`` written out), ready for ``encode(add_bos=False)``."""
+        """The chat prompt as text, with ``<s>``/``</s>`` written out: to read it. Token ids
+        come from ``apply_chat_template`` (encoding this text would turn special-token text
+        inside the messages into special tokens)."""
         checked = validate_llama2_messages(messages, add_generation_prompt=add_generation_prompt)
+        return self._render(checked, add_generation_prompt)
+
+    def _render(
+        self, checked: list[dict[str, str]], add_generation_prompt: bool, **variables: Any
+    ) -> str:
         from jinja2 import TemplateError
 
         try:
@@ -192,6 +221,7 @@ class Tokenizer:
                 chat_template=self.chat_template,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
+                **variables,
             )
         except TemplateError as exc:
             raise InvalidRequestError(
@@ -201,8 +231,42 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: Sequence[Any], add_generation_prompt: bool = True
     ) -> list[int]:
-        """Token ids of the chat prompt; the template itself writes ``<s>`` at each turn."""
-        return self.encode(self.render_chat_prompt(messages, add_generation_prompt), add_bos=False)
+        """Token ids of the chat prompt: the template's own ``<s>`` and ``</s>`` are special
+        tokens, the messages' text is plain text.
+
+        A user who types ``</s>`` or ``<s>[INST]`` in a message must not end a turn or start
+        one (prompt injection): as Meta's reference does it (SentencePiece never matches
+        special tokens in text), the turns between the template's BOS and EOS are encoded as
+        plain text. The template is rendered with unguessable markers as ``bos_token`` and
+        ``eos_token`` to tell its tokens from the messages' text.
+        """
+        checked = validate_llama2_messages(messages, add_generation_prompt=add_generation_prompt)
+        contents = "".join(m["content"] for m in checked)
+        while True:
+            nonce = secrets.token_hex(8)
+            if nonce not in contents:
+                break
+        bos, eos = f"\x00bos-{nonce}\x00", f"\x00eos-{nonce}\x00"
+        text = self._render(checked, add_generation_prompt, bos_token=bos, eos_token=eos)
+        if bos not in text and eos not in text:
+            # A template that writes special tokens literally: transformers tells its
+            # tokens from the messages' by marking the messages' ones.
+            return self._hf.apply_chat_template(
+                checked,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                sanitize_control_tokens=True,
+                return_dict=False,
+            )
+        ids: list[int] = []
+        for piece in re.split(f"({re.escape(bos)}|{re.escape(eos)})", text):
+            if piece == bos:
+                ids.append(self.bos_token_id)
+            elif piece == eos:
+                ids.append(self.eos_token_id)
+            elif piece:
+                ids += self.encode(piece, add_bos=False, special_tokens=False)
+        return ids
 
     @cached_property
     def stream_anchor(self) -> tuple[int, str]:
