@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)
 export DS_ACCELERATOR := cpu
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: help venv run test test-slow test-load test-all lint bench checkpoint clean
+.PHONY: help venv tools run test test-slow test-load test-all lint bench checkpoint clean
 
 help:
 	@echo "make run        serve the tiny model on 127.0.0.1 (local Ray + Serve)"
@@ -35,7 +35,13 @@ checkpoint: venv
 run: venv
 	.venv/bin/m-ai serve
 
-test: venv
+# Prometheus (Debian package) for the rule check and the e2e metrics test; where it cannot be
+# installed (no root) those tests skip, outside CI.
+tools:
+	@command -v prometheus >/dev/null || (apt-get update -q && apt-get install -y -q prometheus) \
+		|| echo "prometheus not installed: its tests will be skipped"
+
+test: venv tools
 	$(PYTEST) -q -m "not slow and not load and not gpu" tests
 
 test-slow: venv
@@ -53,6 +59,8 @@ lint: venv
 bench: venv
 	mkdir -p out
 	$(PY) benchmarks/engine_throughput.py --out out/engine_throughput.json
+	$(PY) benchmarks/autoscaling.py --out out/autoscaling.json
+	$(PY) benchmarks/batch_job.py --out out/batch_job.json
 
 clean:
 	rm -rf .venv .cache out

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cluster.catalog import LLAMA2_ARCHITECTURES, architecture
 from cluster.errors import ConfigError
+from cluster.output_config import OutputConfig
 from cluster.serving_config import ServingConfig
 
 SCHEMA_VERSION = 1
@@ -232,6 +233,11 @@ class AppConfig(_Frozen):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     serving: ServingConfig = Field(
         default_factory=ServingConfig, description="HTTP endpoint, API keys, replicas, streaming."
+    )
+    output: OutputConfig = Field(
+        default_factory=OutputConfig,
+        description="Output processing: sanitizing, content safety per tenant, formats, plugins "
+        "(docs/output.md).",
     )
 
     @field_validator("schema_version")

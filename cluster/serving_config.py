@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cluster.autoscaling import LatencyAutoscalingConfig, serve_autoscaling_config
+from cluster.response_cache import ResponseCacheConfig
+
 if TYPE_CHECKING:  # cluster.config imports this module
     from cluster.config import ModelConfig
 
@@ -47,6 +50,11 @@ class ServingConfig(BaseModel):
     )
     target_ongoing_requests: float = Field(
         16.0, gt=0, description="Autoscaling target of in-flight requests per replica."
+    )
+    autoscaling: LatencyAutoscalingConfig = Field(
+        default_factory=LatencyAutoscalingConfig,
+        description="How replicas scale between min_replicas and max_replicas: on latency "
+        "objectives (default) or Serve's in-flight request count (docs/autoscaling.md).",
     )
     max_ongoing_requests: int | None = Field(
         None,
@@ -93,6 +101,14 @@ class ServingConfig(BaseModel):
     ingress_num_cpus: float = Field(0.5, ge=0, description="CPUs per ingress replica.")
     ingress_max_ongoing_requests: int = Field(
         1024, ge=1, description="Requests one ingress replica holds at once (it only awaits I/O)."
+    )
+    response_cache: ResponseCacheConfig = Field(
+        default_factory=ResponseCacheConfig,
+        description="Cache of whole responses to deterministic requests (temperature 0 or a seed), "
+        "per ingress replica and tenant; off unless max_entries > 0.",
+    )
+    metrics_interval_s: float = Field(
+        5.0, gt=0, description="How often each replica samples engine state and resource usage."
     )
     # -- sessions -----------------------------------------------------------------------------
     session_store_shards: int = Field(
@@ -204,11 +220,12 @@ def replica_scaling(serving: ServingConfig) -> dict[str, Any]:
     if serving.min_replicas == serving.max_replicas:
         return {"num_replicas": serving.max_replicas}
     return {
-        "autoscaling_config": {
-            "min_replicas": serving.min_replicas,
-            "max_replicas": serving.max_replicas,
-            "target_ongoing_requests": serving.target_ongoing_requests,
-        }
+        "autoscaling_config": serve_autoscaling_config(
+            serving.autoscaling,
+            serving.min_replicas,
+            serving.max_replicas,
+            serving.target_ongoing_requests,
+        )
     }
 
 

@@ -105,7 +105,7 @@ def build_app(
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         **ingress_deployment_options(serving)
     )
-    return ingress.bind(models, cards, serving)
+    return ingress.bind(models, cards, serving, config.output)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

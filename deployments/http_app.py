@@ -22,7 +22,7 @@ server has API keys configured. Errors use the OpenAI format
 
 
 def create_http_app(ingress: Any) -> FastAPI:
-    from deployments import routes_openai, routes_sessions
+    from deployments import routes_admin, routes_openai, routes_sessions
 
     app = FastAPI(
         title="M-AI",
@@ -64,6 +64,7 @@ def create_http_app(ingress: Any) -> FastAPI:
     app.add_exception_handler(Exception, on_any_error)
     app.include_router(routes_openai.router)
     app.include_router(routes_sessions.router)
+    app.include_router(routes_admin.router)
     return app
 
 

@@ -10,8 +10,10 @@ are the handle API and the HTTP routes (``deployments/routes_*.py``) only call t
 
 It routes each request to the model's LLMServer deployment, and with a ``session_id`` puts
 the session's earlier turns before the new ones and stores the finished turn afterwards
-(a turn that fails or is cancelled is not stored). Every failure leaves as a
-``cluster.errors.MAIError`` (``deployments.errors.as_mai_error``).
+(a turn that fails or is cancelled is not stored). Answers pass through the output pipeline
+(``deployments.output_processing``: sanitizing, the tenant's content safety, formats) before
+the client, and a session, sees them. Every failure leaves as a ``cluster.errors.MAIError``
+(``deployments.errors.as_mai_error``).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ from typing import Any
 
 from cluster.errors import EngineDeadError, InvalidRequestError
 from cluster.logging_setup import get_logger
+from cluster.output_config import OutputConfig
 from cluster.serving_config import ServingConfig
 from deployments.auth import DEFAULT_TENANT, ApiKeyAuth
 from deployments.errors import as_mai_error
+from deployments.ingress_observability import IngressObservability
+from deployments.output_processing import ProcessedStream, ResponseProcessor, with_usage
 from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -61,7 +66,11 @@ class Ingress:
     """Routes requests to the models and keeps sessions (see the module docstring)."""
 
     def __init__(
-        self, models: dict[str, Any], cards: list[dict[str, Any]], serving: ServingConfig
+        self,
+        models: dict[str, Any],
+        cards: list[dict[str, Any]],
+        serving: ServingConfig,
+        output: OutputConfig | None = None,
     ) -> None:
         self.models = models
         self._streaming = {name: h.options(stream=True) for name, h in models.items()}
@@ -70,6 +79,10 @@ class Ingress:
         self.auth = ApiKeyAuth(serving)
         self.sessions = SessionClient(serving.session_store_shards)
         self._status_cache: tuple[float, Any] | None = None
+        # Loads the output plugins: a broken one fails the start here, not each request.
+        self.output = ResponseProcessor(output)
+        # Timing breakdown, error and session figures, the response cache, /v1/diagnostics.
+        self.observe = IngressObservability(serving.response_cache)
         if not self.auth.enabled:
             log.warning(
                 "authentication is off: serving.api_keys is empty, every caller is tenant "
@@ -89,11 +102,18 @@ class Ingress:
         """A whole chat completion (``request.stream`` is ignored; see ``chat_stream``)."""
         request = _parse(ChatCompletionRequest, request)
         handle = self._model(request.model)
+        cached = self.observe.cached(request, tenant)
+        if cached is not None:
+            return cached
+        output = self.output.open(request, tenant)
         full, history_len = await self._with_history(request, tenant)
         try:
-            response = await handle.chat.remote(full, history_len)
+            response = await handle.chat.remote(full, history_len, self.observe.trace())
         except Exception as exc:
-            raise as_mai_error(exc) from None
+            raise self._failed(exc, request.model) from None
+        with self.observe.timed("output_processing", request.model):
+            response = self.output.chat_response(response, output)
+        self.observe.remember(request, tenant, response)
         if request.session_id:
             await self._store_turn(request, tenant, response.choices[0].message.content)
             response.session_id = request.session_id
@@ -105,49 +125,61 @@ class Ingress:
         """A chat completion as chunks; stopping the iteration cancels the generation."""
         request = _parse(ChatCompletionRequest, request)
         self._model(request.model)
+        output = self.output.open(request, tenant)
         full, history_len = await self._with_history(request, tenant)
-        stream = self._streaming[request.model].chat_stream.remote(full, history_len)
-        text: list[str] = []
-        finished = False
+        if output is not None:
+            full = with_usage(full)
+        stream = self._streaming[request.model].chat_stream.remote(
+            full, history_len, self.observe.trace()
+        )
+        chunks = ProcessedStream(stream, output, request.include_usage)
         try:
-            async for chunk in stream:
-                for choice in chunk.choices:
-                    text.append(choice.delta.content or "")
-                    finished = finished or choice.finish_reason is not None
+            async for chunk in chunks:
                 yield chunk
         except Exception as exc:
-            raise as_mai_error(exc) from None
+            raise self._failed(exc, request.model) from None
         finally:
-            if not finished:
+            await chunks.aclose()
+            if not chunks.upstream_finished:  # the client left, or the pipeline ended it
                 stream.cancel()
-        if request.session_id and finished:
-            await self._store_turn(request, tenant, "".join(text))
+        if request.session_id and chunks.complete:
+            await self._store_turn(request, tenant, chunks.text)
 
     async def complete(
         self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
     ) -> CompletionResponse:
         request = _parse(CompletionRequest, request)
         handle = self._model(request.model)
+        cached = self.observe.cached(request, tenant)
+        if cached is not None:
+            return cached
+        output = self.output.open(request, tenant)
         try:
-            return await handle.complete.remote(request)
+            response = await handle.complete.remote(request, self.observe.trace())
         except Exception as exc:
-            raise as_mai_error(exc) from None
+            raise self._failed(exc, request.model) from None
+        with self.observe.timed("output_processing", request.model):
+            response = self.output.completion_response(response, output)
+        self.observe.remember(request, tenant, response)
+        return response
 
     async def complete_stream(
         self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
     ) -> AsyncIterator[CompletionResponse]:
         request = _parse(CompletionRequest, request)
         self._model(request.model)
-        stream = self._streaming[request.model].complete_stream.remote(request)
-        finished = False
+        output = self.output.open(request, tenant)
+        upstream = with_usage(request) if output is not None else request
+        stream = self._streaming[request.model].complete_stream.remote(upstream, self.observe.trace())
+        chunks = ProcessedStream(stream, output, request.include_usage)
         try:
-            async for chunk in stream:
-                finished = finished or any(c.finish_reason is not None for c in chunk.choices)
+            async for chunk in chunks:
                 yield chunk
         except Exception as exc:
-            raise as_mai_error(exc) from None
+            raise self._failed(exc, request.model) from None
         finally:
-            if not finished:
+            await chunks.aclose()
+            if not chunks.upstream_finished:
                 stream.cancel()
 
     # -- sessions -----------------------------------------------------------------------------
@@ -203,7 +235,19 @@ class Ingress:
             report[name] = {"status": status, "running_replicas": running}
         return {"status": "ok", "models": report}
 
+    async def diagnostics(self, model: str | None = None, window_s: float = 300.0) -> dict[str, Any]:
+        """Where requests spend their time over about ``window_s``: the dominant stage and a
+        recommendation (``GET /v1/diagnostics``; see ``cluster.diagnosis``)."""
+        if model is not None:
+            self._model(model)
+        return await self.observe.diagnostics(model, window_s)
+
     # -- internals ----------------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException, model: str) -> BaseException:
+        error = as_mai_error(exc)
+        self.observe.error(error, model)
+        return error
 
     def _model(self, name: str) -> Any:
         handle = self.models.get(name)
@@ -221,14 +265,16 @@ class Ingress:
         """The request with its session's earlier messages in front, and how many those are."""
         if not request.session_id:
             return request, 0
-        history = await self.sessions.context(request.session_id, tenant)
+        with self.observe.timed("memory_retrieval", request.model), self.observe.session_op("context"):
+            history = await self.sessions.context(request.session_id, tenant)
         messages = [ChatMessage.model_validate(m) for m in history] + list(request.messages)
         return request.model_copy(update={"messages": messages, "session_id": None}), len(history)
 
     async def _store_turn(self, request: ChatCompletionRequest, tenant: str, answer: str) -> None:
         turn = [m.as_dict() for m in request.messages if m.role != "system"]
         turn.append({"role": "assistant", "content": answer})
-        await self.sessions.append(request.session_id, tenant, turn)
+        with self.observe.session_op("append"):
+            await self.sessions.append(request.session_id, tenant, turn)
 
 
 __all__ = ["Ingress"]

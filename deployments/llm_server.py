@@ -14,6 +14,7 @@ change that needs the weights reloaded is refused with a message that says so.
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -21,10 +22,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from actors.metrics import MetricsRecorder
 from actors.shard_group import ShardGroup
 from actors.stream_batching import StreamPacing, merge_deltas
+from cluster.autoscaling import QUEUE_KEY, TTFT_KEY
 from cluster.config import LIVE_FIELDS, ModelConfig, plan_update
-from cluster.errors import ConfigError, EngineDeadError, InvalidRequestError
+from cluster.errors import ConfigError, EngineDeadError, InvalidRequestError, RequestCancelled
+from cluster.latency_window import LatencyWindow
 from cluster.logging_setup import get_logger
 from cluster.serving_config import LiveConfig, ServingConfig, replica_bundles
 from deployments import openai_adapter as oa
@@ -37,6 +41,8 @@ from deployments.protocol import (
     CompletionResponse,
     parse_request,
 )
+from deployments.replica_monitor import ReplicaMonitor
+from deployments.request_metrics import RequestTrace
 from engine.types import RequestOutput, SamplingParams, new_request_id
 
 log = get_logger("deployments.llm_server")
@@ -83,6 +89,12 @@ class LLMServer:
         )
         await self.shards.wait_loaded(self.serving.shard_start_timeout_s)
         self.tokenizer = await self.shards.rank0.get_tokenizer.remote()
+        # Metrics and the latency the autoscaling policy reads (record_autoscaling_stats).
+        self.latency = LatencyWindow(self.serving.autoscaling.look_back_period_s)
+        self.recorder = MetricsRecorder(model=self.name, replica=_replica_label().rsplit("-", 1)[-1])
+        self.monitor = ReplicaMonitor(
+            self.recorder, self.shards, model_config, self.serving.metrics_interval_s, self.latency
+        ).start()
         log.info("model replica ready", extra={"model": self.name, "tp_size": model_config.tp_size})
 
     # -- live configuration -------------------------------------------------------------------
@@ -144,38 +156,41 @@ class LLMServer:
     # -- requests -----------------------------------------------------------------------------
 
     async def chat(
-        self, request: ChatCompletionRequest | dict, history_len: int = 0
+        self, request: ChatCompletionRequest | dict, history_len: int = 0, trace: dict | None = None
     ) -> ChatCompletionResponse:
         """A whole chat completion. ``history_len``: leading messages that come from a session
-        (the oldest of them may be dropped to fit the context)."""
+        (the oldest of them may be dropped to fit the context). ``trace``: timing from the
+        caller (``sent_at``, for the queue time; see ``deployments.request_metrics``)."""
         request = parse_request(ChatCompletionRequest, request)
         prompt, params = self._prepare_chat(request, history_len)
-        out = await self._generate_all(prompt.token_ids, params)
+        out = await self._generate_all(prompt.token_ids, params, trace)
         return oa.chat_response(out, self.name, len(prompt.token_ids))
 
     async def chat_stream(
-        self, request: ChatCompletionRequest | dict, history_len: int = 0
+        self, request: ChatCompletionRequest | dict, history_len: int = 0, trace: dict | None = None
     ) -> AsyncIterator[ChatCompletionChunk]:
         """A chat completion as chunks (the last one with ``usage`` when asked for)."""
         request = parse_request(ChatCompletionRequest, request)
         prompt, params = self._prepare_chat(request, history_len)
         chunks = oa.ChatChunks(self.name, len(prompt.token_ids), request.include_usage)
-        async for item in self._stream(prompt.token_ids, params, chunks):
+        async for item in self._stream(prompt.token_ids, params, chunks, trace):
             yield item
 
-    async def complete(self, request: CompletionRequest | dict) -> CompletionResponse:
+    async def complete(
+        self, request: CompletionRequest | dict, trace: dict | None = None
+    ) -> CompletionResponse:
         request = parse_request(CompletionRequest, request)
         prompt, params = self._prepare_completion(request)
-        out = await self._generate_all(prompt.token_ids, params)
+        out = await self._generate_all(prompt.token_ids, params, trace)
         return oa.completion_response(out, self.name, len(prompt.token_ids))
 
     async def complete_stream(
-        self, request: CompletionRequest | dict
+        self, request: CompletionRequest | dict, trace: dict | None = None
     ) -> AsyncIterator[CompletionResponse]:
         request = parse_request(CompletionRequest, request)
         prompt, params = self._prepare_completion(request)
         chunks = oa.CompletionChunks(self.name, len(prompt.token_ids), request.include_usage)
-        async for item in self._stream(prompt.token_ids, params, chunks):
+        async for item in self._stream(prompt.token_ids, params, chunks, trace):
             yield item
 
     def _prepare_chat(
@@ -197,48 +212,82 @@ class LLMServer:
             )
 
     async def _stream(
-        self, prompt_ids: list[int], params: SamplingParams, chunks: Any
+        self, prompt_ids: list[int], params: SamplingParams, chunks: Any, trace: dict | None = None
     ) -> AsyncIterator[Any]:
         last = None
-        async for out in self._engine_stream(prompt_ids, params, self.pacing):
+        timing = self._trace(trace)
+        async for out in self._engine_stream(prompt_ids, params, self.pacing, timing):
             last = out
+            start = time.monotonic()
             chunk = chunks.chunk(out)
+            timing.add_output_time(time.monotonic() - start)
             if chunk is not None:
                 yield chunk
         if chunks.include_usage and last is not None:
             yield chunks.usage_chunk(last)
 
-    async def _generate_all(self, prompt_ids: list[int], params: SamplingParams) -> RequestOutput:
-        outputs = [out async for out in self._engine_stream(prompt_ids, params, None)]
+    async def _generate_all(
+        self, prompt_ids: list[int], params: SamplingParams, trace: dict | None = None
+    ) -> RequestOutput:
+        stream = self._engine_stream(prompt_ids, params, None, self._trace(trace))
+        outputs = [out async for out in stream]
         return merge_deltas(outputs)
 
+    def _trace(self, trace: dict | None) -> RequestTrace:
+        return RequestTrace(self.recorder, self.latency, new_request_id(), trace)
+
     async def _engine_stream(
-        self, prompt_ids: list[int], params: SamplingParams, pacing: StreamPacing | None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        pacing: StreamPacing | None,
+        timing: RequestTrace,
     ) -> AsyncIterator[RequestOutput]:
-        """One Ray call to rank 0 per request; if the caller goes away, the request is cancelled."""
+        """One Ray call to rank 0 per request; if the caller goes away, the request is cancelled.
+        ``timing`` records the request's metrics (after the caller processed the last output,
+        so that its output processing counts)."""
         import ray
 
-        request_id = new_request_id()
+        request_id = timing.request_id
         rank0 = self.shards.rank0
         refs = rank0.generate.remote(prompt_ids, params, request_id, pacing)
         finished = False
+        text: list[str] = []
         try:
             async for ref in refs:
                 try:
                     out: RequestOutput = await ref
                 except Exception as exc:
-                    raise as_mai_error(exc) from None
+                    error = as_mai_error(exc)
+                    timing.fail(error)
+                    raise error from None
+                timing.on_output(out)
+                text.append(out.text)
                 finished = out.finished
                 yield out
                 if finished:
+                    if out.finish_reason == "error":
+                        timing.fail(EngineDeadError(out.error or "engine error"))
+                    elif out.finish_reason == "abort":
+                        timing.fail(RequestCancelled("cancelled"))
+                    else:
+                        timing.finish(out, "".join(text), params.response_format)
                     return
+            timing.fail(EngineDeadError("no final output"))
             raise EngineDeadError("the engine ended the stream without a final output")
         finally:
             if not finished:
                 ray.cancel(refs)
                 rank0.cancel.remote(request_id)
+                timing.cancelled()
 
     # -- state ------------------------------------------------------------------------------
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's controller hands the latency autoscaling policy (cluster/autoscaling.py):
+        this replica's p90 TTFT (or its oldest waiting request's age) and queue time."""
+        report = self.latency.report()
+        return {TTFT_KEY: report["ttft"], QUEUE_KEY: report["queue"]}
 
     async def check_health(self) -> None:
         """Serve's health check: a dead engine or shard raises, and Serve replaces the replica."""
@@ -281,6 +330,9 @@ class LLMServer:
         }
 
     def __del__(self) -> None:
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.stop()
         shards = getattr(self, "shards", None)
         if shards is not None:
             shards.kill()

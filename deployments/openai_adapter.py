@@ -3,7 +3,8 @@
 Pure functions and small builders (no Ray): the prompt (chat template, and a sliding window
 over a session's history when it would not fit), the context-length checks that answer 400
 naming the field, ``SamplingParams`` from the request and the model's live defaults, and the
-response or chunk objects built from ``RequestOutput`` deltas.
+response or chunk objects built from ``RequestOutput`` deltas. (The output pipeline runs in
+the ingress, on these responses: ``deployments/output_processing.py``.)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from deployments.protocol import (
     completion_id,
     now,
 )
+from engine.structured import parse_response_format
 from engine.types import RequestOutput, SamplingParams
 
 
@@ -99,6 +101,8 @@ def sampling_params(
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
+    # A bad shape is a 400 here; a schema that cannot be compiled, one from the engine's submit.
+    parse_response_format(request.response_format)
     return SamplingParams(
         max_tokens=request.max_tokens or min(config.max_tokens, room),
         temperature=pick(request.temperature, config.temperature),
@@ -107,6 +111,7 @@ def sampling_params(
         repetition_penalty=pick(request.repetition_penalty, config.repetition_penalty),
         seed=pick(request.seed, config.seed),
         stop=tuple(request.stop or ()),
+        response_format=request.response_format,
     )
 
 

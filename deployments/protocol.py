@@ -1,4 +1,6 @@
-"""Request and response models of the API: the OpenAI shapes plus M-AI's session extension.
+"""Request and response models of the API: the OpenAI shapes plus M-AI's extensions
+(``session_id``, ``output_template`` in requests; ``m_ai``, the output pipeline's report, in
+responses).
 
 The same models cross HTTP (FastAPI validates the bodies) and the Python handle
 (``handle.chat.remote(ChatCompletionRequest(...))``). Requests are strict: unknown fields and
@@ -81,6 +83,18 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description='{"type": "json_object"}, or {"type": "json_schema", "json_schema": '
+        '{"name", "schema", "strict"}}: decoding is constrained to JSON (that matches the '
+        "schema); see docs/output.md.",
+    )
+    output_template: str | None = Field(
+        None,
+        max_length=64,
+        description="Extension: render the answer with this template of the server's "
+        "output.formats.templates (a stream then sends the answer at its end).",
+    )
 
     @field_validator("n")
     @classmethod
@@ -180,6 +194,37 @@ class AssistantMessage(_Response):
     content: str
 
 
+class OutputFinding(_Response):
+    """A safety check's hit: where it was (offsets in the sanitized text) and what was done."""
+
+    check: str
+    category: str
+    start: int
+    end: int
+    action: Literal["allow", "redact", "block"]
+
+
+class OutputReport(_Response):
+    """Extension ``m_ai`` of a processed answer: what the output pipeline found (the matched
+    text itself is never reported)."""
+
+    format: str = Field(description="text, json, markdown or a plugin's format.")
+    valid: bool = Field(description="The answer parsed and validated (against the schema).")
+    errors: list[str] = Field(default_factory=list)
+    findings: list[OutputFinding] = Field(default_factory=list)
+    metrics: dict[str, float | int | bool | None] | None = Field(
+        None, description="Quality metrics (docs/output.md)."
+    )
+    summary: str | None = None
+
+
+def _m_ai_field() -> Any:
+    """On processed answers (and a stream's last chunk) only: left out of the JSON when None."""
+    return Field(
+        None, exclude_if=lambda value: value is None, description="Extension: the output report."
+    )
+
+
 class ChatChoice(_Response):
     index: int = 0
     message: AssistantMessage
@@ -195,6 +240,7 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: Usage
     session_id: str | None = None
+    m_ai: OutputReport | None = _m_ai_field()
 
 
 class DeltaMessage(_Response):
@@ -216,6 +262,7 @@ class ChatCompletionChunk(_Response):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    m_ai: OutputReport | None = _m_ai_field()
 
 
 class CompletionChoice(_Response):
@@ -232,6 +279,7 @@ class CompletionResponse(_Response):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    m_ai: OutputReport | None = _m_ai_field()
 
 
 # A streamed text completion has the same shape as the whole one (as in the OpenAI API).

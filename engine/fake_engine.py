@@ -4,7 +4,9 @@
 streamed at a configurable rate, ``max_tokens``, stop strings, cancellation that frees the
 slot at once, a bounded queue (``CapacityError``), stats, and a switch that kills it (every
 request then fails and ``check_health`` raises ``EngineDeadError``). The text it writes is a
-fixed reply (its words shuffled by the seed when sampling), or an echo of the prompt.
+fixed reply (its words shuffled by the seed when sampling), or an echo of the prompt. It
+cannot follow a grammar: a request with a JSON ``response_format`` (checked as the real engine
+checks it) gets ``{}``, the smallest JSON object.
 
 It tokenizes with the real tiny tokenizer when ``engine.tokenizer`` and the tiny checkpoint
 are available, else with ``ByteTokenizer`` (one token per UTF-8 byte).
@@ -22,6 +24,7 @@ from typing import Any
 from cluster.config import ModelConfig
 from cluster.errors import CapacityError, EngineDeadError
 from cluster.logging_setup import get_logger
+from engine.structured import parse_response_format
 from engine.types import EngineStats, RequestOutput, SamplingParams, new_request_id
 
 log = get_logger("engine.fake")
@@ -145,6 +148,7 @@ class FakeEngine:
             self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
         )
         self._raise_if_dead()
+        parse_response_format(params.response_format)  # InvalidRequestError, as at a real submit
         if self.die_on is not None and self.die_on in self.tokenizer.decode(prompt_ids):
             self.kill(f"prompt contained {self.die_on!r}")
             self._raise_if_dead()
@@ -262,6 +266,8 @@ class FakeEngine:
             raise EngineDeadError(self._dead)
 
     def _reply_ids(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        if params.constrained:
+            return self.tokenizer.encode("{}", add_bos=False)
         if self.reply == "echo":
             text = self.tokenizer.decode(prompt_ids)
         else:

@@ -479,9 +479,9 @@ def test_cli_backup_verify_restore_gc(tmp_path) -> None:
     sessions = _populate(root)
     done = cli.invoke(state_app, ["backup", "--root", str(root), "--to", str(backup)])
     assert done.exit_code == 0, done.output
-    assert json.loads(done.output)["sessions"] == 2
+    assert json.loads(done.stdout)["sessions"] == 2
     checked = cli.invoke(state_app, ["verify", str(backup)])
-    assert checked.exit_code == 0 and json.loads(checked.output)["ok"] is True
+    assert checked.exit_code == 0 and json.loads(checked.stdout)["ok"] is True
     refused = cli.invoke(state_app, ["restore", "--from", str(backup), "--root", str(root)])
     assert refused.exit_code == 1 and "--force" in refused.output
     restored = cli.invoke(
@@ -504,7 +504,7 @@ def test_cli_backup_verify_restore_gc(tmp_path) -> None:
     assert cli.invoke(state_app, ["gc", "--root", str(root)]).exit_code == 2  # needs --offline
     collected = cli.invoke(state_app, ["gc", "--root", str(root), "--offline", "--ttl-s", "1e12"])
     assert collected.exit_code == 0, collected.output
-    assert set(json.loads(collected.output)["shards"]) == {"shard-000", "shard-001"}
+    assert set(json.loads(collected.stdout)["shards"]) == {"shard-000", "shard-001"}
     snapshot = next((backup / "shard-000" / "snapshots").iterdir())
     snapshot.write_bytes(snapshot.read_bytes()[:-1] + b"X")
     damaged = cli.invoke(state_app, ["verify", str(backup)])

@@ -1,0 +1,25 @@
+"""Admin routes: ``GET /v1/diagnostics``, the bottleneck report of the cluster's requests."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from deployments.protocol import ErrorResponse
+from deployments.routes_openai import ingress_of, tenant_of
+
+router = APIRouter()
+
+
+@router.get(
+    "/v1/diagnostics",
+    responses={401: {"model": ErrorResponse}},
+    summary="Where requests spend their time, the dominant stage and a recommendation",
+)
+async def diagnostics(
+    request: Request,
+    model: str | None = Query(None, description="One model; default: all of them."),
+    window_s: float = Query(300.0, gt=0, description="Look-back: the report covers about this long."),
+    tenant: str = Depends(tenant_of),
+) -> Response:
+    return JSONResponse(await ingress_of(request).diagnostics(model, window_s))
