@@ -8,6 +8,7 @@ naming the field, the limit or value, and the fix.
 from __future__ import annotations
 
 import secrets
+import zlib
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,6 +28,11 @@ from cluster.state import (
 )
 
 CLEARABLE = ("model_parameters", "system_prompt", "user")
+
+
+def shard_for(session_id: str, shards: int) -> int:
+    """The store shard that holds ``session_id`` (stable across processes and restarts)."""
+    return zlib.crc32(session_id.encode("utf-8")) % shards
 
 
 def new_session_id() -> str:
@@ -175,6 +181,7 @@ def merged_parameters(
 
 __all__ = [
     "new_session_id",
+    "shard_for",
     "invalid",
     "check_session_id",
     "new_state",

@@ -111,6 +111,11 @@ class ServingConfig(BaseModel):
         5.0, gt=0, description="How often each replica samples engine state and resource usage."
     )
     # -- sessions -----------------------------------------------------------------------------
+    session_state_uri: str = Field(
+        "~/.local/share/m-ai/sessions",
+        description="Where the session store keeps its write-ahead log and snapshots: a local "
+        "directory or an s3:// / gs:// URI (see docs/sessions.md for each store's durability).",
+    )
     session_store_shards: int = Field(
         1, ge=1, le=256, description="Session store actors (hash of session id)."
     )

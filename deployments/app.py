@@ -54,10 +54,10 @@ def ingress_deployment_options(serving: ServingConfig) -> dict[str, Any]:
     import ray
     from ray.serve.config import DeploymentActorConfig
 
-    from actors.session_store import SessionStore
+    from actors.session_state import SessionShard
     from deployments.sessions import session_actor_name
 
-    store_cls = ray.remote(SessionStore)
+    store_cls = ray.remote(SessionShard)
     return {
         "name": "ingress",
         "num_replicas": serving.ingress_replicas,
@@ -69,7 +69,14 @@ def ingress_deployment_options(serving: ServingConfig) -> dict[str, Any]:
             DeploymentActorConfig(
                 name=session_actor_name(i),
                 actor_class=store_cls,
-                init_kwargs={"max_sessions": serving.max_sessions_per_shard},
+                init_kwargs={
+                    "root": serving.session_state_uri,
+                    "shard": i,
+                    "max_sessions": serving.max_sessions_per_shard,
+                    # the store actor owns its process: freezing long-lived objects keeps
+                    # full garbage collections from stalling group commits
+                    "gc_freeze": True,
+                },
                 actor_options={"num_cpus": 0},
             )
             for i in range(serving.session_store_shards)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -274,7 +275,7 @@ class Ingress:
         turn = [m.as_dict() for m in request.messages if m.role != "system"]
         turn.append({"role": "assistant", "content": answer})
         with self.observe.session_op("append"):
-            await self.sessions.append(request.session_id, tenant, turn)
+            await self.sessions.append(request.session_id, tenant, turn, request_id=uuid.uuid4().hex)
 
 
 __all__ = ["Ingress"]

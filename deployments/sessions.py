@@ -3,7 +3,9 @@
 The shards are Serve deployment-scoped actors of the ingress deployment (``app.py`` declares
 them as ``sessions-0`` ... ``sessions-{S-1}``), created by the Serve controller before the
 ingress replicas and shared by all of them. A session lives on shard
-``actors.session_store.shard_for(session_id, S)``. Handles are cached and resolved again when
+``actors.session_requests.shard_for(session_id, S)``; each shard is a durable
+``actors.session_state.SessionShard`` (write-ahead log + snapshots under
+``serving.session_state_uri``). Handles are cached and resolved again when
 Serve has replaced an actor.
 """
 
@@ -13,7 +15,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from actors.session_store import new_session_id, shard_for
+from actors.session_requests import new_session_id, shard_for
 from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
@@ -45,7 +47,7 @@ class SessionClient:
             handle = self._handles[shard] = resolve(session_actor_name(shard))
         return handle
 
-    async def _call(self, shard: int, method: str, *args: Any) -> Any:
+    async def _call(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
         import ray
 
         for attempt in range(5):
@@ -55,7 +57,7 @@ class SessionClient:
                 await self._backoff(shard, attempt, "not registered")
                 continue
             try:
-                return await getattr(handle, method).remote(*args)
+                return await getattr(handle, method).remote(*args, **kwargs)
             except ray.exceptions.RayActorError:  # the actor was replaced: the handle is stale
                 await self._backoff(shard, attempt, "dead")
             except Exception as exc:
@@ -70,8 +72,8 @@ class SessionClient:
         )
         await asyncio.sleep(0.2 * (attempt + 1))
 
-    async def _call_for(self, session_id: str, method: str, *args: Any) -> Any:
-        return await self._call(shard_for(session_id, self.shards), method, session_id, *args)
+    async def _call_for(self, session_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        return await self._call(shard_for(session_id, self.shards), method, session_id, *args, **kwargs)
 
     async def create(self, tenant: str, request: SessionCreateRequest) -> SessionInfo:
         sid = new_session_id()
@@ -104,8 +106,12 @@ class SessionClient:
         """The session's messages so far (system prompt first), to prepend to a new turn."""
         return await self._call_for(session_id, "context", tenant)
 
-    async def append(self, session_id: str, tenant: str, messages: list[dict[str, str]]) -> int:
-        return await self._call_for(session_id, "append", tenant, messages)
+    async def append(
+        self, session_id: str, tenant: str, messages: list[dict[str, str]], request_id: str | None = None
+    ) -> int:
+        """Store one turn; durable when it returns. ``request_id`` makes a retry (after a
+        store actor was replaced mid-call) idempotent: the turn is never stored twice."""
+        return await self._call_for(session_id, "append", tenant, messages, request_id=request_id)
 
 
 __all__ = ["SessionClient", "session_actor_name"]

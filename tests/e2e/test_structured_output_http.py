@@ -9,6 +9,7 @@ looks like special tokens in a message stays text in the prompt.
 from __future__ import annotations
 
 import json
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -107,6 +108,7 @@ def app(serve_cluster, tiny_checkpoint):
         {
             "serving": {
                 **FAST_SERVING,
+                "session_state_uri": tempfile.mkdtemp(prefix="m-ai-sessions-"),
                 "shard_num_cpus": 1.0,
                 "api_keys": {hash_api_key(KEY_ACME): "acme", hash_api_key(KEY_STRICT): "strict"},
             },

@@ -45,7 +45,9 @@ def free_port() -> int:
 
 def app_config(models: list[dict] | None = None, **serving: Any) -> AppConfig:
     """An ``AppConfig`` with ``FAST_SERVING`` (overridden by ``serving``) and ``models``."""
-    data: dict[str, Any] = {"serving": {**FAST_SERVING, **serving}}
+    # Each app gets its own durable session store: two apps must never share a shard's log.
+    state = {"session_state_uri": tempfile.mkdtemp(prefix="m-ai-sessions-")}
+    data: dict[str, Any] = {"serving": {**FAST_SERVING, **state, **serving}}
     if models is not None:
         data["models"] = models
     return build_app_config(data, "test config")

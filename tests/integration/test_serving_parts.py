@@ -10,7 +10,6 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from actors.session_store import SessionStore, shard_for
 from actors.stream_batching import StreamPacing, coalesce
 from cluster.config import ModelConfig, build_app_config, load_config
 from cluster.errors import (
@@ -19,7 +18,6 @@ from cluster.errors import (
     ConfigError,
     EngineDeadError,
     InvalidRequestError,
-    NotFoundError,
 )
 from cluster.serving_config import ServingConfig, hash_api_key
 from deployments.app import llm_deployment_options
@@ -147,27 +145,6 @@ def test_fake_engine_holds_back_a_possible_stop_string_prefix():
 
 
 # -- sessions ---------------------------------------------------------------------------------
-
-
-def test_session_store_keeps_turns_per_tenant_and_evicts_the_least_recent():
-    store = SessionStore(max_sessions=2)
-    a = store.create("acme", system_prompt="Be brief.")["id"]
-    store.append(
-        a, "acme", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    )
-    assert store.context(a, "acme")[0] == {"role": "system", "content": "Be brief."}
-    assert len(store.context(a, "acme")) == 3
-    with pytest.raises(NotFoundError):
-        store.get(a, "globex")
-    b = store.create("acme")["id"]
-    store.get(a, "acme")  # a is now more recent than b
-    store.create("acme")
-    assert len(store) == 2 and a in [s["id"] for s in store.list_sessions("acme")]
-    with pytest.raises(NotFoundError):
-        store.get(b, "acme")
-    with pytest.raises(InvalidRequestError):
-        store.append(a, "acme", [{"role": "tool", "content": "x"}])
-    assert shard_for(a, 4) == shard_for(a, 4) and 0 <= shard_for(a, 4) < 4
 
 
 # -- config, deployment options, keys ---------------------------------------------------------

@@ -164,40 +164,26 @@ def test_create_get_list_delete_and_tenant_isolation(tmp_path) -> None:
     run(go)
 
 
-def test_drop_in_for_the_in_memory_store(tmp_path) -> None:
-    """The calls and shapes ``deployments.sessions.SessionClient`` uses on ``SessionStore``."""
-    from actors.session_store import SessionStore
-    from actors.session_store import new_session_id as client_session_id
+def test_shapes_match_what_the_ingress_session_client_reads(tmp_path) -> None:
+    """The calls and shapes ``deployments.sessions.SessionClient`` uses on a store shard."""
+    from actors.session_requests import new_session_id, shard_for
+    from deployments.protocol import SessionInfo
 
     async def go() -> None:
-        durable, memory = SessionShard(str(tmp_path), max_sessions=10), SessionStore(10)
-        sid = client_session_id()
-        shapes = []
-        for store in (durable, memory):
-
-            async def call(method: str, *args: Any, store: Any = store) -> Any:
-                result = getattr(store, method)(*args)
-                return await result if asyncio.iscoroutine(result) else result
-
-            created = await call("create", "acme", sid, "Be brief.", {"k": "v"})
-            count = await call(
-                "append", sid, "acme", user("q") + [{"role": "assistant", "content": "a"}]
-            )
-            shapes.append(
-                (
-                    {k: created[k] for k in ("id", "system_prompt", "metadata", "turns")},
-                    count,
-                    await call("context", sid, "acme"),
-                    {
-                        k: v
-                        for k, v in (await call("get", sid, "acme")).items()
-                        if k not in ("created", "updated", "user", "turn_count", "model_parameters")
-                    },
-                    [s["id"] for s in await call("list_sessions", "acme")],
-                    await call("delete", sid, "acme"),
-                )
-            )
-        assert shapes[0] == shapes[1]
+        shard = SessionShard(str(tmp_path), max_sessions=10)
+        sid = new_session_id()
+        created = await shard.create("acme", sid, "Be brief.", {"k": "v"})
+        info = SessionInfo.model_validate(created)
+        assert (info.id, info.system_prompt, info.metadata) == (sid, "Be brief.", {"k": "v"})
+        turn = user("q") + [{"role": "assistant", "content": "a"}]
+        assert await shard.append(sid, "acme", turn, request_id="r1") == 2
+        assert await shard.append(sid, "acme", turn, request_id="r1") == 2  # a retry: stored once
+        assert await shard.context(sid, "acme") == [{"role": "system", "content": "Be brief."}] + turn
+        assert SessionInfo.model_validate(await shard.get(sid, "acme")).id == sid
+        assert [s["id"] for s in await shard.list_sessions("acme")] == [sid]
+        assert await shard.delete(sid, "acme") is True
+        assert 0 <= shard_for(sid, 4) < 4 and shard_for(sid, 4) == shard_for(sid, 4)
+        await shard.close()
 
     run(go)
 
