@@ -95,7 +95,9 @@ class SafetyPolicyConfig(_Frozen):
     """What one tenant's output may contain."""
 
     actions: dict[str, SafetyAction] = Field(
-        default_factory=lambda: {"pii": "redact", "blocklist": "block", "injection": "redact"},
+        # Off unless an operator asks: a check on the stream holds text back to sentence
+        # boundaries, which costs every client its token-by-token streaming.
+        default_factory=dict,
         description="Category (or dotted prefix: `pii` covers `pii.email`) -> allow, redact or block.",
     )
     default_action: SafetyAction = Field(
@@ -240,7 +242,7 @@ class FormatsConfig(_Frozen):
         default_factory=dict, description="Name -> Jinja2 template a request may ask for."
     )
     normalize_markdown: bool = Field(
-        True, description="Close code fences, `-` bullets, renumber lists."
+        False, description="Close code fences, `-` bullets, renumber lists."
     )
 
     @field_validator("plugins", mode="before")
@@ -268,7 +270,7 @@ class FormatsConfig(_Frozen):
 
 class PostProcessConfig(_Frozen):
     dedup: bool = Field(
-        True, description="Drop repeated sentences and paragraphs (not in code or JSON)."
+        False, description="Drop repeated sentences and paragraphs (not in code or JSON)."
     )
     dedup_min_chars: int = Field(24, ge=1, description='Shorter sentences may repeat ("Yes.").')
     summarize_over_chars: int | None = Field(

@@ -232,7 +232,11 @@ class SafetyGuard:
 
     @property
     def active(self) -> bool:
-        return bool(self.checks)
+        """Whether anything can happen to the text: a policy that allows every category needs
+        no check on the stream (and then tokens are not held back to sentence boundaries)."""
+        policy = self.policy
+        acting = policy.default_action != "allow" or any(a != "allow" for a in policy.actions.values())
+        return bool(self.checks) and acting
 
     def apply(self, segment: str, offset: int = 0) -> SafetyVerdict:
         hits: list[Finding] = []

@@ -120,7 +120,12 @@ def app(serve_cluster, tiny_checkpoint):
                     "context_length": 512,
                 }
             ],
-            "output": {"safety": {"tenants": {"strict": {"actions": {"pii": "block"}}}}},
+            "output": {
+                "safety": {
+                    "default_policy": {"actions": {"pii": "redact"}},
+                    "tenants": {"strict": {"actions": {"pii": "block"}}},
+                }
+            },
         },
         "test config",
     )
@@ -250,7 +255,7 @@ def test_malformed_output_fields_are_a_400_naming_them(app, fields, param):
     assert response.json()["error"]["param"] == param
 
 
-def test_an_email_is_redacted_for_the_default_policy(client):
+def test_an_email_is_redacted_under_a_redacting_default_policy(client):
     whole = client.chat.completions.create(**ask(), response_format=json_schema(CONTACT))
     content = whole.choices[0].message.content
     assert json.loads(content) == {"contact": "[EMAIL]"}

@@ -10,8 +10,9 @@ from engine.output import OutputRequest, RawOutput, build_output_processor
 from engine.output.formats import FormatDetector, FormatRegistry, code_blocks, schema_errors
 from engine.output.markdown import MarkdownLines
 from engine.output.postprocess import ExtractiveSummarizer, quality_metrics
+from tests.unit.output_full import full_output_config
 
-PROCESSOR = build_output_processor()
+PROCESSOR = build_output_processor(full_output_config())
 DETECT = FormatDetector(FormatRegistry())
 SCHEMA = {
     "type": "object",

@@ -14,6 +14,7 @@ from cluster.output_config import OutputConfig
 from engine.output import OutputProcessor, OutputRequest, RawOutput, build_output_processor
 from engine.output.pipeline import OutputStages
 from engine.output.types import ParseResult
+from tests.unit.output_full import full_output_config
 
 # Pieces that exercise every stream-time rule: sentence ends, lines, PII, special tokens,
 # control characters, code fences, list markers, injection markers, repeats, JSON.
@@ -93,7 +94,7 @@ def chunks_of(text: str, cuts: list[int]) -> list[str]:
 
 
 PROCESSORS = {
-    "default": build_output_processor(),
+    "default": build_output_processor(full_output_config()),
     "strict": build_output_processor(
         OutputConfig.model_validate(
             {
@@ -216,7 +217,7 @@ def test_policy_is_per_tenant():
     allowed = processor.process(RawOutput(text, "stop", request=OutputRequest(tenant="open")))
     blocked = processor.process(RawOutput(text, "stop", request=OutputRequest(tenant="closed")))
     assert default.text == "Write to [EMAIL] please." and default.findings[0].action == "redact"
-    assert allowed.text == text and allowed.findings[0].action == "allow"
+    assert allowed.text == text and allowed.findings == ()  # allow-all: no check runs
     assert blocked.text == "" and blocked.finish_reason == "content_filter"
 
 
@@ -260,7 +261,7 @@ def test_a_stage_can_be_replaced_without_touching_the_others():
         def parse(self, text, fmt, request):
             return ParseResult(text.upper())
 
-    base = build_output_processor()
+    base = build_output_processor(full_output_config())
     stages = dataclasses.replace(base.stages, parse=ShoutingParser())
     processor = OutputProcessor(stages, formats=base.formats, default_guard=base.default_guard)
     result = processor.process(RawOutput("call 555-0100 now", "stop"))
@@ -294,7 +295,7 @@ def test_safety_survives_replacing_sanitize_and_post_process():
         def finalize(self, output, facts, request):
             pass
 
-    base = build_output_processor()
+    base = build_output_processor(full_output_config())
     stages = OutputStages(
         Identity(), base.stages.detect_format, base.stages.parse, base.stages.validate, Identity()
     )

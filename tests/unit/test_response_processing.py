@@ -15,6 +15,7 @@ from deployments import openai_adapter as oa
 from deployments.output_processing import ProcessedStream, ResponseProcessor, with_usage
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from engine.types import RequestOutput
+from tests.unit.output_full import full_output_config
 
 TEXT = (
     "Llamas are calm. Mail ada@example.com for details.\n"
@@ -30,10 +31,10 @@ REDACTED = (
 def processor() -> ResponseProcessor:
     config = build_app_config(
         {
-            "output": {
-                "safety": {"tenants": {"strict": {"actions": {"pii": "block"}}}},
-                "formats": {"templates": {"shout": "{{ text | upper }}"}},
-            }
+            "output": full_output_config(
+                safety={"tenants": {"strict": {"actions": {"pii": "block"}}}},
+                formats={"templates": {"shout": "{{ text | upper }}"}},
+            ).model_dump(by_alias=True)
         },
         "test config",
     )
