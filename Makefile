@@ -61,6 +61,7 @@ bench: venv
 	$(PY) benchmarks/engine_throughput.py --out out/engine_throughput.json
 	$(PY) benchmarks/autoscaling.py --out out/autoscaling.json
 	$(PY) benchmarks/batch_job.py --out out/batch_job.json
+	$(PY) benchmarks/serve_bench.py --out out/serve_bench.json
 
 clean:
 	rm -rf .venv .cache out

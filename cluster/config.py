@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cluster.catalog import LLAMA2_ARCHITECTURES, architecture
 from cluster.errors import ConfigError
+from cluster.memory_config import MemoryConfig
 from cluster.output_config import OutputConfig
 from cluster.serving_config import ServingConfig
 
@@ -238,6 +239,11 @@ class AppConfig(_Frozen):
         default_factory=OutputConfig,
         description="Output processing: sanitizing, content safety per tenant, formats, plugins "
         "(docs/output.md).",
+    )
+    memory: MemoryConfig = Field(
+        default_factory=MemoryConfig,
+        description="Server-side conversation memory per tenant and user: window, summaries, "
+        "long-term facts (docs/memory.md); `enabled: false` turns it off.",
     )
 
     @field_validator("schema_version")

@@ -102,6 +102,12 @@ class ServingConfig(BaseModel):
     ingress_max_ongoing_requests: int = Field(
         1024, ge=1, description="Requests one ingress replica holds at once (it only awaits I/O)."
     )
+    max_request_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="Largest HTTP request body; a larger one gets 413 before it is parsed. "
+        "1 MiB holds far more text than any Llama 2 context.",
+    )
     response_cache: ResponseCacheConfig = Field(
         default_factory=ResponseCacheConfig,
         description="Cache of whole responses to deterministic requests (temperature 0 or a seed), "

@@ -3,6 +3,7 @@
     ingress (HTTP + handle API, N replicas) ──► LLMServer "llm-<model>" (one deployment per model)
        │  deployment actors: sessions-0..S-1          └─ per replica: placement group (STRICT_PACK)
        │  (the session store shards)                      bundle 0: the replica, 1..tp: ShardActors
+       │  and memory-0..M-1 (the memory shards, unless memory.enabled is false)
 
 ``build_app(config)`` returns the Serve application; ``app_builder(args)`` does the same from
 a ``serve deploy`` YAML (``import_path: deployments.app:app_builder``, ``args: {config: ...}``).
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import AppConfig, ModelConfig, build_app_config, load_config
+from cluster.memory_config import MemoryConfig
 from cluster.serving_config import LiveConfig, ServingConfig, replica_bundles, replica_scaling
 
 FAKE_ENGINE = "engine.fake_engine:FakeEngine"
@@ -49,8 +51,55 @@ def llm_deployment_options(
     }
 
 
-def ingress_deployment_options(serving: ServingConfig) -> dict[str, Any]:
-    """Serve options of the ingress, with the session store shards as its deployment actors."""
+def memory_storage_uri(memory: MemoryConfig, serving: ServingConfig) -> str | None:
+    """``memory.storage_uri``, else a ``memory`` folder beside the session state
+    (``.../sessions`` -> ``.../memory``; an object store URI keeps its query)."""
+    if memory.storage_uri is not None:
+        return memory.storage_uri
+    base, sep, query = serving.session_state_uri.partition("?")
+    parent = base.rstrip("/").rsplit("/", 1)[0] if "/" in base.rstrip("/") else "."
+    return f"{parent}/memory{sep}{query}"
+
+
+def memory_tokenizer(config: AppConfig) -> str | None:
+    """The first model's local checkpoint directory: memory counts its windows with that
+    tokenizer. None (a ~4 bytes per token estimate) for remote or embedded checkpoints; the
+    LLMServer fits the prompt with the model's own tokenizer either way."""
+    checkpoint = config.models[0].checkpoint
+    if checkpoint and "://" not in checkpoint and Path(checkpoint).expanduser().is_dir():
+        return str(Path(checkpoint).expanduser())
+    return None
+
+
+def memory_actors(config: AppConfig) -> list[Any]:
+    """The memory shards as deployment actors of the ingress (none when memory is off)."""
+    import ray
+    from ray.serve.config import DeploymentActorConfig
+
+    from actors.memory_shard import MemoryShard
+    from deployments.memory_client import memory_actor_name
+
+    memory = config.memory
+    if not memory.enabled:
+        return []
+    stored = memory.model_copy(update={"storage_uri": memory_storage_uri(memory, config.serving)})
+    shard_cls = ray.remote(MemoryShard)
+    return [
+        DeploymentActorConfig(
+            name=memory_actor_name(i),
+            actor_class=shard_cls,
+            init_kwargs={"config": stored, "shard": i, "tokenizer": memory_tokenizer(config)},
+            actor_options={"num_cpus": 0},
+        )
+        for i in range(memory.shards)
+    ]
+
+
+def ingress_deployment_options(
+    serving: ServingConfig, extra_actors: list[Any] | None = None
+) -> dict[str, Any]:
+    """Serve options of the ingress, with the session store shards (and ``extra_actors``: the
+    memory shards) as its deployment actors."""
     import ray
     from ray.serve.config import DeploymentActorConfig
 
@@ -80,7 +129,8 @@ def ingress_deployment_options(serving: ServingConfig) -> dict[str, Any]:
                 actor_options={"num_cpus": 0},
             )
             for i in range(serving.session_store_shards)
-        ],
+        ]
+        + list(extra_actors or []),
     }
 
 
@@ -102,7 +152,7 @@ def build_app(
     models = {
         model.served_name: serve.deployment(LLMServer)
         .options(**llm_deployment_options(model, serving, (live or {}).get(model.served_name)))
-        .bind(model, serving, engine_cls, engine_options)
+        .bind(model, serving, engine_cls, engine_options, config.memory)
         for model in config.models
     }
     cards = [
@@ -110,9 +160,9 @@ def build_app(
         for m in config.models
     ]
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
-        **ingress_deployment_options(serving)
+        **ingress_deployment_options(serving, memory_actors(config))
     )
-    return ingress.bind(models, cards, serving, config.output)
+    return ingress.bind(models, cards, serving, config.output, config.memory)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -133,6 +183,8 @@ __all__ = [
     "app_builder",
     "llm_deployment_options",
     "ingress_deployment_options",
+    "memory_actors",
+    "memory_storage_uri",
     "deployment_name",
     "FAKE_ENGINE",
 ]

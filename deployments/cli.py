@@ -30,6 +30,7 @@ from cluster.config import AppConfig, env_overrides, load_config
 from cluster.errors import MAIError
 from cluster.logging_setup import setup_logging
 from cluster.serving_config import hash_api_key, replica_bundles
+from deployments.cli_memory import memory_app
 from deployments.cli_models import checkpoint_app, plan
 from deployments.cli_ops import ops_app
 from deployments.cli_state import state_app
@@ -46,6 +47,7 @@ app.add_typer(config_app, name="config")
 # Command groups written next to their features; make-tiny joins the checkpoint group below.
 app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(state_app, name="state")
+app.add_typer(memory_app, name="memory")
 app.add_typer(ops_app)  # diagnose, dashboards, batch, tune, profile (top level)
 app.command("plan")(plan)
 

@@ -85,8 +85,8 @@ def as_mai_error(exc: BaseException) -> MAIError:
         ReplicaUnavailableError,
     )
 
-    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
-        exc = exc.cause
+    while isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, BaseException):
+        exc = exc.cause  # a task error may wrap another (an actor calling an actor)
     if isinstance(exc, MAIError):
         return exc
     if isinstance(exc, ValidationError):
@@ -105,7 +105,27 @@ def as_mai_error(exc: BaseException) -> MAIError:
             f"the model replica is unavailable ({type(exc).__name__}); retry shortly"
         )
     log.error("unexpected error", exc_info=exc)
-    return MAIError(f"internal error: {type(exc).__name__}: {exc}")
+    return MAIError(f"internal error: {type(exc).__name__}: {brief(str(exc))}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TRACE_START = re.compile(r"Traceback \(most recent call last\)|^\s+File \"", re.MULTILINE)
+_RAY_TASK_LINE = re.compile(r"^\s*ray::\S+ \(pid=.*$", re.MULTILINE)  # where a Ray task ran
+
+
+def brief(text: str, limit: int = 500) -> str:
+    """``text`` fit for a client: without terminal colours and without any stack trace (a
+    trace is replaced by its last line, the exception itself), on one line, at most
+    ``limit`` characters. Tracebacks stay in the logs: they show paths and internals."""
+    text = _RAY_TASK_LINE.sub("", _ANSI.sub("", text))
+    trace = _TRACE_START.search(text)
+    if trace is not None:
+        head = text[: trace.start()].strip()
+        lines = [line.strip() for line in text[trace.start() :].splitlines() if line.strip()]
+        last = next((line for line in reversed(lines) if not line.startswith(("File ", "^"))), "")
+        text = f"{head} {last}" if head else last
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def error_response(exc: BaseException, retry_after_s: float = 1.0) -> JSONResponse:
@@ -123,4 +143,11 @@ def error_event(exc: BaseException) -> dict[str, Any]:
     return as_mai_error(exc).to_dict()
 
 
-__all__ = ["as_mai_error", "error_response", "error_event", "validation_error", "field_path"]
+__all__ = [
+    "as_mai_error",
+    "error_response",
+    "error_event",
+    "validation_error",
+    "field_path",
+    "brief",
+]

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from cluster.errors import MAIError
 from deployments.errors import error_response, validation_error
 from deployments.protocol import ErrorResponse
+from deployments.request_limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 
 API_DESCRIPTION = """OpenAI-compatible API of M-AI (Llama 2 on Ray Serve), with server-side
 sessions: create one with `POST /v1/sessions`, then send `session_id` with each chat request
@@ -22,16 +23,21 @@ server has API keys configured. Errors use the OpenAI format
 
 
 def create_http_app(ingress: Any) -> FastAPI:
-    from deployments import routes_admin, routes_openai, routes_sessions
+    from deployments import routes_admin, routes_memories, routes_openai, routes_sessions
 
     app = FastAPI(
         title="M-AI",
         version="0.1.0",
         description=API_DESCRIPTION,
-        responses={422: {"model": ErrorResponse, "description": "never sent: bad bodies get 400"}},
+        responses={
+            413: {"model": ErrorResponse, "description": "a body above serving.max_request_bytes"},
+            422: {"model": ErrorResponse, "description": "never sent: bad bodies get 400"},
+        },
     )
     app.state.ingress = ingress
     retry_after = ingress.serving.retry_after_s if ingress is not None else 1.0
+    max_bytes = ingress.serving.max_request_bytes if ingress is not None else DEFAULT_MAX_REQUEST_BYTES
+    app.add_middleware(BodySizeLimit, max_bytes=max_bytes)  # 413 before any parsing
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         return error_response(validation_error(list(exc.errors())), retry_after)
@@ -64,6 +70,7 @@ def create_http_app(ingress: Any) -> FastAPI:
     app.add_exception_handler(Exception, on_any_error)
     app.include_router(routes_openai.router)
     app.include_router(routes_sessions.router)
+    app.include_router(routes_memories.router)
     app.include_router(routes_admin.router)
     return app
 

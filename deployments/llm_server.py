@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from actors.memory_context import ContextAssembler
 from actors.metrics import MetricsRecorder
 from actors.shard_group import ShardGroup
 from actors.stream_batching import StreamPacing, merge_deltas
@@ -30,6 +31,7 @@ from cluster.config import LIVE_FIELDS, ModelConfig, plan_update
 from cluster.errors import ConfigError, EngineDeadError, InvalidRequestError, RequestCancelled
 from cluster.latency_window import LatencyWindow
 from cluster.logging_setup import get_logger
+from cluster.memory_config import MemoryConfig
 from cluster.serving_config import LiveConfig, ServingConfig, replica_bundles
 from deployments import openai_adapter as oa
 from deployments.errors import as_mai_error
@@ -37,6 +39,7 @@ from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     CompletionRequest,
     CompletionResponse,
     parse_request,
@@ -69,6 +72,7 @@ class LLMServer:
         serving: ServingConfig | None = None,
         engine_cls: str | type | None = None,
         engine_options: dict[str, Any] | None = None,
+        memory: MemoryConfig | None = None,
     ) -> None:
         self.base_config = model_config
         self.config = model_config
@@ -89,6 +93,8 @@ class LLMServer:
         )
         await self.shards.wait_loaded(self.serving.shard_start_timeout_s)
         self.tokenizer = await self.shards.rank0.get_tokenizer.remote()
+        # Prompts of session requests with a memory recall (actors.memory_context).
+        self.assembler = ContextAssembler(self.tokenizer, (memory or MemoryConfig()).context)
         # Metrics and the latency the autoscaling policy reads (record_autoscaling_stats).
         self.latency = LatencyWindow(self.serving.autoscaling.look_back_period_s)
         self.recorder = MetricsRecorder(model=self.name, replica=_replica_label().rsplit("-", 1)[-1])
@@ -156,22 +162,34 @@ class LLMServer:
     # -- requests -----------------------------------------------------------------------------
 
     async def chat(
-        self, request: ChatCompletionRequest | dict, history_len: int = 0, trace: dict | None = None
+        self,
+        request: ChatCompletionRequest | dict,
+        history_len: int = 0,
+        trace: dict | None = None,
+        recall: Any = None,
+        system_prompt: str | None = None,
     ) -> ChatCompletionResponse:
         """A whole chat completion. ``history_len``: leading messages that come from a session
         (the oldest of them may be dropped to fit the context). ``trace``: timing from the
-        caller (``sent_at``, for the queue time; see ``deployments.request_metrics``)."""
+        caller (``sent_at``, for the queue time; see ``deployments.request_metrics``).
+        ``recall``: the user's ``MemoryRecall`` (then ``request`` holds only the new turn and
+        the prompt is assembled from memory, with the session's ``system_prompt``)."""
         request = parse_request(ChatCompletionRequest, request)
-        prompt, params = self._prepare_chat(request, history_len)
+        prompt, params = self._prepare_chat(request, history_len, recall, system_prompt)
         out = await self._generate_all(prompt.token_ids, params, trace)
         return oa.chat_response(out, self.name, len(prompt.token_ids))
 
     async def chat_stream(
-        self, request: ChatCompletionRequest | dict, history_len: int = 0, trace: dict | None = None
+        self,
+        request: ChatCompletionRequest | dict,
+        history_len: int = 0,
+        trace: dict | None = None,
+        recall: Any = None,
+        system_prompt: str | None = None,
     ) -> AsyncIterator[ChatCompletionChunk]:
         """A chat completion as chunks (the last one with ``usage`` when asked for)."""
         request = parse_request(ChatCompletionRequest, request)
-        prompt, params = self._prepare_chat(request, history_len)
+        prompt, params = self._prepare_chat(request, history_len, recall, system_prompt)
         chunks = oa.ChatChunks(self.name, len(prompt.token_ids), request.include_usage)
         async for item in self._stream(prompt.token_ids, params, chunks, trace):
             yield item
@@ -194,11 +212,42 @@ class LLMServer:
             yield item
 
     def _prepare_chat(
-        self, request: ChatCompletionRequest, history_len: int
+        self,
+        request: ChatCompletionRequest,
+        history_len: int,
+        recall: Any = None,
+        system_prompt: str | None = None,
     ) -> tuple[oa.Prompt, SamplingParams]:
         self._check_model(request.model)
-        prompt = oa.chat_prompt(self.tokenizer, request, self.config, history_len)
+        if recall is not None:
+            prompt = self._memory_prompt(request, recall, system_prompt)
+        else:
+            prompt = oa.chat_prompt(self.tokenizer, request, self.config, history_len)
         return prompt, oa.sampling_params(request, self.config, len(prompt.token_ids), "messages")
+
+    def _memory_prompt(
+        self, request: ChatCompletionRequest, recall: Any, system_prompt: str | None
+    ) -> oa.Prompt:
+        """The prompt assembled from memory within ``context_length - max_tokens``; should the
+        assembly itself fail, the recall's turns go through the sliding window instead."""
+        want = request.max_tokens or min(self.config.max_tokens, self.config.context_length // 2)
+        try:
+            context = self.assembler.assemble(
+                request.messages, context_length=self.config.context_length, max_tokens=want,
+                recall=recall, system_prompt=system_prompt,
+            )
+            return oa.Prompt(context.token_ids, context.dropped_turns)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:
+            log.warning("memory context assembly failed; using the sliding window",
+                        extra={"model": self.name, "error": repr(exc)[:300]})
+        head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        history = head + [m for turn in recall.turns for m in turn]
+        messages = [ChatMessage.model_validate(m) for m in history] + list(request.messages)
+        return oa.chat_prompt(
+            self.tokenizer, request.model_copy(update={"messages": messages}), self.config, len(history)
+        )
 
     def _prepare_completion(self, request: CompletionRequest) -> tuple[oa.Prompt, SamplingParams]:
         self._check_model(request.model)

@@ -82,19 +82,21 @@ def sampling_params(
     request: SamplingFields, config: ModelConfig, prompt_len: int, prompt_field: str
 ) -> SamplingParams:
     """The request's sampling, falling back on the model's (live) defaults; checks the context."""
+    # In vLLM's words (entrypoints/openai/serving_engine.py, _validate_input), so that clients
+    # that read the limits out of vLLM's message read ours too.
     ctx = config.context_length
     room = ctx - prompt_len
     if room < 1:
         raise InvalidRequestError(
-            f"{prompt_field} is {prompt_len} tokens, which leaves no room for an answer in the "
-            f"context length of {ctx} tokens of {config.served_name}; shorten it",
+            f"This model's maximum context length is {ctx} tokens. However, your request has "
+            f"{prompt_len} input tokens. Please reduce the length of the input messages.",
             param=prompt_field,
         )
     if request.max_tokens is not None and request.max_tokens > room:
         raise InvalidRequestError(
-            f"max_tokens={request.max_tokens} plus the {prompt_len} tokens of {prompt_field} is "
-            f"{request.max_tokens + prompt_len}, above the context length of {ctx} tokens; "
-            f"use max_tokens <= {room} or a shorter {prompt_field}",
+            f"'max_tokens' or 'max_completion_tokens' is too large: {request.max_tokens}. "
+            f"This model's maximum context length is {ctx} tokens and your request has "
+            f"{prompt_len} input tokens ({request.max_tokens} > {ctx} - {prompt_len}).",
             param="max_tokens",
         )
 

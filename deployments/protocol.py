@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+# More messages than any Llama 2 context holds (each costs at least a few template tokens).
+MAX_MESSAGES = 1024
 
 
 def completion_id(prefix: str) -> str:
@@ -132,7 +134,9 @@ class SamplingFields(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(
-        min_length=1, description="With session_id: only the new turn(s)."
+        min_length=1,
+        max_length=MAX_MESSAGES,
+        description=f"With session_id: only the new turn(s). At most {MAX_MESSAGES}.",
     )
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
     session_id: str | None = Field(
@@ -170,6 +174,27 @@ class CompletionRequest(SamplingFields):
 class SessionCreateRequest(_Request):
     system_prompt: str | None = Field(None, max_length=32_000)
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class MemoryCreateRequest(_Request):
+    """``POST /v1/memories``: a fact added by hand, deduplicated like an extracted one."""
+
+    user: str = Field(min_length=1, max_length=256, description="Whose memory (within the tenant).")
+    text: str = Field(min_length=1, max_length=2_000, description="The fact, e.g. 'The user lives in Oslo.'")
+    kind: str = Field("attribute", max_length=32, description="attribute, preference, decision, commitment, ...")
+    importance: float | None = Field(None, ge=0.0, le=1.0, description="None: the kind's default.")
+    slot: str | None = Field(
+        None, max_length=128, description="A one-value-at-a-time key (e.g. 'location'): a new value supersedes."
+    )
+    value: str = Field("", max_length=512, description="The slot's value.")
+
+
+class MemorySearchRequest(_Request):
+    """``POST /v1/memories/search``: the user's memories closest to ``query``."""
+
+    user: str = Field(min_length=1, max_length=256)
+    query: str = Field(min_length=1, max_length=4_000)
+    limit: int = Field(10, ge=1, le=1_000)
 
 
 # -- responses ------------------------------------------------------------------------------
@@ -318,6 +343,52 @@ class SessionDeleted(_Response):
     id: str
     object: Literal["session.deleted"] = "session.deleted"
     deleted: bool = True
+
+
+class Memory(_Response):
+    """One long-term memory of a user (docs/memory.md lists the fields)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    object: Literal["memory"] = "memory"
+    text: str
+    kind: str
+    status: str
+
+
+class MemoryList(_Response):
+    object: Literal["list"] = "list"
+    data: list[Memory]
+    total: int | None = None
+    has_more: bool | None = None
+
+
+class MemoryAdded(_Response):
+    decision: dict[str, Any]
+    memory: Memory | None
+
+
+class MemoryDeleted(_Response):
+    id: str
+    object: Literal["memory"] = "memory"
+    deleted: bool = True
+
+
+class MemoriesDeleted(_Response):
+    object: Literal["memory.deleted_all"] = "memory.deleted_all"
+    user: str
+    deleted: int
+    sessions: int
+
+
+class MemoryUsage(_Response):
+    model_config = ConfigDict(extra="allow")
+    object: Literal["memory.usage"] = "memory.usage"
+    tenant: str
+    memories: int = 0
+    bytes: int = 0
+    limit_fraction: float | None = None
+    warning: str | None = None
 
 
 class ErrorDetail(_Response):

@@ -13,7 +13,7 @@ router = APIRouter()
 
 @router.get(
     "/v1/diagnostics",
-    responses={401: {"model": ErrorResponse}},
+    responses={code: {"model": ErrorResponse} for code in (400, 401)},  # 400: unknown model
     summary="Where requests spend their time, the dominant stage and a recommendation",
 )
 async def diagnostics(

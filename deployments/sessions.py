@@ -106,6 +106,11 @@ class SessionClient:
         """The session's messages so far (system prompt first), to prepend to a new turn."""
         return await self._call_for(session_id, "context", tenant)
 
+    async def details(self, session_id: str, tenant: str) -> dict[str, Any]:
+        """The session's summary with ``system_prompt``, ``user`` and ``messages`` (no system
+        message among them): what memory needs, in one call."""
+        return await self._call_for(session_id, "get", tenant)
+
     async def append(
         self, session_id: str, tenant: str, messages: list[dict[str, str]], request_id: str | None = None
     ) -> int:

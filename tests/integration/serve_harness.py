@@ -43,11 +43,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def app_config(models: list[dict] | None = None, **serving: Any) -> AppConfig:
-    """An ``AppConfig`` with ``FAST_SERVING`` (overridden by ``serving``) and ``models``."""
+# Tests' memory: the hashing embedder (no MiniLM load), files in the app's own directory.
+FAST_MEMORY: dict[str, Any] = {"embedder": "hashing"}
+
+
+def app_config(
+    models: list[dict] | None = None, memory: dict[str, Any] | None = None, **serving: Any
+) -> AppConfig:
+    """An ``AppConfig`` with ``FAST_SERVING`` (overridden by ``serving``), ``models`` and
+    ``FAST_MEMORY`` (overridden by ``memory``)."""
     # Each app gets its own durable session store: two apps must never share a shard's log.
     state = {"session_state_uri": tempfile.mkdtemp(prefix="m-ai-sessions-")}
-    data: dict[str, Any] = {"serving": {**FAST_SERVING, **state, **serving}}
+    memory_root = {"storage_uri": tempfile.mkdtemp(prefix="m-ai-memory-")}
+    data: dict[str, Any] = {
+        "serving": {**FAST_SERVING, **state, **serving},
+        "memory": {**FAST_MEMORY, **memory_root, **(memory or {})},
+    }
     if models is not None:
         data["models"] = models
     return build_app_config(data, "test config")

@@ -44,14 +44,14 @@ def test_report_list_and_search(tmp_path):
                                    "access_count": 1}
 
     one = json.loads(runner.invoke(memory_app, ["report", "--root", str(tmp_path), "--json",
-                                                "--tenant", "globex"]).output)
+                                                "--tenant", "globex"]).stdout)
     assert [t["tenant"] for t in one["tenants"]] == ["globex"]
 
     table = runner.invoke(memory_app, ["report", "--root", str(tmp_path)], terminal_width=200)
     assert table.exit_code == 0 and "kai" in table.output and "25%" in table.output
 
     listed = json.loads(runner.invoke(memory_app, ["list", "--root", str(tmp_path), "--tenant", "acme",
-                                                   "--user", "kai", "--history"]).output)
+                                                   "--user", "kai", "--history"]).stdout)
     assert listed["total"] == 3
 
     found = runner.invoke(memory_app, ["search", "where do I live", "--root", str(tmp_path), "--tenant",

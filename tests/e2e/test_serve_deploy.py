@@ -1,0 +1,218 @@
+"""``serve deploy ray_configs/serve_tiny_cpu.yaml`` on a cluster started with ``ray start --head``,
+the way docs/deployment.md tells an operator to do it: the application comes up, answers the
+OpenAI API over HTTP, ``serve status`` reports it, ``serve shutdown`` removes it.
+
+The cluster is this test's own, apart from the local Ray the other tests share
+(tests/integration/serve_harness.py): its own temp dir, its own ports (none in Ray's worker
+range 10002-19999), its own auth token (``RAY_AUTH_TOKEN``, not ``~/.ray/auth_token``) and its
+own processes: ``ray start --block`` runs as a child of this test and is stopped by its PID,
+then any process still running from the cluster's temp dir is stopped by its PID.
+
+The YAML is deployed as written except for the HTTP port (a free one) and the checkpoint (the
+test cache's tiny checkpoint instead of ``~/.cache``). The default run swaps in the fake engine
+(``args.engine_cls``), which keeps the test well under a minute; the real engine (two
+tensor-parallel CPU shards, as the file says) runs in the slow suite (``make test-slow``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from tests.integration.serve_harness import REPO_ROOT, free_port, wait_until
+
+CPU_CONFIG = REPO_ROOT / "ray_configs" / "serve_tiny_cpu.yaml"
+BIN = Path(sys.executable).parent
+MODEL = "m-ai-tiny"
+
+
+@dataclass
+class HeadNode:
+    process: subprocess.Popen
+    temp_dir: Path
+    dashboard: str  # http://127.0.0.1:PORT, the address the serve CLI talks to
+    env: dict[str, str]
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The ``serve`` command line against this cluster (output captured; check=True)."""
+        return subprocess.run(
+            [str(BIN / "serve"), *args, "--address", self.dashboard],
+            env=self.env,
+            cwd=self.temp_dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
+
+
+def cluster_env(token: str) -> dict[str, str]:
+    """This process's environment without any Ray address or auth it may carry (the session's
+    Ray), plus this cluster's token and node address."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # node address 127.0.0.1
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=str(REPO_ROOT),
+    )
+    return env
+
+
+def stop_cluster(head: HeadNode) -> None:
+    """SIGTERM to ``ray start --block`` (it stops the processes it started), then SIGKILL to
+    any process left that runs from this cluster's temp dir: all ours, each by its PID."""
+    if head.process.poll() is None:
+        head.process.send_signal(signal.SIGTERM)
+        try:
+            head.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.process.kill()
+            head.process.wait(timeout=10)
+    marker = str(head.temp_dir)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(marker in part for part in proc.info["cmdline"] or ()):
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+@pytest.fixture
+def head_node() -> Iterator[HeadNode]:
+    temp_dir = Path(tempfile.mkdtemp(prefix="m-ai-e2e-ray-"))
+    token = secrets.token_hex(16)
+    env = cluster_env(token)
+    dashboard_port = free_port()
+    ports = {
+        "--port": free_port(),
+        "--dashboard-port": dashboard_port,
+        "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(),
+        "--metrics-export-port": free_port(),
+        "--ray-client-server-port": free_port(),
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+    }
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=8",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        *(f"{flag}={port}" for flag, port in ports.items()),
+    ]
+    log = open(temp_dir / "ray-start.log", "w")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(
+        command, env=env, cwd=temp_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    head = HeadNode(process, temp_dir, f"http://127.0.0.1:{dashboard_port}", env)
+    try:
+
+        def dashboard_up() -> bool:
+            assert process.poll() is None, (temp_dir / "ray-start.log").read_text()[-3000:]
+            reply = httpx.get(
+                f"{head.dashboard}/api/version",
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=5,
+            )
+            return reply.status_code == 200
+
+        wait_until(dashboard_up, timeout_s=120, interval_s=0.5, what="the Ray dashboard")
+        yield head
+    finally:
+        stop_cluster(head)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def deploy_file(directory: Path, http_port: int, checkpoint: Path, engine: str) -> Path:
+    """The CPU config with the HTTP port and the checkpoint changed, and the engine if fake."""
+    config = yaml.safe_load(CPU_CONFIG.read_text())
+    config["http_options"]["port"] = http_port
+    (app,) = config["applications"]
+    (model,) = app["args"]["config"]["models"]
+    model["checkpoint"] = str(checkpoint)
+    if engine == "fake":
+        app["args"]["engine_cls"] = "engine.fake_engine:FakeEngine"
+        app["args"]["engine_options"] = {"tokenizer": "bytes"}
+    path = directory / "serve_tiny_cpu.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def sse_payloads(response: httpx.Response) -> list[str]:
+    return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("engine", ["fake", pytest.param("real", marks=pytest.mark.slow)])
+def test_serve_deploy_of_the_cpu_config_serves_then_shuts_down(head_node, tiny_checkpoint, engine):
+    http_port = free_port()
+    url = f"http://127.0.0.1:{http_port}"
+    config_file = deploy_file(head_node.temp_dir, http_port, tiny_checkpoint, engine)
+
+    deployed = head_node.cli("deploy", str(config_file))
+    assert "Sent deploy request" in deployed.stdout + deployed.stderr
+
+    def healthy() -> bool:
+        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+    wait_until(healthy, timeout_s=240, interval_s=1.0, what="GET /health = 200 after serve deploy")
+    status = yaml.safe_load(head_node.cli("status").stdout)
+    app = status["applications"]["m-ai"]
+    assert app["status"] == "RUNNING"
+    assert app["deployments"]["llm-m-ai-tiny"]["status"] == "HEALTHY"
+
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [MODEL]
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hello!"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_payloads(reply)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finish[-1] in ("length", "stop")
+
+    head_node.cli("shutdown", "-y")
+
+    def gone() -> bool:
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+        except httpx.TransportError:
+            return True  # the proxy stopped with Serve
+        return False
+
+    wait_until(
+        gone, timeout_s=60, interval_s=0.5, what="the HTTP proxy to stop after serve shutdown"
+    )
