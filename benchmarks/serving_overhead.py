@@ -9,14 +9,18 @@ One run, one engine configuration, the same prompts and sampling on every path:
   read as Server-Sent Events (proxy -> ingress -> LLMServer -> shard actor -> engine).
 
 At 1 and 32 concurrent streams (a client keeps that many requests in flight) it reports output
-tokens/s (all tokens / wall time) and time to first token (request sent -> first text).
+tokens/s (all tokens / wall time) and time to first token (request sent -> first text). At 1
+stream every request asks for 16 tokens; at 32 streams the lengths spread over 64-192 tokens,
+so that streams end at different times as real answers do. Paths alternate in rounds, so that
+a change in the machine's load hits them alike; the JSON records the load average.
 
 ``--engine fake`` (default): ``engine.fake_engine.FakeEngine`` paced at ``--tokens-per-s`` per
 stream after a ``--prefill-ms`` first-token delay (a Llama-2-7B-class decode on a GPU), with
 one token per byte. It takes next to no CPU, so every lost token/s and millisecond is the
-serving layer's. ``--engine real``:
-the tiny model on the CPU (TP=1, one thread); on a small machine its forward passes compete
-with Ray's processes for the same cores, which the GPU deployment does not have.
+serving layer's. ``--engine real``: the tiny model on the CPU (TP=1, one thread); on a small
+machine its forward passes compete with Ray's processes for the same cores (and the shard's
+event loop for its GIL), which a GPU deployment does not have. The ingress's output pipeline is
+off unless ``--output-processing`` (benchmarks/output_overhead.py measures it).
 
 ``python benchmarks/serving_overhead.py --out F`` writes JSON with ``http_tokens_per_s_ratio``
 (HTTP over engine, 32 streams) and ``ttft_overhead_ms_p50`` (HTTP minus engine, 1 stream),
@@ -290,6 +294,11 @@ async def measure(args: argparse.Namespace, engine: Any, config: ModelConfig, ur
             await http.close()
         for name in PATHS:
             results[name][concurrency] = merge_rounds(rounds[name])
+        expected = results["engine"][concurrency]["tokens"]
+        for name in ("handle", "http"):  # same requests, greedy: the same tokens
+            got = results[name][concurrency]["tokens"]
+            if got != expected:
+                log(f"warning: {name} at {concurrency} streams got {got} tokens, engine {expected}")
     return results
 
 
@@ -315,6 +324,8 @@ def summarize(args: argparse.Namespace, results: dict) -> dict[str, Any]:
         "fake_prefill_ms": args.prefill_ms if args.engine == "fake" else None,
         "output_processing": args.output_processing,
         "cpu_cores": os.cpu_count(),
+        # Other work on the machine slows Ray's processes (not the fake engine): record it.
+        "load_average_1m": {"start": args.load_start, "end": os.getloadavg()[0]},
         "results": results,
     }
     for c in (1, 32):
@@ -352,7 +363,11 @@ def print_table(r: dict) -> None:
                 f"{x['ttft_ms_p50']:13.1f}{x['ttft_ms_p50'] - base['ttft_ms_p50']:8.1f}"
                 f"{x['ttft_ms_p90']:13.1f}"
             )
-    print()
+    load = r["load_average_1m"]
+    print(
+        f"\n{r['cpu_cores']} cores; 1-minute load average {load['start']:.1f} at the start, "
+        f"{load['end']:.1f} at the end"
+    )
     for key, target in r["targets"].items():
         mark = "met" if r["targets_met"][key] else "MISSED"
         cmp = ">=" if key.endswith("ratio") else "<"
@@ -369,25 +384,42 @@ def plot(r: dict, path: Path) -> None:
         log("matplotlib missing: no plot")
         return
     res = r["results"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     width = 0.25
     for i, p in enumerate(PATHS):
         xs = [j + (i - 1) * width for j in range(2)]
-        left.bar(xs, [res[p][c]["tokens_per_s"] for c in (1, 32)], width, label=p)
+        ratios = [res[p][c]["tokens_per_s"] / res["engine"][c]["tokens_per_s"] for c in (1, 32)]
+        bars = left.bar(xs, ratios, width, label=p)
+        for bar, c in zip(bars, (1, 32)):
+            left.annotate(
+                f"{res[p][c]['tokens_per_s']:.0f}",
+                (bar.get_x() + width / 2, 0.02),
+                ha="center",
+                fontsize=7,
+                rotation=90,
+                color="white",
+            )
         right.bar(xs, [res[p][c]["ttft_ms_p50"] for c in (1, 32)], width, label=p)
-    for ax, title in ((left, "output tokens/s"), (right, "time to first token, p50 (ms)")):
+    left.axhline(
+        TARGETS["http_tokens_per_s_ratio"], color="gray", ls=":", label="target (HTTP, 32)"
+    )
+    left.set_ylim(0, 1.1)
+    left.set_title("output tokens/s, relative to the engine (bars: absolute)")
+    right.set_title("time to first token, p50 (ms)")
+    for ax in (left, right):
         ax.set_xticks([0, 1], ["1 stream", "32 streams"])
-        ax.set_title(title)
-        ax.legend()
-    left.set_yscale("log")
+        ax.legend(fontsize=8)
     engine = (
         f"fake engine, {r['fake_tokens_per_s_per_stream']:g} tokens/s per stream"
         if r["engine"] == "fake"
         else "tiny model on the CPU"
     )
+    load = r["load_average_1m"]
     fig.suptitle(
-        f"Serving overhead ({engine}): HTTP x{r['http_tokens_per_s_ratio']:.3f} tokens/s at 32, "
-        f"+{r['ttft_overhead_ms_p50']:.1f} ms TTFT at 1"
+        f"Serving overhead ({engine}; {r['cpu_cores']} cores, load {load['start']:.1f}-"
+        f"{load['end']:.1f}):\nHTTP x{r['http_tokens_per_s_ratio']:.3f} tokens/s at 32 streams, "
+        f"+{r['ttft_overhead_ms_p50']:.1f} ms TTFT at 1 stream",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -415,6 +447,7 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency")
     args = ap.parse_args()
+    args.load_start = os.getloadavg()[0]
 
     from engine.tiny_checkpoint import ensure_tiny_checkpoint
 

@@ -3,13 +3,14 @@ the way docs/deployment.md tells an operator to do it: the application comes up,
 OpenAI API over HTTP, ``serve status`` reports it, ``serve shutdown`` removes it.
 
 The cluster is this test's own, apart from the local Ray the other tests share
-(tests/integration/serve_harness.py): its own temp dir, its own ports (none in Ray's worker
-range 10002-19999), its own auth token (``RAY_AUTH_TOKEN``, not ``~/.ray/auth_token``) and its
+(tests/integration/serve_harness.py): its own temp dir, its own ports (free ones, and a window
+of worker ports outside the default 10002-19999), its own auth token (``RAY_AUTH_TOKEN``, not ``~/.ray/auth_token``) and its
 own processes: ``ray start --block`` runs as a child of this test and is stopped by its PID,
 then any process still running from the cluster's temp dir is stopped by its PID.
 
-The YAML is deployed as written except for the HTTP port (a free one) and the checkpoint (the
-test cache's tiny checkpoint instead of ``~/.cache``). The default run swaps in the fake engine
+The YAML is deployed as written except for the HTTP port (a free one), the checkpoint (the
+test cache's tiny checkpoint instead of ``~/.cache``) and the session store (the cluster's temp
+dir instead of ``~/.local/share``). The default run swaps in the fake engine
 (``args.engine_cls``), which keeps the test well under a minute; the real engine (two
 tensor-parallel CPU shards, as the file says) runs in the slow suite (``make test-slow``).
 """
@@ -111,6 +112,9 @@ def head_node() -> Iterator[HeadNode]:
         "--object-manager-port": free_port(),
         "--runtime-env-agent-port": free_port(),
     }
+    # Its own window of worker ports, away from the default 10002-19999 that the session's Ray
+    # draws from (free_port() picks from the ephemeral range, 32768 and up, on Linux).
+    low = 20000 + 200 * secrets.randbelow(50)
     command = [
         str(BIN / "ray"),
         "start",
@@ -121,6 +125,8 @@ def head_node() -> Iterator[HeadNode]:
         "--dashboard-host=127.0.0.1",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
+        f"--min-worker-port={low}",
+        f"--max-worker-port={low + 199}",
         *(f"{flag}={port}" for flag, port in ports.items()),
     ]
     log = open(temp_dir / "ray-start.log", "w")  # noqa: SIM115 (closed below)
@@ -148,12 +154,14 @@ def head_node() -> Iterator[HeadNode]:
 
 
 def deploy_file(directory: Path, http_port: int, checkpoint: Path, engine: str) -> Path:
-    """The CPU config with the HTTP port and the checkpoint changed, and the engine if fake."""
+    """The CPU config with the HTTP port, checkpoint and session store changed (and the engine,
+    if fake)."""
     config = yaml.safe_load(CPU_CONFIG.read_text())
     config["http_options"]["port"] = http_port
     (app,) = config["applications"]
     (model,) = app["args"]["config"]["models"]
     model["checkpoint"] = str(checkpoint)
+    app["args"]["config"]["serving"]["session_state_uri"] = str(directory / "sessions")
     if engine == "fake":
         app["args"]["engine_cls"] = "engine.fake_engine:FakeEngine"
         app["args"]["engine_options"] = {"tokenizer": "bytes"}

@@ -2,8 +2,8 @@
 
 - Five rounds of 200 requests (chat whole and streamed, and session traffic: create, two turns,
   read, delete): the resident memory of every process of the application (ingress, LLM
-  replica, its shard actor, the session store shards, Serve's controller and HTTP proxy) grows
-  by less than 5% from round 2 to round 5 (round 1 warms caches and pools up).
+  replica, its shard actor, the session store and memory shards, Serve's controller and HTTP
+  proxy) grows by less than 5% from round 2 to round 5 (round 1 warms caches and pools up).
 - Sessions created and deleted in cycles: the session store's memory does not grow with the
   cycles (deleted sessions free their space), and deleted sessions are gone.
 - Memories: a memory shard that gets and forgets many facts in cycles reports no bytes for
@@ -115,7 +115,7 @@ def test_deleted_sessions_free_their_space(app):
     """Eight cycles of 400 sessions of 30,000 characters each, created then deleted: the
     store shards' memory reaches a plateau (the allocator's working set, after a few cycles)
     instead of growing by what each cycle held, ~6 MB per shard."""
-    store = {n: p for n, p in app_processes(app.name).items() if "SERVE_DEPLOYMENT_ACTOR::" in n}
+    store = {n: p for n, p in app_processes(app.name).items() if "::sessions-" in n}
     assert len(store) == 2
     big, per_cycle = 30_000, 400
 
@@ -155,6 +155,27 @@ def test_deleted_sessions_free_their_space(app):
         print(f"\nsession store {name[-12:]} RSS per cycle (MiB): {mib}")
         grew = samples[7][name] - samples[2][name]  # five cycles after the warm-up
         assert grew < held_per_shard, f"{name}: +{grew} bytes over 5 cycles: {mib}"
+
+
+@pytest.mark.xfail(
+    reason="deleting a session leaves what memory absorbed from it: its session-scoped memory "
+    "user ('session:<id>', when the request names no user) keeps the extracted facts and the "
+    "window; Ingress.delete_session does not tell the memory shard, and a queued absorb job "
+    "would bring them back anyway (actors/memory_shard.py needs a 'forget session' call)",
+    strict=False,
+)
+def test_a_deleted_sessions_memory_goes_with_it(app):
+    async def conversations() -> dict:
+        async with client(app.url, 8) as c:
+            before = (await c.get("/v1/memories/usage")).json()
+            assert await asyncio.gather(*(session_traffic(c, 5000 + k) for k in range(10))) == [5] * 10
+            await asyncio.sleep(5.0)  # absorbing runs in the background
+            after = (await c.get("/v1/memories/usage")).json()
+            return {key: after[key] - before[key] for key in ("users", "memories", "sessions", "bytes")}
+
+    grown = asyncio.run(conversations())
+    print(f"\nmemory left by 10 deleted sessions: {grown}")
+    assert grown == {"users": 0, "memories": 0, "sessions": 0, "bytes": 0}
 
 
 def test_deleted_memories_free_their_space():
