@@ -381,7 +381,9 @@ def print_table(report: dict[str, Any]) -> None:
         )
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """The PNG of latency against request rate; False when there is nothing to plot (no
+    finite rate, as with ``--rates inf``) or no matplotlib."""
     try:
         import matplotlib
 
@@ -389,10 +391,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         log("matplotlib missing: no plot")
-        return
+        return False
     rows = [r for r in report["rates"] if r["request_rate"] != "inf" and r["completed"]]
     if not rows:
-        return
+        return False
     x = [r["request_rate"] for r in rows]
     fig, (left, mid, right) = plt.subplots(1, 3, figsize=(14, 4))
     for ax, key, title in ((left, "ttft_ms", "TTFT"), (mid, "itl_ms", "inter-token latency")):
@@ -413,6 +415,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def parse_rates(spec: str) -> list[float]:
@@ -487,8 +490,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    plot(report, out.with_suffix(".png"))
-    log(f"wrote {out} and {out.with_suffix('.png')}")
+    png = out.with_suffix(".png")
+    log(f"wrote {out}" + (f" and {png}" if plot(report, png) else " (no finite rate: no plot)"))
 
 
 if __name__ == "__main__":
