@@ -154,6 +154,15 @@ class TPWorker:
             except Exception as exc:
                 self._alive = False
                 raise EngineDeadError(f"a tensor-parallel shard stopped answering: {exc}") from exc
+            try:
+                return self._run(plan)
+            except RuntimeError as exc:  # an all-reduce inside the forward lost a peer
+                self._alive = False
+                log.error("collective failed during the forward", exc_info=True)
+                raise EngineDeadError(
+                    "a tensor-parallel shard stopped answering during a forward step; the "
+                    "replica is restarting"
+                ) from exc
         return self._run(plan)
 
     def heartbeat(self) -> None:
