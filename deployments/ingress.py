@@ -79,8 +79,8 @@ class Ingress(IngressMemory):
         memory: MemoryConfig | None = None,
     ) -> None:
         # Calls to the models go replica to replica over Serve's gRPC channel instead of Ray
-        # actor calls (`_by_reference=False`): a quarter less CPU per streamed chunk here and in
-        # the LLMServer, and 1-2 ms less per first token (benchmarks/serving_overhead.py).
+        # actor calls (`_by_reference=False`): about a fifth less CPU per streamed token here and
+        # in the LLMServer (benchmarks/serving_overhead.py, docs/deployment.md).
         self.models = {name: h.options(_by_reference=False) for name, h in models.items()}
         self._streaming = {name: h.options(stream=True) for name, h in self.models.items()}
         self.cards = [ModelCard.model_validate(c) for c in cards]
