@@ -165,7 +165,8 @@ def test_chat_answers_when_the_memory_actor_is_dead(app, acme):
     chat(acme, session, "I live in Paris.", user="erin")
     names = [
         a for a in ray.util.list_named_actors(all_namespaces=True)
-        if app.name in a["name"] and "memory-0" in a["name"]
+        if a["name"].startswith(f"SERVE_DEPLOYMENT_ACTOR::{app.name}::")
+        and a["name"].endswith("::memory-0")
     ]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)

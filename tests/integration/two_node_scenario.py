@@ -4,7 +4,7 @@ Run by ``test_two_nodes.py`` in a process of its own (``python -m
 tests.integration.two_node_scenario OUT.json``), with its own Ray temp dir (``RAY_TMPDIR``, so
 even Ray's "current cluster" address file stays private): it never touches the Ray of the
 shared test harness. ``ray.cluster_utils.Cluster`` starts a head node (1 CPU: the Serve
-controller, the HTTP proxy, the ingress) and three worker nodes of 2 CPUs each; one LLM
+controller, the HTTP proxy; the ingress takes no CPU) and three worker nodes of 2 CPUs each; one LLM
 replica (replica 1 CPU + one shard 1 CPU) fills a worker node, so the two replicas land on
 two different nodes. While a client sends requests without pause, the worker node of one
 replica is removed (its processes killed): Serve places that replica again on the free node.
@@ -56,6 +56,21 @@ def running_replicas(app_name: str, deployment: str) -> int:
     if app is None or deployment not in app.deployments:
         return 0
     return app.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def cluster_state(app_name: str, deployment: str) -> str:
+    """What a failed wait needs to be understood: replicas, their nodes, free CPUs per node."""
+    import ray
+
+    free = {
+        n["NodeID"][:8]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]
+    }
+    available = ray.available_resources().get("CPU", 0)
+    return (
+        f"replicas={replica_nodes(app_name, deployment)} "
+        f"ingress={replica_nodes(app_name, 'ingress')} node_cpus_total={free} free_cpus={available} "
+        f"running={running_replicas(app_name, deployment)}"
+    )
 
 
 def wait_for(predicate, what: str) -> Any:
@@ -134,6 +149,9 @@ def run(out: Path) -> None:
         config = app_config(
             min_replicas=2,
             max_replicas=2,
+            # The ingress takes no CPU: wherever Ray puts it, the third worker keeps the two
+            # free CPUs the replaced replica's placement group needs.
+            ingress_num_cpus=0.0,
             replica_num_cpus=1.0,
             shard_num_cpus=1.0,
             health_check_period_s=1.0,
@@ -163,7 +181,10 @@ def run(out: Path) -> None:
                     return nodes
             return None
 
-        report["replica_nodes_after"] = wait_for(replaced, "replica placed again")
+        try:
+            report["replica_nodes_after"] = wait_for(replaced, "replica placed again")
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; {cluster_state('twonode', deployment)}") from None
         report["replaced_at"] = time.monotonic()
         time.sleep(3.0)
     finally:
