@@ -234,9 +234,11 @@ class MemoryStorage:
         return written
 
     def delete(self, tenant: str, user: str) -> None:
+        """Remove the user's files and folder: ``users()`` no longer lists it."""
         folder = self.folder(tenant, user)
         for name in (FACTS_FILE, EPISODES_FILE, GRAPH_FILE):
             self.location.delete(f"{folder}/{name}")
+        self.location.delete_folder(folder)
 
 
 def parse_facts(data: bytes) -> LoadedFacts:

@@ -32,6 +32,7 @@ import numpy as np
 from actors.memory_absorb import Absorber, AbsorbJob, UserMemory
 from actors.memory_context import AssembledContext, ContextAssembler
 from actors.memory_episodic import expire_sessions, summarize_user
+from actors.memory_forget import SessionForgetting
 from actors.memory_records import Decision, MemoryRecall, RecalledFact, TurnRecord
 from actors.memory_report import MemoryMetrics, memory_report, tenant_usage
 from actors.memory_shard_api import MemoryApi, history_turns
@@ -61,7 +62,7 @@ def approximate_tokens(text: str) -> int:
     return max(1, len(text.encode("utf-8")) // 4) if text else 0
 
 
-class MemoryShard(MemoryApi):
+class MemoryShard(MemoryApi, SessionForgetting):
     """The memory of one shard (see the module docstring)."""
 
     def __init__(
@@ -95,6 +96,7 @@ class MemoryShard(MemoryApi):
         self.assembler = ContextAssembler(tokenizer, self.config.context) if tokenizer is not None else None
         self.metrics = MemoryMetrics(shard)
         self._jobs: deque[AbsorbJob] = deque()
+        self._forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()  # deleted sessions
         self._wakeup: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -204,6 +206,8 @@ class MemoryShard(MemoryApi):
     ) -> dict[str, Any]:
         """Add a finished turn: it joins the session window now; facts and summaries follow
         in the background (``wait=True`` returns once they are done, with the decisions)."""
+        if self.is_forgotten(tenant, session_id):
+            return {"queued": False, "reason": f"session {session_id} was deleted"}
         memory = await self._user(tenant, user)
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         now = self.clock()
@@ -263,6 +267,9 @@ class MemoryShard(MemoryApi):
         try:
             memory = await self._user(job.tenant, job.user)
             decisions = await self.absorber.run(memory, job, self.clock())
+            if self.is_forgotten(job.tenant, job.session_id):  # deleted while this turn ran
+                await self._purge_session(job.tenant, job.session_id)
+                decisions = []
             if memory.episodes.user_summary_dirty and not any(
                 j.tenant == job.tenant and j.user == job.user for j in self._jobs
             ):

@@ -104,6 +104,21 @@ class MemoryUsers:
         finally:
             del self._loading[key]
 
+    async def remove(self, tenant: str, user: str) -> bool:
+        """Forget a user whole, in memory and in storage (deleting what is not stored is a
+        no-op). True when the user was loaded."""
+        key = (tenant, user)
+        loading = self._loading.get(key)
+        if loading is not None:
+            await asyncio.wait([loading])
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        async with self._flush_lock:  # a flush in progress must not write the user back
+            found = self.users.pop(key, None) is not None
+            if self.storage is not None and not self.read_only:
+                await asyncio.to_thread(self.storage.delete, tenant, user)
+        return found
+
     def new(self, tenant: str, user: str) -> UserMemory:
         longterm = UserLongTerm(tenant, user, self._embedder().dimension, self.config)
         return UserMemory(tenant, user, longterm, UserEpisodes())

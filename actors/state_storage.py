@@ -128,6 +128,13 @@ class StateLocation:
         except FileNotFoundError:
             pass
 
+    def delete_folder(self, relative: str) -> None:
+        """Remove a folder and everything in it (no error when it is gone already)."""
+        try:
+            self.fs.delete_dir(self.path(relative))
+        except FileNotFoundError:
+            pass
+
     def remove_stale_temporaries(self, older_than_s: float) -> list[str]:
         """Temporary files of whole-object writes cut short by a crash; returns their paths
         relative to the base."""

@@ -209,6 +209,8 @@ class Ingress(IngressMemory):
         return SessionList(data=await self.sessions.list(tenant))
 
     async def delete_session(self, session_id: str, tenant: str = DEFAULT_TENANT) -> SessionDeleted:
+        if self.memory is not None:  # first: if memory cannot forget, the session stays (503)
+            await self.memory.forget_session(tenant, session_id)
         await self.sessions.delete(session_id, tenant)
         return SessionDeleted(id=session_id)
 

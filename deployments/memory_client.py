@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from actors.memory_forget import session_user as session_scoped_user
 from actors.memory_shard import shard_for
 from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
@@ -38,7 +39,7 @@ def memory_actor_name(shard: int) -> str:
 def memory_user(request_user: str | None, session_user: str | None, session_id: str) -> str:
     """Whose memory a session request reads and feeds: the request's ``user`` field, else the
     session's user, else the session itself (memory then stays within that session)."""
-    return request_user or session_user or f"session:{session_id}"
+    return request_user or session_user or session_scoped_user(session_id)
 
 
 class MemoryClient:
@@ -62,15 +63,19 @@ class MemoryClient:
         return handle
 
     async def _call(self, tenant: str, user: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """One call on the user's shard, retried once on a fresh handle if the actor was
-        replaced; failures leave as ``MAIError`` (503 when the shard is unavailable)."""
+        """One call on the user's shard."""
+        shard = shard_for(tenant, user, self.shards)
+        return await self._call_shard(shard, method, tenant, user, *args, **kwargs)
+
+    async def _call_shard(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """One call on a shard, retried once on a fresh handle if the actor was replaced;
+        failures leave as ``MAIError`` (503 when the shard is unavailable)."""
         import ray
 
-        shard = shard_for(tenant, user, self.shards)
         for attempt in range(2):
             try:
                 handle = self._handle(shard)
-                return await getattr(handle, method).remote(tenant, user, *args, **kwargs)
+                return await getattr(handle, method).remote(*args, **kwargs)
             except (ValueError, ray.exceptions.RayActorError):
                 self._handles.pop(shard, None)  # not registered yet, or a stale handle
                 if attempt == 0:
@@ -151,6 +156,21 @@ class MemoryClient:
 
     async def delete_all(self, tenant: str, user: str) -> dict[str, Any]:
         return await self._call(tenant, user, "delete_user_memories")
+
+    async def forget_session(self, tenant: str, session_id: str) -> dict[str, Any]:
+        """Every shard forgets what it absorbed from the session (actors/memory_forget.py).
+        Raises (503) when a shard cannot be reached: a deleted conversation must not stay in
+        memory, so the caller keeps the session and the client retries."""
+        # A turn still on its way is refused by the shard once the session is forgotten.
+        self._absorbing.pop((tenant, session_id), None)
+        results = await asyncio.gather(
+            *(self._call_shard(i, "forget_session", tenant, session_id) for i in range(self.shards))
+        )
+        return {
+            "session_user_removed": any(r.get("session_user_removed") for r in results),
+            "windows_removed": sum(r.get("windows_removed", 0) for r in results),
+            "turns_dropped": sum(r.get("turns_dropped", 0) for r in results),
+        }
 
     async def usage(self, tenant: str) -> dict[str, Any]:
         """The tenant's usage row summed over every shard (a shard that is down is skipped)."""

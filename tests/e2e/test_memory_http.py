@@ -157,6 +157,22 @@ def test_bad_memory_requests_are_400(acme):
     assert httpx.get(f"{acme.base_url}v1/memories", params={"user": "x"}).status_code == 401
 
 
+def test_deleting_a_session_deletes_what_memory_kept_of_it(acme, globex):
+    session = new_session(globex)
+    chat(globex, session, "My name is Zoe. I live in Lima.")  # no user: session-scoped memory
+    scoped = f"session:{session}"
+    wait_until(lambda: memories(globex, scoped)["total"] >= 1, timeout_s=30)
+    other = new_session(acme)
+    response = acme.delete(f"/v1/sessions/{session}")  # another tenant's session: not found
+    assert response.status_code == 404 and memories(globex, scoped)["total"] >= 1
+    assert acme.delete(f"/v1/sessions/{other}").status_code == 200
+
+    assert globex.delete(f"/v1/sessions/{session}").status_code == 200
+    assert memories(globex, scoped)["total"] == 0
+    assert globex.get(f"/v1/sessions/{session}").status_code == 404
+    assert globex.get("/v1/memories/usage").json()["users"] == 0
+
+
 def test_chat_answers_when_the_memory_actor_is_dead(app, acme):
     """Runs last: it kills the module's memory shard."""
     import ray

@@ -157,13 +157,6 @@ def test_deleted_sessions_free_their_space(app):
         assert grew < held_per_shard, f"{name}: +{grew} bytes over 5 cycles: {mib}"
 
 
-@pytest.mark.xfail(
-    reason="deleting a session leaves what memory absorbed from it: its session-scoped memory "
-    "user ('session:<id>', when the request names no user) keeps the extracted facts and the "
-    "window; Ingress.delete_session does not tell the memory shard, and a queued absorb job "
-    "would bring them back anyway (actors/memory_shard.py needs a 'forget session' call)",
-    strict=False,
-)
 def test_a_deleted_sessions_memory_goes_with_it(app):
     async def conversations() -> dict:
         async with client(app.url, 8) as c:
