@@ -174,6 +174,13 @@ class CompletionRequest(SamplingFields):
 class SessionCreateRequest(_Request):
     system_prompt: str | None = Field(None, max_length=32_000)
     metadata: dict[str, str] = Field(default_factory=dict)
+    user: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Whose long-term memory the session reads and feeds (within the tenant); "
+        "a request's own `user` field wins. None: memory stays within the session.",
+    )
 
 
 class MemoryCreateRequest(_Request):
@@ -330,6 +337,7 @@ class SessionInfo(_Response):
     created: int
     system_prompt: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    user: str | None = None
     turns: int = 0
     messages: list[dict[str, str]] | None = None
 

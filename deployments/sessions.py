@@ -84,6 +84,7 @@ class SessionClient:
             sid,
             request.system_prompt,
             request.metadata,
+            user=request.user,
         )
         return SessionInfo.model_validate(info)
 

@@ -157,6 +157,18 @@ def test_bad_memory_requests_are_400(acme):
     assert httpx.get(f"{acme.base_url}v1/memories", params={"user": "x"}).status_code == 401
 
 
+def test_a_session_created_for_a_user_feeds_that_users_memory(acme):
+    created = acme.post("/v1/sessions", json={"user": "yuri"})
+    assert created.status_code == 201 and created.json()["user"] == "yuri"
+    session = created.json()["id"]
+    chat(acme, session, "My name is Yuri. I live in Kyiv.")  # the request names no user
+    wait_until(lambda: memories(acme, "yuri")["total"] >= 1, timeout_s=30)
+    assert memories(acme, f"session:{session}")["total"] == 0
+    later = new_session(acme)
+    assert "Kyiv" in chat(acme, later, "Where do I live?", user="yuri")
+    assert acme.post("/v1/sessions", json={"user": ""}).status_code == 400
+
+
 def test_deleting_a_session_deletes_what_memory_kept_of_it(acme, globex):
     session = new_session(globex)
     chat(globex, session, "My name is Zoe. I live in Lima.")  # no user: session-scoped memory
