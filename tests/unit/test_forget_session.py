@@ -18,6 +18,7 @@ from cluster.memory_config import MemoryConfig
 from deployments.memory_client import MemoryClient, memory_user
 from engine.embeddings import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
+from tests.unit.fake_handles import PlainHandle
 
 
 def shard(storage: str | None = None) -> MemoryShard:
@@ -101,28 +102,12 @@ def test_queued_and_late_turns_of_a_forgotten_session_never_come_back():
     asyncio.run(run())
 
 
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-
-class _Handle:
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    def __getattr__(self, name: str) -> _Method:
-        return _Method(getattr(self.target, name))
-
-
 def test_the_client_asks_every_shard_and_refuses_when_one_is_down():
     async def run() -> None:
         shards = [shard(), shard()]
         for i, s in enumerate(shards):  # the session left a window on both shards
             await s.absorb_turn("acme", f"user{i}", "s1", 0, turn("We met at the station."), wait=True)
-        client = MemoryClient(2, lambda name: _Handle(shards[int(name.rsplit("-", 1)[1])]))
+        client = MemoryClient(2, lambda name: PlainHandle(shards[int(name.rsplit("-", 1)[1])]))
         result = await client.forget_session("acme", "s1")
         assert result["windows_removed"] == 2
         assert all(not s.users.find(("acme", f"user{i}")).episodes.sessions for i, s in enumerate(shards))
@@ -130,7 +115,7 @@ def test_the_client_asks_every_shard_and_refuses_when_one_is_down():
         def second_is_down(name: str) -> Any:
             if name.endswith("-1"):
                 raise ValueError(f"actor {name} not found")
-            return _Handle(shards[0])
+            return PlainHandle(shards[0])
 
         with pytest.raises(EngineDeadError, match="memory shard 1 is unavailable"):
             await MemoryClient(2, second_is_down).forget_session("acme", "s1")

@@ -14,24 +14,7 @@ from cluster.config import build_app_config
 from cluster.errors import EngineDeadError
 from deployments.app import memory_storage_uri
 from deployments.memory_client import MemoryClient, memory_user, sum_usage
-
-
-class _Method:
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-
-class _Handle:
-    """An actor handle over a plain object (``handle.method.remote(...)`` awaits the method)."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    def __getattr__(self, name: str) -> _Method:
-        return _Method(getattr(self.target, name))
+from tests.unit.fake_handles import PlainHandle
 
 
 class _Broken:
@@ -51,7 +34,7 @@ def test_recall_is_none_when_the_shard_is_missing_or_failing():
 
     async def run() -> None:
         assert await MemoryClient(1, missing).recall("t", "u", "sess-1", "hi", []) is None
-        broken = MemoryClient(1, lambda name: _Handle(_Broken()))
+        broken = MemoryClient(1, lambda name: PlainHandle(_Broken()))
         assert await broken.recall("t", "u", "sess-1", "hi", []) is None
         await broken.absorb("t", "u", "sess-1", 2, TURN)  # logged, not raised
         with pytest.raises(EngineDeadError, match="memory shard 0 is unavailable"):
@@ -63,7 +46,7 @@ def test_recall_is_none_when_the_shard_is_missing_or_failing():
 def test_absorb_in_background_then_recall_sees_the_turn_and_its_fact():
     async def run() -> None:
         shard = MemoryShard({"embedder": "hashing"})
-        client = MemoryClient(1, lambda name: _Handle(shard))
+        client = MemoryClient(1, lambda name: PlainHandle(shard))
         client.absorb("acme", "ada", "sess-a", 2, TURN)  # not awaited
         recall = await client.recall("acme", "ada", "sess-a", "What am I allergic to?", [])
         assert recall.turns == [TURN]  # the recall waited for the absorb of its session
