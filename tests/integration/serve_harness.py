@@ -8,6 +8,7 @@ deploys its own applications under unique names and route prefixes, so they neve
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -47,14 +48,27 @@ def free_port() -> int:
 FAST_MEMORY: dict[str, Any] = {"embedder": "hashing"}
 
 
+_STATE_ROOT: str | None = None
+
+
+def _state_root() -> str:
+    """One temp folder per test process for the apps' session and memory files, removed
+    when the process exits."""
+    global _STATE_ROOT
+    if _STATE_ROOT is None:
+        _STATE_ROOT = tempfile.mkdtemp(prefix="m-ai-test-state-")
+        atexit.register(shutil.rmtree, _STATE_ROOT, ignore_errors=True)
+    return _STATE_ROOT
+
+
 def app_config(
     models: list[dict] | None = None, memory: dict[str, Any] | None = None, **serving: Any
 ) -> AppConfig:
     """An ``AppConfig`` with ``FAST_SERVING`` (overridden by ``serving``), ``models`` and
     ``FAST_MEMORY`` (overridden by ``memory``)."""
     # Each app gets its own durable session store: two apps must never share a shard's log.
-    state = {"session_state_uri": tempfile.mkdtemp(prefix="m-ai-sessions-")}
-    memory_root = {"storage_uri": tempfile.mkdtemp(prefix="m-ai-memory-")}
+    state = {"session_state_uri": tempfile.mkdtemp(prefix="sessions-", dir=_state_root())}
+    memory_root = {"storage_uri": tempfile.mkdtemp(prefix="memory-", dir=_state_root())}
     data: dict[str, Any] = {
         "serving": {**FAST_SERVING, **state, **serving},
         "memory": {**FAST_MEMORY, **memory_root, **(memory or {})},
