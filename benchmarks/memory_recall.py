@@ -21,12 +21,16 @@ Latency part: one user with 1k, 10k and 100k memories imported with synthetic em
 (the MiniLM vectors of 1,000 generated fact texts, perturbed: embedding 100k texts with
 MiniLM on this machine's cores would take ~15 minutes), plus a session of 24 real turns.
 Each query runs ``MemoryShard.assemble``: the real MiniLM query embedding, the index search
-(exact below 4,096, HNSW above), ranking and the exact token fit. All sizes are built first,
-then 3 rounds of 200 queries visit them in turn; reported per size: the median over rounds
-of p50 and p95 wall time, and the CPU time per query (all threads), which other processes on
-the machine do not inflate.
+(exact below 4,096, HNSW above), ranking and the exact token fit. All sizes are built (and
+written to their storage) first, then 3 rounds of 200 queries visit them in turn; reported
+per size: the median over rounds of p50 and p95 wall time, and the CPU time per query (all
+threads), which other processes on the machine do not inflate.
 At 100k it also times the HNSW build, saving and restoring the graph, and a restarted shard
 loading the user with the saved graph vs rebuilding it.
+
+The embedder runs in ``--precision`` (default ``auto``, the config's default: fp16 weights
+where torch has fbgemm, x86). When that is not fp32, ``embedder_check`` reports the cosine
+between its vectors and fp32's on the recall part's questions (as queried) and turns.
 
 ``python benchmarks/memory_recall.py --out F`` writes JSON with ``recall``, ``stale_rate``,
 ``dedup_precision``, ``dedup_recall`` and ``assembly_p95_ms_100k``. Targets: recall >= 0.95,
@@ -53,8 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.memory_shard import MemoryShard  # noqa: E402
 from benchmarks.memory_dataset import Conversation, generate  # noqa: E402
-from cluster.memory_config import MemoryConfig  # noqa: E402
+from cluster.memory_config import MINILM_PRECISIONS, MemoryConfig  # noqa: E402
 from engine.embeddings import MiniLMEmbedder  # noqa: E402
+from engine.memory_extraction import as_memory_query  # noqa: E402
 
 TARGETS = {"recall": 0.95, "stale_rate": 0.02, "assembly_p95_ms_100k": 25.0}
 CONTEXT_LENGTH, MAX_TOKENS = 4096, 512
@@ -174,6 +179,22 @@ async def recall_part(embedder: MiniLMEmbedder, tokenizer, users: int, turns: in
     }
 
 
+def precision_check(embedder: MiniLMEmbedder, turns: int, seed: int) -> dict:
+    """Cosine between the embedder's vectors and fp32's on the recall part's texts."""
+    conv = generate("user0", turns=turns, seed=seed)
+    texts = [as_memory_query(f.question) for f in conv.facts] + [text for text, _, _ in conv.turns]
+    reference = MiniLMEmbedder(precision="fp32")
+    singles = len(conv.facts)  # questions one at a time (the query path), turns batched
+    ours = np.concatenate([np.stack([embedder.embed([t])[0] for t in texts[:singles]]),
+                           embedder.embed(texts[singles:])])
+    theirs = np.concatenate([np.stack([reference.embed([t])[0] for t in texts[:singles]]),
+                             reference.embed(texts[singles:])])
+    cosine = (ours * theirs).sum(1)
+    return {"precision": embedder.precision, "texts": len(texts),
+            "cosine_vs_fp32_min": round(float(cosine.min()), 7),
+            "cosine_vs_fp32_mean": round(float(cosine.mean()), 7)}
+
+
 # -- latency ------------------------------------------------------------------------------------
 
 
@@ -202,6 +223,9 @@ async def build_user(embedder, tokenizer, n: int, seed: int, root: Path, conv: C
         await shard.absorb_turn("bench", "big", "sess-latency", turn_id,
                                 [{"role": "user", "content": text}, {"role": "assistant", "content": answer}])
     await shard.drain()
+    # The import is written now, as a serving shard has long done before it answers queries;
+    # else its delayed write (~1 s at 100k) lands in the first round's queries.
+    await shard.flush()
     return shard, config, import_s
 
 
@@ -303,6 +327,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the embedder")
+    ap.add_argument("--precision", choices=MINILM_PRECISIONS, default="auto",
+                    help="the embedder's weight precision (memory.embedder.options.precision)")
     ap.add_argument("--skip-recall", action="store_true")
     ap.add_argument("--skip-rebuild", action="store_true", help="do not time reloading without the graph")
     args = ap.parse_args()
@@ -311,13 +337,17 @@ def main() -> None:
     from engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ensure_tiny_checkpoint())
-    embedder = MiniLMEmbedder(threads=args.threads)
+    embedder = MiniLMEmbedder(threads=args.threads, precision=args.precision)
     embedder.embed(["warm up"])
     result: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                 "embedder": embedder.name, "torch_threads": args.threads,
+                                "embedder_precision": embedder.precision,
                                 "tokenizer": tokenizer.name,
                                 # other work on the machine shows in the latency percentiles
                                 "loadavg_start": [round(x, 2) for x in os.getloadavg()]}}
+    if embedder.precision != "fp32":
+        result["embedder_check"] = precision_check(embedder, args.turns, args.seed)
+        log(f"embedder check: {result['embedder_check']}")
     if not args.skip_recall:
         result.update(asyncio.run(recall_part(embedder, tokenizer, args.users, args.turns, args.seed)))
     root = Path(tempfile.mkdtemp(prefix="m-ai-memory-bench-"))

@@ -20,6 +20,10 @@ def test_embedder_takes_a_bare_name_or_a_reference_with_options():
     assert MemoryConfig(embedder="hashing").embedder.name == "hashing"
     ref = MemoryConfig(embedder={"name": "my-embedder", "options": {"dimension": 64}}).embedder
     assert (ref.name, ref.options) == ("my-embedder", {"dimension": 64})
+    # minilm's precision is checked here; another embedder's options are its own business
+    assert MemoryConfig(embedder={"name": "minilm", "options": {"precision": "fp32"}}).embedder.options == {
+        "precision": "fp32"}
+    assert MemoryConfig(embedder={"name": "e5", "options": {"precision": "int8"}}).embedder.name == "e5"
 
 
 @pytest.mark.parametrize(
@@ -29,6 +33,8 @@ def test_embedder_takes_a_bare_name_or_a_reference_with_options():
         ({"context": {"long_term_share": 0.7, "episodic_share": 0.5}}, "long_term_share=0.7 plus episodic_share=0.5"),
         ({"storage_uri": "  "}, "storage_uri="),
         ({"extractor": "magic"}, "extractor"),
+        ({"embedder": {"name": "minilm", "options": {"precision": "int8"}}},
+         r"precision='int8' is not one of auto, fp32, fp16"),
         ({"unknown": 1}, "unknown"),
     ],
 )

