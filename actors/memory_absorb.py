@@ -41,6 +41,7 @@ class UserMemory:
     dirty: bool = False  # content changed since the last write
     touched: bool = False  # only access counts changed since the last write
     last_written: float = 0.0
+    graph_digest_written: str | None = None  # keys of the HNSW graph in storage (None: none/unknown)
 
 
 @dataclass

@@ -80,11 +80,21 @@ class FactsSnapshot:
     counters: dict[str, int]
     graph: bytes | None
     graph_digest: str | None
+    graph_kept: bool = False  # the stored graph already holds these keys: not written again
 
     @classmethod
-    def of(cls, longterm: UserLongTerm, with_graph: bool) -> FactsSnapshot:
+    def of(cls, longterm: UserLongTerm, with_graph: bool, stored_digest: str | None = None) -> FactsSnapshot:
+        """``stored_digest``: the keys of the graph already in storage. When they are still the
+        index's keys (only access counts or statuses changed), the graph is not serialized again:
+        at 100k memories that holds the event loop for ~0.2 s."""
         rows, matrix = longterm.index.snapshot()
-        graph = longterm.index.graph_bytes() if with_graph else None
+        graph, digest, kept = None, None, False
+        if with_graph:
+            digest = longterm.index.keys_digest()
+            kept = stored_digest is not None and digest == stored_digest
+            graph = None if kept else longterm.index.graph_bytes()
+            if graph is None and not kept:
+                digest = None
         return cls(
             records=list(longterm.records.values()),
             rows=rows,
@@ -94,7 +104,8 @@ class FactsSnapshot:
             next_key=longterm.next_key,
             counters=dict(longterm.counters),
             graph=graph,
-            graph_digest=longterm.index.keys_digest() if graph is not None else None,
+            graph_digest=digest,
+            graph_kept=kept,
         )
 
 
@@ -217,15 +228,16 @@ class MemoryStorage:
         return UserFiles(get(FACTS_FILE), get(EPISODES_FILE), get(GRAPH_FILE))
 
     def write(self, tenant: str, user: str, facts: pa.Table, episodes: pa.Table,
-              graph: bytes | None) -> int:
-        """Write one user's files (graph first: the facts name the graph they match)."""
+              graph: bytes | None, keep_graph: bool = False) -> int:
+        """Write one user's files (graph first: the facts name the graph they match;
+        ``keep_graph``: the stored graph still matches, leave it)."""
         folder = self.folder(tenant, user)
         self.location.ensure_folder(folder)
         written = 0
         if graph is not None:
             self.location.write_atomic(f"{folder}/{GRAPH_FILE}", graph)
             written += len(graph)
-        else:
+        elif not keep_graph:
             self.location.delete(f"{folder}/{GRAPH_FILE}")
         for name, table in ((FACTS_FILE, facts), (EPISODES_FILE, episodes)):
             data = to_parquet_bytes(table)

@@ -139,8 +139,8 @@ class MemoryUsers:
             if self.read_only and not same_space:  # records only: nothing to search
                 for record in loaded.records:
                     memory.longterm.insert(record, None)
-            else:
-                memory.longterm.load(loaded.records, stored, graph, embedder.embed)
+            elif memory.longterm.load(loaded.records, stored, graph, embedder.embed):
+                memory.graph_digest_written = loaded.metadata.get("graph_digest") or None
             counters = json.loads(loaded.metadata.get("counters", "{}") or "{}")
             memory.longterm.counters.update({k: int(v) for k, v in counters.items()})
             memory.longterm.next_key = max(memory.longterm.next_key, int(loaded.metadata.get("next_key", "1")))
@@ -184,7 +184,10 @@ class MemoryUsers:
             written = 0
             for memory in due:
                 memory.dirty = memory.touched = False
-                snapshot = FactsSnapshot.of(memory.longterm, self.config.index.persist_index)
+                snapshot = FactsSnapshot.of(
+                    memory.longterm, self.config.index.persist_index,
+                    memory.graph_digest_written if isinstance(self.storage, MemoryStorage) else None,
+                )
                 episodes = episodes_table(memory.episodes)
                 written += await asyncio.to_thread(self._write, memory, snapshot, episodes)
                 memory.last_written = now
@@ -193,7 +196,12 @@ class MemoryUsers:
     def _write(self, memory: UserMemory, snapshot: FactsSnapshot, episodes: Any) -> int:
         assert self.storage is not None
         facts = facts_table(snapshot, self._embedder().name)
-        return self.storage.write(memory.tenant, memory.user, facts, episodes, snapshot.graph)
+        if snapshot.graph_kept:  # only MemoryStorage is asked to keep its graph
+            written = self.storage.write(memory.tenant, memory.user, facts, episodes, None, keep_graph=True)
+        else:
+            written = self.storage.write(memory.tenant, memory.user, facts, episodes, snapshot.graph)
+        memory.graph_digest_written = snapshot.graph_digest
+        return written
 
     def close(self) -> None:
         if self._flush_task is not None and not self._flush_task.done():

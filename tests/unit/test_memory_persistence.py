@@ -86,6 +86,34 @@ def test_the_saved_graph_is_restored_or_rebuilt(tmp_path):
     assert run(read())
 
 
+def test_the_graph_is_written_again_only_when_its_keys_change(tmp_path):
+    texts = [{"text": f"The user noted fact number {i}."} for i in range(40)]
+    graph = tmp_path / "tenants" / "t" / "u" / "index.usearch"
+
+    async def go() -> None:
+        s = new_shard(tmp_path, index={"brute_force_below": 16})
+        await s.import_memories("t", "u", texts)
+        await s.flush()
+        first = graph.stat().st_mtime_ns
+        await s.recall("t", "u", "s1", "The user noted fact number 3?")  # access counts only
+        await asyncio.sleep(0.01)
+        assert (await s.flush())["users"] == 1
+        assert graph.stat().st_mtime_ns == first  # same keys: the stored graph is kept
+        await s.add_memory("t", "u", "The user keeps bees on the roof.")  # a new key
+        await s.flush()
+        assert graph.stat().st_mtime_ns != first
+        await s.close()
+
+        again = new_shard(tmp_path, index={"brute_force_below": 16})  # the kept graph still loads
+        found = await again.search_memories("t", "u", "The user keeps bees on the roof.")
+        assert found["data"][0]["text"] == "The user keeps bees on the roof."
+        memory = again.loaded_users()[0]
+        assert memory.longterm.index.uses_graph and memory.graph_digest_written is not None
+        await again.close()
+
+    run(go())
+
+
 def test_another_embedder_re_embeds_on_load(tmp_path):
     async def write():
         s = new_shard(tmp_path)
