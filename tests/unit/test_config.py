@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pydantic
 import pytest
 
 from cluster.config import (
@@ -54,7 +55,7 @@ def test_defaults_are_the_tiny_chat_model():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         ModelConfig().temperature = 0.1
 
 
