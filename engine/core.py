@@ -67,6 +67,8 @@ class EngineCore:
             max_queued_requests=config.max_queued_requests,
         )
         self.sampler = Sampler()
+        # The streaming detokenizer's table of plain pieces: built here, not in the first step.
+        getattr(tokenizer, "plain_piece_texts", None)
         # Cache slots follow the running sequences' slots in the runner's KV cache.
         self.prefix_cache = PrefixCache(config.max_num_seqs, config.prefix_cache_slots)
         self._pending_saves: list[tuple[int, int, int]] = []

@@ -9,6 +9,7 @@ token, never splitting a character whose UTF-8 bytes arrive as several byte-fall
 from __future__ import annotations
 
 import copy
+import json
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,16 @@ FALLBACK_CHAT_TEMPLATE_FILE = Path(__file__).parent / "data" / "llama2_chat.jinj
 CHAT_ROLES = ("system", "user", "assistant")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _REPLACEMENT_CHAR = "\ufffd"
+# Llama 2's decoder (tokenizer.json): the one whose output concatenates token by token.
+_SENTENCEPIECE_DECODER = {
+    "type": "Sequence",
+    "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+        {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+    ],
+}
 
 
 def _message_fields(message: Any, index: int) -> dict[str, str]:
@@ -290,6 +301,37 @@ class Tokenizer:
             param="checkpoint",
         )
 
+    @cached_property
+    def plain_piece_texts(self) -> dict[int, str] | None:
+        """The text of every token that adds exactly that text after any complete one, or None.
+
+        For SentencePiece's decoder (``▁`` to space, byte fallback, fuse, strip the first
+        space: Llama 2's) the decoding of ``ids + [t]`` is the decoding of ``ids`` followed by
+        ``t``'s own text whenever ``t`` is neither special nor a byte token and ``ids`` does
+        not end inside a character. ``IncrementalDetokenizer`` then streams such a token with
+        a dictionary lookup instead of two decodes. None for any other decoder (each token is
+        decoded in context, as before). Built once, with one batched decode of the vocabulary.
+        """
+        if getattr(self._hf, "clean_up_tokenization_spaces", False):
+            return None  # its clean-up joins a token's text to its neighbours'
+        try:
+            decoder = json.loads(self._hf.backend_tokenizer.to_str()).get("decoder")
+        except (AttributeError, ValueError):
+            return None
+        if decoder != _SENTENCEPIECE_DECODER:
+            return None
+        anchor_id, anchor_text = self.stream_anchor
+        ids = [
+            i for i in range(self.vocab_size) if i not in self._special_ids and i not in self._byte_values
+        ]
+        texts = self._hf.backend_tokenizer.decode_batch([[anchor_id, i] for i in ids], skip_special_tokens=True)
+        table: dict[int, str] = {}
+        for token_id, text in zip(ids, texts):
+            piece = text[len(anchor_text) :]
+            if text.startswith(anchor_text) and piece and _REPLACEMENT_CHAR not in piece:
+                table[token_id] = piece
+        return table
+
     def piece_text(self, token_id: int) -> str:
         """The vocabulary piece of ``token_id`` (``▁the``, ``<0x0A>``), for debugging and grammars."""
         return self._hf.convert_ids_to_tokens(token_id)
@@ -333,6 +375,9 @@ class IncrementalDetokenizer:
     (the first token's SentencePiece space is dropped, as in Meta's reference and
     transformers); with ``continuation=True`` they are the text the output adds after the
     prompt, leading space kept, as an OpenAI text completion returns it.
+
+    With Llama 2's decoder most tokens skip the decodes: a plain piece that follows complete
+    text adds its own text (``Tokenizer.plain_piece_texts``), a dictionary lookup.
     """
 
     # Prompt tokens kept as context in continuation mode (vLLM keeps 5 as well).
@@ -356,10 +401,26 @@ class IncrementalDetokenizer:
         # Whether ids[0] starts the decoded sequence, so that it decodes like decode(output).
         self._at_sequence_start = not continuation
         self._anchor_id, self._anchor_text = tokenizer.stream_anchor
+        # Tokens whose text is known without decoding (see Tokenizer.plain_piece_texts); the
+        # table holds no special token, so it applies only when those are skipped anyway.
+        table = getattr(tokenizer, "plain_piece_texts", None) if skip_special_tokens else None
+        self._plain: dict[int, str] = table or {}
 
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it completes ("" while a character is pending)."""
-        self._ids.append(token_id)
+        ids = self._ids
+        piece = self._plain.get(token_id)
+        if (
+            piece is not None
+            and self._read_offset == len(ids)  # no character is waiting for more bytes
+            and (self._prefix_offset or not self._at_sequence_start)  # decoded behind the anchor
+        ):
+            # What the decodes below would return: the window's text followed by the piece's.
+            ids.append(token_id)
+            self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+            self._trim()
+            return piece
+        ids.append(token_id)
         prefix_text = self._text(self._prefix_offset, self._read_offset)
         new_text = self._text(self._prefix_offset, len(self._ids))
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):

@@ -210,18 +210,17 @@ class TPWorker:
             runner.move_slots(plan.slot_moves)
         if plan.kv_loads:
             runner.copy_kv(plan.kv_loads)
-        rows = []
-        if plan.decode_tokens:
-            dev = self.device
-            rows.append(
-                runner.decode(
-                    torch.tensor(plan.decode_tokens, device=dev),
-                    torch.tensor(plan.decode_positions, device=dev),
-                    torch.tensor(plan.decode_slots, device=dev),
-                )
-            )
-        if plan.prefill:
-            rows.append(runner.prefill(plan.prefill))
-        if not rows:
+        if not plan.decode_tokens and not plan.prefill:
             return None
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+        if not plan.decode_tokens:
+            return runner.forward(None, None, None, plan.prefill)
+        dev, slots = self.device, plan.decode_slots
+        return runner.forward(
+            torch.tensor(plan.decode_tokens, device=dev),
+            torch.tensor(plan.decode_positions, device=dev),
+            torch.tensor(slots, device=dev),
+            plan.prefill,
+            # known here from the lists: no device sync in the runner
+            kv_len=max(plan.decode_positions) + 1,
+            dense=all(slot == i for i, slot in enumerate(slots)),
+        )

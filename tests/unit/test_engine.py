@@ -128,6 +128,34 @@ def test_streamed_text_equals_the_decoded_tokens(engine, prompts):
     assert sum(1 for d in deltas if d.finished) == 1 and deltas[-1].finished
 
 
+def test_result_after_reading_some_deltas_returns_the_rest_in_order(engine, prompts):
+    want = engine.generate_text(prompts[3], SamplingParams(max_tokens=30, **GREEDY))
+    stream = engine.submit(prompts[3], SamplingParams(max_tokens=30, **GREEDY))
+    first = next(iter(stream))  # meanwhile the engine goes on: later deltas queue up
+    rest = stream.result()  # from here on they are collected without waking this thread
+    assert first.token_ids + rest.token_ids == want.token_ids
+    assert first.text + rest.text == want.text
+    assert rest.finish_reason == "length" and rest.completion_tokens == 30
+
+
+def test_result_of_a_cancelled_request_has_every_token_made_before(engine, prompts):
+    want = engine.generate_text(prompts[0], SamplingParams(max_tokens=400, **GREEDY)).token_ids
+    stream = engine.submit(prompts[0], SamplingParams(max_tokens=400, **GREEDY))
+    box: list = []
+    waiter = threading.Thread(target=lambda: box.append(stream.result()))
+    waiter.start()  # result(): the deltas are collected, the waiter is woken by the last one
+    deadline = time.monotonic() + 5
+    while not stream._collected and time.monotonic() < deadline:
+        time.sleep(0.005)
+    stream.cancel()
+    waiter.join(10)
+    out = box[0]
+    assert out.finish_reason == "abort"
+    assert 0 < len(out.token_ids) == out.completion_tokens < 400
+    assert out.token_ids == want[: len(out.token_ids)]
+    assert out.text == engine.tokenizer.decode(out.token_ids)
+
+
 def test_cancel_frees_the_slot_at_once(engine, prompts):
     stream = engine.submit(prompts[0], SamplingParams(max_tokens=400, **GREEDY))
     it = iter(stream)

@@ -48,6 +48,18 @@ def test_greedy_is_argmax_and_logits_are_untouched():
     assert torch.equal(logits, before)
 
 
+def test_greedy_ties_and_nan_pick_what_torch_argmax_picks():
+    logits = random_logits(6, 64, 2)
+    logits[0] = 1.0  # all tied: the first
+    logits[1, [5, 40]] = 100.0  # two tied maxima: the first
+    logits[2, [9, 30]] = float("nan")  # NaN counts as largest: the first NaN
+    logits[3, -1] = float("inf")
+    want = logits.argmax(-1)
+    assert want[:3].tolist() == [0, 5, 9]
+    assert torch.equal(Sampler(seed=0).sample(logits, [GREEDY] * 6), want)
+    assert torch.equal(Sampler(seed=0).sample(logits[::2], [GREEDY] * 3), want[::2])  # strided rows
+
+
 def test_top_k_1_is_greedy():
     logits = random_logits(16, 500, 1)
     params = [SamplingParams(temperature=1.5, top_k=1)] * 16

@@ -257,6 +257,26 @@ def test_streamed_deltas_add_up_to_the_full_decode(tok, skip_special_tokens):
             assert not any("\ufffd" in d for d in deltas), ids
 
 
+def test_plain_pieces_stream_the_same_deltas_as_decoding_them(tok):
+    class Decoding:  # the same tokenizer without the table of plain pieces
+        def __init__(self, inner):
+            self.inner = inner
+            self.stream_anchor = inner.stream_anchor
+
+        def decode(self, ids, skip_special_tokens=True):
+            return self.inner.decode(ids, skip_special_tokens)
+
+    table = tok.plain_piece_texts
+    assert table and len(table) > tok.vocab_size // 2  # Llama 2's decoder: most tokens
+    rng = random.Random(77)
+    for _ in range(200):
+        ids = random_stream(tok, rng, rng.randrange(1, 120))
+        for continuation in (False, True):
+            fast = IncrementalDetokenizer(tok, [1, 415, 416], continuation=continuation)
+            slow = IncrementalDetokenizer(Decoding(tok), [1, 415, 416], continuation=continuation)
+            assert [fast.add(i) for i in ids] + [fast.flush()] == [slow.add(i) for i in ids] + [slow.flush()]
+
+
 def test_streaming_matches_transformers_when_bytes_are_valid(tok):
     rng = random.Random(99)
     for _ in range(100):
