@@ -199,9 +199,11 @@ def start_serve(args: argparse.Namespace, config: ModelConfig) -> tuple[str, str
     import ray
     from ray import serve
 
-    from deployments.app import FAKE_ENGINE, build_app
+    from deployments.app import FAKE_ENGINE, SERVE_CLUSTER_ENV, build_app
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    for key, value in SERVE_CLUSTER_ENV.items():  # as `m-ai serve` and the cluster YAMLs set it
+        os.environ.setdefault(key, value)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     root = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -324,6 +326,9 @@ def summarize(args: argparse.Namespace, results: dict) -> dict[str, Any]:
         "fake_prefill_ms": args.prefill_ms if args.engine == "fake" else None,
         "output_processing": args.output_processing,
         "cpu_cores": os.cpu_count(),
+        # Serve settings of the cluster's processes (deployments.app.SERVE_CLUSTER_ENV; the
+        # replicas' own come from serving.replica_event_loop)
+        "serve_cluster_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
         # Other work on the machine slows Ray's processes (not the fake engine): record it.
         "load_average_1m": {"start": args.load_start, "end": os.getloadavg()[0]},
         "results": results,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -115,6 +115,15 @@ class ServingConfig(BaseModel):
     )
     metrics_interval_s: float = Field(
         5.0, gt=0, description="How often each replica samples engine state and resource usage."
+    )
+    replica_event_loop: Literal["main", "separate"] = Field(
+        "main",
+        description="Where the ingress and LLM replicas run their request code. `main`: on the "
+        "replica's own event loop, with their handles' routers in it too (Serve's "
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 and RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, "
+        "set in these replicas' runtime_env): no thread hand-off per request and per streamed "
+        "chunk (docs/performance.md). Our request code never blocks its loop (blocking work goes "
+        "to threads). `separate`: Serve's default, one more thread per replica.",
     )
     # -- sessions -----------------------------------------------------------------------------
     session_state_uri: str = Field(
@@ -226,6 +235,17 @@ def replica_bundles(serving: ServingConfig, model: ModelConfig) -> list[dict[str
     return [{"CPU": serving.replica_num_cpus}] + [dict(shard) for _ in range(model.tp_size)]
 
 
+def replica_env_vars(serving: ServingConfig) -> dict[str, str]:
+    """Serve settings read in each replica process at its start, for ``runtime_env.env_vars`` of
+    the ingress and LLM deployments (``serving.replica_event_loop``)."""
+    if serving.replica_event_loop == "separate":
+        return {}
+    return {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    }
+
+
 def replica_scaling(serving: ServingConfig) -> dict[str, Any]:
     """Serve options sizing one model's deployment: a fixed count or autoscaling bounds."""
     if serving.min_replicas == serving.max_replicas:
@@ -240,4 +260,11 @@ def replica_scaling(serving: ServingConfig) -> dict[str, Any]:
     }
 
 
-__all__ = ["ServingConfig", "LiveConfig", "hash_api_key", "replica_bundles", "replica_scaling"]
+__all__ = [
+    "ServingConfig",
+    "LiveConfig",
+    "hash_api_key",
+    "replica_bundles",
+    "replica_env_vars",
+    "replica_scaling",
+]

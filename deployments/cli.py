@@ -83,7 +83,11 @@ def _start_local_ray(num_cpus: int) -> str:
     """Ray on this machine only: its own temp dir, no dashboard, node address 127.0.0.1."""
     import ray
 
+    from deployments.app import SERVE_CLUSTER_ENV
+
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    for key, value in SERVE_CLUSTER_ENV.items():  # an operator's own setting wins
+        os.environ.setdefault(key, value)
     # Ray's workers import the project's packages from a source checkout too.
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(PROJECT_ROOT) not in paths:

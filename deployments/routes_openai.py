@@ -32,8 +32,11 @@ def ingress_of(request: Request):
     return request.app.state.ingress
 
 
-def tenant_of(request: Request, authorization: str | None = Header(None)) -> str:
-    """The caller's tenant from ``Authorization: Bearer <key>`` (401 without a valid key)."""
+async def tenant_of(request: Request, authorization: str | None = Header(None)) -> str:
+    """The caller's tenant from ``Authorization: Bearer <key>`` (401 without a valid key).
+
+    ``async`` because it never blocks (a hash and a dict lookup): FastAPI runs a plain ``def``
+    dependency in its thread pool, a thread hand-off on every request's path."""
     return ingress_of(request).auth.tenant(authorization)
 
 
