@@ -73,6 +73,7 @@ def cluster_env(token: str) -> dict[str, str]:
         RAY_USAGE_STATS_ENABLED="0",
         DS_ACCELERATOR="cpu",
         PYTHONPATH=str(REPO_ROOT),
+        RAY_SERVE_PROXY_USE_GRPC="1",  # as docs/deployment.md starts the head
     )
     return env
 

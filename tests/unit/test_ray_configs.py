@@ -253,3 +253,24 @@ def test_the_checks_above_refuse_broken_configs():
     longer = model.model_copy(update={"max_num_seqs": 64, "context_length": 4096 * 2})
     with pytest.raises(ConfigError, match="context_length"):
         planned(longer, machine)
+
+
+def test_replicas_run_request_code_on_their_own_loop_unless_told_otherwise():
+    from deployments.app import ingress_deployment_options, llm_deployment_options
+
+    def env_of(options: dict[str, Any]) -> dict[str, str]:
+        return options["ray_actor_options"].get("runtime_env", {}).get("env_vars", {})
+
+    config = build_app_config({}, "defaults")
+    model = config.models[0]
+    for options in (llm_deployment_options(model, config.serving),
+                    ingress_deployment_options(config.serving)):
+        assert env_of(options) == {
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+            "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+        }
+        assert options["ray_actor_options"]["num_cpus"] >= 0
+    separate = build_app_config({"serving": {"replica_event_loop": "separate"}}, "separate")
+    assert env_of(llm_deployment_options(model, separate.serving)) == {}
+    with pytest.raises(ConfigError, match="replica_event_loop"):
+        build_app_config({"serving": {"replica_event_loop": "threads"}}, "bad")
