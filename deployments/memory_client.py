@@ -24,6 +24,7 @@ from actors.memory_shard import shard_for
 from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
+from deployments.shard_handles import ShardHandles
 
 log = get_logger("deployments.memory_client")
 
@@ -42,25 +43,12 @@ def memory_user(request_user: str | None, session_user: str | None, session_id: 
     return request_user or session_user or session_scoped_user(session_id)
 
 
-class MemoryClient:
+class MemoryClient(ShardHandles):
     """Recall, absorb and the memory API across the memory shards."""
 
     def __init__(self, shards: int, resolve: Callable[[str], Any] | None = None) -> None:
-        self.shards = shards
-        self._resolve = resolve
-        self._handles: dict[int, Any] = {}
+        super().__init__(shards, memory_actor_name, resolve)
         self._absorbing: dict[tuple[str, str], asyncio.Task[Any]] = {}
-
-    def _handle(self, shard: int) -> Any:
-        handle = self._handles.get(shard)
-        if handle is None:
-            resolve = self._resolve
-            if resolve is None:
-                from ray import serve
-
-                resolve = serve.get_deployment_actor
-            handle = self._handles[shard] = resolve(memory_actor_name(shard))
-        return handle
 
     async def _call(self, tenant: str, user: str, method: str, *args: Any, **kwargs: Any) -> Any:
         """One call on the user's shard."""
@@ -77,7 +65,7 @@ class MemoryClient:
                 handle = self._handle(shard)
                 return await getattr(handle, method).remote(*args, **kwargs)
             except (ValueError, ray.exceptions.RayActorError):
-                self._handles.pop(shard, None)  # not registered yet, or a stale handle
+                self.forget(shard)  # not registered yet, or a stale handle
                 if attempt == 0:
                     await asyncio.sleep(0.2)
             except Exception as exc:
@@ -180,7 +168,7 @@ class MemoryClient:
             try:
                 return await self._handle(shard).usage.remote(tenant)
             except (ValueError, ray.exceptions.RayActorError):
-                self._handles.pop(shard, None)
+                self.forget(shard)
                 log.warning("memory shard unavailable for usage", extra={"shard": shard})
                 return {}
 

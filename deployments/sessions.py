@@ -20,6 +20,7 @@ from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
 from deployments.protocol import SessionCreateRequest, SessionInfo
+from deployments.shard_handles import ShardHandles
 
 log = get_logger("deployments.sessions")
 
@@ -28,24 +29,11 @@ def session_actor_name(shard: int) -> str:
     return f"sessions-{shard}"
 
 
-class SessionClient:
+class SessionClient(ShardHandles):
     """Create, read, extend and delete sessions across the store shards."""
 
     def __init__(self, shards: int, resolve: Callable[[str], Any] | None = None) -> None:
-        self.shards = shards
-        self._resolve = resolve
-        self._handles: dict[int, Any] = {}
-
-    def _handle(self, shard: int) -> Any:
-        handle = self._handles.get(shard)
-        if handle is None:
-            resolve = self._resolve
-            if resolve is None:
-                from ray import serve
-
-                resolve = serve.get_deployment_actor
-            handle = self._handles[shard] = resolve(session_actor_name(shard))
-        return handle
+        super().__init__(shards, session_actor_name, resolve)
 
     async def _call(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
         import ray
@@ -65,7 +53,7 @@ class SessionClient:
         raise EngineDeadError(f"the session store shard {shard} is unavailable; retry shortly")
 
     async def _backoff(self, shard: int, attempt: int, why: str) -> None:
-        self._handles.pop(shard, None)
+        self.forget(shard)
         log.warning(
             "session store shard unavailable, retrying",
             extra={"shard": shard, "why": why, "attempt": attempt},
