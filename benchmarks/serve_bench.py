@@ -43,7 +43,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,25 +287,14 @@ def start_server(args: argparse.Namespace) -> tuple[str, str]:
     """Local Ray + Serve on 127.0.0.1 and the app; returns (url, Ray temp dir)."""
     import socket
 
-    import ray
     from ray import serve
 
     from cluster.config import build_app_config
     from deployments.app import FAKE_ENGINE, build_app
+    from deployments.cli import start_local_ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    root = str(Path(__file__).resolve().parents[1])
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
-    temp_dir = tempfile.mkdtemp(prefix="m-ai-serve-bench-")
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        num_cpus=8,
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-    )
+    temp_dir = start_local_ray(8, log_to_driver=False)  # as `m-ai serve` starts it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

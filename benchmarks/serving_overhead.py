@@ -36,7 +36,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -196,27 +195,13 @@ def start_serve(args: argparse.Namespace, config: ModelConfig) -> tuple[str, str
     """Local Ray (own temp dir, no dashboard) + Serve on a free port + the app; (name, url, dir)."""
     import socket
 
-    import ray
     from ray import serve
 
-    from deployments.app import FAKE_ENGINE, SERVE_CLUSTER_ENV, build_app
+    from deployments.app import FAKE_ENGINE, build_app
+    from deployments.cli import start_local_ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    for key, value in SERVE_CLUSTER_ENV.items():  # as `m-ai serve` and the cluster YAMLs set it
-        os.environ.setdefault(key, value)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    root = str(Path(__file__).resolve().parents[1])
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        [root, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    )
-    temp_dir = tempfile.mkdtemp(prefix="m-ai-bench-ray-")
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        num_cpus=8,
-        _temp_dir=temp_dir,
-        log_to_driver=False,
-    )
+    temp_dir = start_local_ray(8, log_to_driver=False)  # as `m-ai serve` starts it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

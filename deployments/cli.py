@@ -79,8 +79,9 @@ def _cpus_needed(config: AppConfig) -> int:
     return math.ceil(total)
 
 
-def _start_local_ray(num_cpus: int) -> str:
-    """Ray on this machine only: its own temp dir, no dashboard, node address 127.0.0.1."""
+def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> str:
+    """Ray on this machine only: its own temp dir (returned), no dashboard, node address
+    127.0.0.1, the cluster-wide Serve settings (also used by the serving benchmarks)."""
     import ray
 
     from deployments.app import SERVE_CLUSTER_ENV
@@ -93,7 +94,8 @@ def _start_local_ray(num_cpus: int) -> str:
     if str(PROJECT_ROOT) not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *paths])
     temp_dir = tempfile.mkdtemp(prefix="m-ai-ray-")
-    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _temp_dir=temp_dir)
+    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _temp_dir=temp_dir,
+             log_to_driver=log_to_driver)
     return temp_dir
 
 
@@ -152,7 +154,7 @@ def serve(
 
     from deployments.app import build_app
 
-    temp_dir = _start_local_ray(max(os.cpu_count() or 1, _cpus_needed(cfg)))
+    temp_dir = start_local_ray(max(os.cpu_count() or 1, _cpus_needed(cfg)))
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         ray_serve.start(http_options={"host": serving.host, "port": serving.port})
