@@ -1,9 +1,9 @@
 """Autoscaling policies on simulated load traces: replicas over time and objective violations.
 
-The same traces (a burst, a ramp, a diurnal cycle; ``cluster/autoscaling_sim.py``) run under
+The same traces (a burst, a ramp, a diurnal cycle; ``cluster/autoscaling/simulation.py``) run under
 three policies, all bounded to 1..8 replicas of 16 sequences, 20 s to start a replica:
 
-- ``latency``: M-AI's policy (``cluster/autoscaling.py``) with its default config;
+- ``latency``: M-AI's policy (``cluster/autoscaling/policy.py``) with its default config;
 - ``serve_default``: Serve's default policy (in-flight requests / target_ongoing_requests=16)
   with Serve's default delays (30 s up, 600 s down);
 - ``serve_same_holds``: Serve's default policy with the latency policy's holds (5 s / 60 s),
@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.autoscaling import LatencyAutoscalingConfig  # noqa: E402
-from cluster.autoscaling_sim import TRACES, simulate  # noqa: E402
+from cluster.autoscaling.policy import LatencyAutoscalingConfig  # noqa: E402
+from cluster.autoscaling.simulation import TRACES, simulate  # noqa: E402
 
 POLICIES = {
     "latency": ("latency", None),

@@ -15,19 +15,15 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
 
+from cluster.net import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_requests(path: Path, n: int, max_tokens: int) -> None:

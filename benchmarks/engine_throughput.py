@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from cluster.config import ModelConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
-from engine.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
+from engine.tiny.checkpoint import ensure_tiny_checkpoint  # noqa: E402
 from engine.types import SamplingParams  # noqa: E402
 
 NUM_PROMPTS = 64
@@ -109,7 +109,7 @@ def bench_hf_static(model, prompts, outputs, batch_size: int) -> float:
 @torch.inference_mode()
 def bench_forward_loop(model, prompts, outputs, batch_size: int) -> float:
     """The engine's model runner driven directly: prefill the group, then full-batch decode."""
-    from engine.model_runner import ModelRunner
+    from engine.rank.model_runner import ModelRunner
 
     runner = ModelRunner(model, num_slots=batch_size, max_len=1024)
     tokens, start = 0, time.perf_counter()

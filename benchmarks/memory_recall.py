@@ -55,11 +55,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.memory_shard import MemoryShard  # noqa: E402
+from actors.memory.learning.extraction import as_memory_query  # noqa: E402
+from actors.memory.shard import MemoryShard  # noqa: E402
 from benchmarks.memory_dataset import Conversation, generate  # noqa: E402
-from cluster.memory_config import MINILM_PRECISIONS, MemoryConfig  # noqa: E402
+from cluster.config.memory import MINILM_PRECISIONS, MemoryConfig  # noqa: E402
 from engine.embeddings import MiniLMEmbedder  # noqa: E402
-from engine.memory_extraction import as_memory_query  # noqa: E402
 
 TARGETS = {"recall": 0.95, "stale_rate": 0.02, "assembly_p95_ms_100k": 25.0}
 CONTEXT_LENGTH, MAX_TOKENS = 4096, 512
@@ -333,7 +333,7 @@ def main() -> None:
     ap.add_argument("--skip-rebuild", action="store_true", help="do not time reloading without the graph")
     args = ap.parse_args()
 
-    from engine.tiny_checkpoint import ensure_tiny_checkpoint
+    from engine.tiny.checkpoint import ensure_tiny_checkpoint
     from engine.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(ensure_tiny_checkpoint())

@@ -40,8 +40,8 @@ from cluster.config import ModelConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.output import OutputRequest, RawOutput, build_output_processor  # noqa: E402
 from engine.output.formats import schema_errors  # noqa: E402
-from engine.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
-from engine.tiny_corpus import corpus_lines  # noqa: E402
+from engine.tiny.checkpoint import ensure_tiny_checkpoint  # noqa: E402
+from engine.tiny.corpus import corpus_lines  # noqa: E402
 from engine.tokenizer import IncrementalDetokenizer  # noqa: E402
 from engine.types import SamplingParams  # noqa: E402
 

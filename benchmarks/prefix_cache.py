@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from cluster.config import ModelConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
-from engine.tiny_checkpoint import ensure_tiny_checkpoint  # noqa: E402
+from engine.tiny.checkpoint import ensure_tiny_checkpoint  # noqa: E402
 from engine.types import SamplingParams  # noqa: E402
 
 TURNS = 10

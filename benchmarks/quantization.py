@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.catalog import LlamaArchitecture, architecture  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
-from engine.loader import load_model, model_weight_bytes  # noqa: E402
-from engine.model_runner import ModelRunner  # noqa: E402
+from engine.rank.loader import load_model, model_weight_bytes  # noqa: E402
+from engine.rank.model_runner import ModelRunner  # noqa: E402
 
 PRECISIONS = {  # name -> (dtype, quantization)
     "float32": ("float32", None),
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true", help="only the tiny model (seconds, not minutes)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from engine.tiny_checkpoint import ensure_tiny_checkpoint
+    from engine.tiny.checkpoint import ensure_tiny_checkpoint
 
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

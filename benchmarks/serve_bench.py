@@ -70,7 +70,7 @@ def chat_workload(
     n: int, seed: int, prompt_words: int, output_tokens: int
 ) -> list[dict[str, Any]]:
     """``n`` chat request bodies drawn from the distribution of the module docstring."""
-    from engine.tiny_corpus import word_lists
+    from engine.tiny.corpus import word_lists
 
     lists = word_lists()
     vocab = [w for name in ("nouns", "verbs", "adjectives", "adverbs", "names") for w in lists[name]]
@@ -291,7 +291,7 @@ def start_server(args: argparse.Namespace) -> tuple[str, str]:
 
     from cluster.config import build_app_config
     from deployments.app import FAKE_ENGINE, build_app
-    from deployments.cli import start_local_ray
+    from deployments.cli.main import start_local_ray
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     temp_dir = start_local_ray(8, log_to_driver=False)  # as `m-ai serve` starts it

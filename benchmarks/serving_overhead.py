@@ -102,7 +102,7 @@ class EnginePath:
         self.config = config
 
     async def one(self, request: Any) -> tuple[float, int]:
-        from deployments import openai_adapter as oa
+        from deployments.ingress import openai_adapter as oa
 
         start = time.perf_counter()
         prompt = oa.chat_prompt(self.engine.tokenizer, request, self.config)
@@ -198,7 +198,7 @@ def start_serve(args: argparse.Namespace, config: ModelConfig) -> tuple[str, str
     from ray import serve
 
     from deployments.app import FAKE_ENGINE, build_app
-    from deployments.cli import start_local_ray
+    from deployments.cli.main import start_local_ray
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     temp_dir = start_local_ray(8, log_to_driver=False)  # as `m-ai serve` starts it
@@ -439,7 +439,7 @@ def main() -> None:
     args = ap.parse_args()
     args.load_start = os.getloadavg()[0]
 
-    from engine.tiny_checkpoint import ensure_tiny_checkpoint
+    from engine.tiny.checkpoint import ensure_tiny_checkpoint
 
     checkpoint = str(ensure_tiny_checkpoint())
     config = model_config(args, checkpoint)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.session_state import SessionShard  # noqa: E402
+from actors.sessions.shard import SessionShard  # noqa: E402
 
 USER_TEXT = ("How do I rotate the API keys of the staging cluster without downtime? " * 3)[:200]
 ANSWER_TEXT = (

@@ -17,7 +17,7 @@ Quantization = Literal["8bit", "4bit"]
 
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# bitsandbytes layouts, as transformers' BitsAndBytesConfig builds them (see engine/loader.py):
+# bitsandbytes layouts, as transformers' BitsAndBytesConfig builds them (see engine/rank/loader.py):
 # 8-bit (LLM.int8): one int8 per weight plus one float32 scale per output row;
 # 4-bit NF4: two weights per byte plus one float32 absmax per block of 64 (no double quant).
 # Embeddings, norms and lm_head stay in the compute dtype.

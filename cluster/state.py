@@ -192,7 +192,7 @@ class ModelState(_StateModel):
         return head + [{"role": m.role, "content": m.content} for m in ctx.messages]
 
     def summary(self, with_messages: bool = False) -> dict[str, Any]:
-        """The shape the ingress's session client (``deployments.sessions``) returns (``turns`` counts messages)."""
+        """The shape the ingress's session client (``deployments.ingress.sessions``) returns (``turns`` counts messages)."""
         out: dict[str, Any] = {
             "id": self.session_id,
             "tenant": self.tenant,

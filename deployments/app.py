@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import AppConfig, ModelConfig, build_app_config, load_config
-from cluster.memory_config import MemoryConfig
-from cluster.serving_config import (
+from cluster.config.memory import MemoryConfig
+from cluster.config.serving import (
     LiveConfig,
     ServingConfig,
     replica_bundles,
     replica_env_vars,
     replica_scaling,
 )
+from engine.fake_engine import FAKE_ENGINE
 
-FAKE_ENGINE = "engine.fake_engine:FakeEngine"
 # Read by Serve's HTTP proxy, so set for the whole cluster before it starts (`ray start`, or the
 # launcher's ray.init): the proxy streams to the ingress over gRPC instead of Ray actor calls,
 # about 2 ms less to the first token (docs/performance.md). It changes nothing else.
@@ -93,8 +93,8 @@ def memory_actors(config: AppConfig) -> list[Any]:
     import ray
     from ray.serve.config import DeploymentActorConfig
 
-    from actors.memory_shard import MemoryShard
-    from deployments.memory_client import memory_actor_name
+    from actors.memory.shard import MemoryShard
+    from deployments.ingress.memory_client import memory_actor_name
 
     memory = config.memory
     if not memory.enabled:
@@ -120,8 +120,8 @@ def ingress_deployment_options(
     import ray
     from ray.serve.config import DeploymentActorConfig
 
-    from actors.session_state import SessionShard
-    from deployments.sessions import session_actor_name
+    from actors.sessions.shard import SessionShard
+    from deployments.ingress.sessions import session_actor_name
 
     store_cls = ray.remote(SessionShard)
     return {
@@ -162,8 +162,8 @@ def build_app(
     built with ``engine_options``. ``live``: model name -> its initial ``LiveConfig``."""
     from ray import serve
 
-    from deployments.ingress import Ingress
-    from deployments.llm_server import LLMServer
+    from deployments.ingress.deployment import Ingress
+    from deployments.llm_server.deployment import LLMServer
 
     serving = config.serving
     models = {

@@ -26,8 +26,8 @@ from cluster.batch_format import (
     result_line,
     resume,
 )
-from deployments.auth import DEFAULT_TENANT
 from deployments.errors import as_mai_error
+from deployments.ingress.auth import DEFAULT_TENANT
 
 Progress = Callable[[int, int], None]  # (done, total)
 

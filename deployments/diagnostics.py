@@ -15,7 +15,7 @@ import collections
 import time
 from typing import Any
 
-from cluster.diagnosis import (
+from cluster.observability.diagnosis import (
     EngineFigures,
     StageStats,
     diagnose,
@@ -23,7 +23,7 @@ from cluster.diagnosis import (
     parse_exposition,
     stats_from_exposition,
 )
-from cluster.metrics import prom
+from cluster.observability.metric_specs import prom
 
 SNAPSHOTS = 64
 

@@ -24,14 +24,14 @@ import torch
 from cluster.config import ModelConfig
 from cluster.errors import CapacityError, EngineDeadError, InvalidRequestError, MAIError
 from cluster.logging_setup import get_logger
-from engine.prefix_cache import PrefixCache
-from engine.sampling import Sampler, make_generator
+from engine.decoding.sampling import Sampler, make_generator
+from engine.decoding.stop import StopStringMatcher
+from engine.rank.prefix_cache import PrefixCache
+from engine.rank.step_messages import StepPlan
+from engine.rank.worker import HEARTBEAT_S, TPWorker
 from engine.scheduler import Scheduler, Sequence
-from engine.step_messages import StepPlan
-from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import EngineStats, RequestOutput, SamplingParams
-from engine.worker import HEARTBEAT_S, TPWorker
 
 log = get_logger("engine.core")
 
@@ -80,7 +80,7 @@ class EngineCore:
         self._pending = 0  # added but not yet taken by the loop (for admission control)
         self._steps = 0
         self._generated = 0
-        # Constrained decoding (engine/structured.py), built on the first request that asks
+        # Constrained decoding (engine/decoding/structured.py), built on the first request that asks
         # for it; while no running request has a grammar, a step pays nothing for it.
         self._structured: Any = None
         self._structured_lock = threading.Lock()
@@ -130,7 +130,7 @@ class EngineCore:
         """The grammar compiler and masker of this engine's tokenizer (built once)."""
         with self._structured_lock:
             if self._structured is None:
-                from engine.structured import StructuredOutput
+                from engine.decoding.structured import StructuredOutput
 
                 self._structured = StructuredOutput(self.tokenizer, self._model_vocab_size())
             return self._structured

@@ -27,9 +27,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from cluster.config.memory import MINILM_PRECISIONS
 from cluster.errors import ConfigError
 from cluster.logging_setup import get_logger
-from cluster.memory_config import MINILM_PRECISIONS
 from cluster.plugins import PluginRegistry
 
 log = get_logger("engine.embeddings")

@@ -21,11 +21,12 @@ from pathlib import Path
 from cluster.config import ModelConfig
 from cluster.errors import EngineDeadError, MAIError
 from cluster.logging_setup import get_logger
+from cluster.net import free_port
 from engine.core import EngineCore
-from engine.loader import resolve_checkpoint
+from engine.rank.loader import resolve_checkpoint
+from engine.rank.worker import TPWorker
 from engine.tokenizer import Tokenizer, load_tokenizer
-from engine.types import EngineStats, RequestOutput, SamplingParams, new_request_id
-from engine.worker import TPWorker, free_port
+from engine.types import EngineStats, RequestOutput, SamplingParams, merge_deltas, new_request_id
 
 log = get_logger("engine")
 
@@ -76,7 +77,7 @@ class _SyncStream:
         # before those it collects after, and the last delta is always queued, after both.
         self._collected = collected = []
         queued = list(self)
-        return merge_outputs(queued[:-1] + collected + queued[-1:])
+        return merge_deltas(queued[:-1] + collected + queued[-1:])
 
 
 class _AsyncSink:
@@ -92,22 +93,6 @@ class _AsyncSink:
 
     def deliver(self, out: RequestOutput) -> None:  # batched by the core, on the loop
         self.queue.put_nowait(out)
-
-
-def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
-    """Fold a request's deltas into one output (token ids and text concatenated)."""
-    last = outputs[-1]
-    return RequestOutput(
-        last.request_id,
-        token_ids=[t for o in outputs for t in o.token_ids],
-        text="".join(o.text for o in outputs),
-        finish_reason=last.finish_reason,
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        error=last.error,
-        arrival_time=last.arrival_time,
-        first_token_time=last.first_token_time,
-    )
 
 
 class LLMEngine:
@@ -245,4 +230,4 @@ class LLMEngine:
         self.shutdown()
 
 
-__all__ = ["LLMEngine", "merge_outputs", "MAIError"]
+__all__ = ["LLMEngine", "MAIError"]

@@ -24,7 +24,7 @@ from typing import Any
 from cluster.config import ModelConfig
 from cluster.errors import CapacityError, EngineDeadError
 from cluster.logging_setup import get_logger
-from engine.structured import parse_response_format
+from engine.decoding.structured import parse_response_format
 from engine.types import EngineStats, RequestOutput, SamplingParams, new_request_id
 
 log = get_logger("engine.fake")
@@ -78,7 +78,7 @@ class ByteTokenizer:
 def _default_tokenizer() -> Any:
     """The real tiny tokenizer when the engine provides it, else ``ByteTokenizer``."""
     try:
-        from engine.tiny_checkpoint import ensure_tiny_checkpoint
+        from engine.tiny.checkpoint import ensure_tiny_checkpoint
         from engine.tokenizer import load_tokenizer
     except ImportError:
         return ByteTokenizer()
@@ -91,6 +91,10 @@ class _Slot:
 
     request_id: str
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+# The import path Serve configs and the CLI name for this engine (``engine_cls``).
+FAKE_ENGINE = f"{__name__}:FakeEngine"
 
 
 class FakeEngine:

@@ -29,7 +29,7 @@ while a slot is free and budget remains. A prompt longer than the remaining budg
 prefilled in chunks over several steps (chunked prefill), so a long prompt delays the
 running sequences by at most one budget's worth of tokens per step.
 
-KV slots stay dense (``engine.kv_slots``): running sequences own slots ``0..n-1``, and
+KV slots stay dense (``engine.rank.kv_slots``): running sequences own slots ``0..n-1``, and
 ``out.num_slots_used`` is that ``n`` for the step, so the runner may attend over
 ``cache[:n]``. ``out.decode`` is in slot order; when every running sequence decodes,
 ``out.decode[i].slot == i``. Freeing a slot in the middle moves the last slot into the
@@ -57,7 +57,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from cluster.errors import CapacityError, ConfigError, InvalidRequestError
-from engine.kv_slots import SlotAllocator
+from engine.rank.kv_slots import SlotAllocator
 
 
 class SequenceStatus(enum.Enum):

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster.autoscaling.latency_window import quantile
 from cluster.config import ModelConfig
-from cluster.latency_window import quantile
 from engine.types import SamplingParams
 
 

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from cluster.errors import EngineDeadError, MAIError, RequestCancelled
+
 FinishReason = Literal["stop", "length", "abort", "error", "content_filter"]
 
 _counter = itertools.count()
@@ -36,7 +38,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     # OpenAI's response_format ({"type": "json_object"} or {"type": "json_schema", ...}):
-    # constrained decoding (engine/structured.py). Not hashed: it holds a dict.
+    # constrained decoding (engine/decoding/structured.py). Not hashed: it holds a dict.
     response_format: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +101,33 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
+    """Fold consecutive deltas of one request into one: token ids and text concatenated,
+    the first delta's arrival and first-token times, the last one's finish and counts."""
+    if len(outputs) == 1:
+        return outputs[0]
+    first, last = outputs[0], outputs[-1]
+    return RequestOutput(
+        last.request_id,
+        token_ids=[t for o in outputs for t in o.token_ids],
+        text="".join(o.text for o in outputs),
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+        error=last.error,
+        arrival_time=first.arrival_time,
+        first_token_time=next((o.first_token_time for o in outputs if o.first_token_time), None),
+    )
+
+def output_failure(out: RequestOutput) -> MAIError | None:
+    """The error a final output that ended in failure rather than in text stands for."""
+    if out.finish_reason == "error":
+        return EngineDeadError(f"the engine failed this request: {out.error or 'unknown error'}")
+    if out.finish_reason == "abort":
+        return RequestCancelled("the request was cancelled before it finished")
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Builds the ``OutputProcessor`` of a server from ``cluster.output_config.OutputConfig``.
+"""Builds the ``OutputProcessor`` of a server from ``cluster.config.output.OutputConfig``.
 
 Every plugin the config names is loaded and checked here, once, at start: a missing or
 broken plugin, a template with a syntax error or an unreadable template file raises
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cluster.config.output import OutputConfig, SafetyPolicyConfig
 from cluster.errors import ConfigError
-from cluster.output_config import OutputConfig, SafetyPolicyConfig
 from cluster.plugins import PluginRegistry
 from engine.output.formats import FormatDetector, FormatParser, FormatRegistry, FormatValidator
 from engine.output.pipeline import OutputProcessor, OutputStages

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cluster.errors import InvalidRequestError
+from engine.decoding.structured import parse_response_format
 from engine.output.types import CodeBlock, FormatHandler, OutputRequest, ParseResult
-from engine.structured import parse_response_format
 
 _FENCE = re.compile(r"^(?P<indent>[ ]{0,3})(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$")
 _ONLY_FENCED = re.compile(

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cluster.errors import MAIError
+from engine.decoding.structured import parse_response_format
 from engine.output.formats import (
     FormatDetector,
     FormatParser,
@@ -56,7 +57,6 @@ from engine.output.types import (
     StreamDelta,
     ValidateStage,
 )
-from engine.structured import parse_response_format
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ In this order, each an incremental filter whose result does not depend on how th
 split into deltas (it holds back what the next delta could still change):
 
 1. stop sequences (the request's and the configured ones): the output ends before the
-   first one, which is never sent (``engine.stop.StopStringMatcher``);
+   first one, which is never sent (``engine.decoding.stop.StopStringMatcher``);
 2. characters that must not reach a client: C0/C1 control characters (tab and newline
    kept; ``\\r`` dropped), bidi overrides and zero-width no-break spaces (text that
    renders differently from what it says), U+FFFD left by invalid UTF-8, lone surrogates;
@@ -20,8 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+from engine.decoding.stop import StopStringMatcher
 from engine.output.types import OutputRequest
-from engine.stop import StopStringMatcher
 
 DEFAULT_FRAGMENTS: tuple[str, ...] = (
     "<s>",

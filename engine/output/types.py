@@ -20,7 +20,7 @@ class OutputRequest:
 
     tenant: str = "default"
     # OpenAI's response_format: JSON output is validated against it (and was constrained
-    # while decoding, engine/structured.py).
+    # while decoding, engine/decoding/structured.py).
     response_format: Mapping[str, Any] | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()

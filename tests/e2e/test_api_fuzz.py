@@ -24,7 +24,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.integration.serve_harness import app_config
+from tests.support.serve_harness import app_config
 
 EXAMPLES = 20
 CHECKS = (

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from cluster.serving_config import hash_api_key
-from deployments.cli import app as cli
-from tests.integration.serve_harness import REPO_ROOT, app_config, free_port
+from cluster.config.serving import hash_api_key
+from deployments.cli.main import app as cli
+from tests.support.serve_harness import REPO_ROOT, app_config, free_port
 
 runner = CliRunner()
 
@@ -108,7 +108,7 @@ def test_m_ai_serve_answers_the_openai_client_and_stops_on_ctrl_c():
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "M_AI_SERVING__PORT": str(port)}
     proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "deployments.cli", "serve"],
+        [sys.executable, "-u", "-m", "deployments.cli.main", "serve"],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,

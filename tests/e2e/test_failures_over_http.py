@@ -11,7 +11,7 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.serve_harness import app_config, wait_until
+from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-tiny"
 

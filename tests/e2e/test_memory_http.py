@@ -8,8 +8,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from cluster.serving_config import hash_api_key
-from tests.integration.serve_harness import app_config, wait_until
+from cluster.config.serving import hash_api_key
+from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-tiny"
 KEY_ACME = "sk-test-acme-mem-0123456789"

@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from cluster.serving_config import hash_api_key
-from tests.integration.serve_harness import app_config
+from cluster.config.serving import hash_api_key
+from tests.support.serve_harness import app_config
 
 MODEL = "m-ai-tiny"
 KEY_ACME = "sk-test-acme-0123456789"

@@ -16,10 +16,10 @@ import ray
 import yaml
 from typer.testing import CliRunner
 
-from cluster.alerts import AlertThresholds, alert_rules, scrape_config
-from cluster.dashboards import build_dashboard, queries
-from deployments.cli_ops import ops_app
-from tests.integration.serve_harness import app_config, free_port, wait_until
+from cluster.observability.alerts import AlertThresholds, alert_rules, scrape_config
+from cluster.observability.dashboards import build_dashboard, queries
+from deployments.cli.ops import ops_app
+from tests.support.serve_harness import app_config, free_port, wait_until
 
 MODEL = "m-ai-prom"  # a name of its own: metrics of other test apps do not mix in
 # Panels whose metrics this traffic must produce (the others may legitimately be empty: no

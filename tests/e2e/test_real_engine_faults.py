@@ -20,8 +20,8 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.faulty_engine import FAULT_MARKER, FAULTY_ENGINE
-from tests.integration.serve_harness import app_config, wait_until
+from tests.support.faulty_engine import FAULT_MARKER, FAULTY_ENGINE
+from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-tiny"
 LONG = 1500  # output tokens of a stream that must still be running when the fault comes

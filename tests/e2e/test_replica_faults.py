@@ -16,7 +16,7 @@ import time
 import httpx
 import ray
 
-from tests.integration.serve_harness import app_config
+from tests.support.serve_harness import app_config
 
 MODEL = "m-ai-tiny"
 

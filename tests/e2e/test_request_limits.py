@@ -10,7 +10,7 @@ import pytest
 
 from deployments.protocol import MAX_MESSAGES
 from engine.fake_engine import ByteTokenizer
-from tests.integration.serve_harness import app_config
+from tests.support.serve_harness import app_config
 
 MODEL = "m-ai-tiny"
 CONTEXT = 512

@@ -3,7 +3,7 @@ the way docs/deployment.md tells an operator to do it: the application comes up,
 OpenAI API over HTTP, ``serve status`` reports it, ``serve shutdown`` removes it.
 
 The cluster is this test's own, apart from the local Ray the other tests share
-(tests/integration/serve_harness.py): its own temp dir, its own ports (free ones, and a window
+(tests/support/serve_harness.py): its own temp dir, its own ports (free ones, and a window
 of worker ports outside the default 10002-19999), its own auth token (``RAY_AUTH_TOKEN``, not
 ``~/.ray/auth_token``) and its own processes: ``ray start --block`` runs as a child of this
 test and is stopped by its PID, then any process still running from the cluster's temp dir is
@@ -35,7 +35,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.integration.serve_harness import REPO_ROOT, free_port, wait_until
+from tests.support.serve_harness import REPO_ROOT, free_port, wait_until
 
 CPU_CONFIG = REPO_ROOT / "ray_configs" / "serve_tiny_cpu.yaml"
 BIN = Path(sys.executable).parent

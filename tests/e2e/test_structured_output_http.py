@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from cluster.config import build_app_config
-from cluster.serving_config import hash_api_key
-from tests.integration.serve_harness import FAST_SERVING
+from cluster.config.serving import hash_api_key
+from tests.support.serve_harness import FAST_SERVING
 
 MODEL = "m-ai-tiny"
 KEY_ACME = "sk-test-acme-structured-01"  # default policy: PII redacted

@@ -9,8 +9,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from cluster.serving_config import hash_api_key
-from tests.integration.serve_harness import app_config
+from cluster.config.serving import hash_api_key
+from tests.support.serve_harness import app_config
 
 MODEL = "m-ai-tiny"
 KEYS = {"acme": "sk-iso-acme-0123456789", "globex": "sk-iso-globex-9876543210"}

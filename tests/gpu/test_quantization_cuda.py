@@ -17,7 +17,7 @@ from cluster.catalog import architecture  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
 from cluster.planner import PlanRequest, local_machine, plan_deployment  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
-from engine.loader import load_model, model_weight_bytes  # noqa: E402
+from engine.rank.loader import load_model, model_weight_bytes  # noqa: E402
 from engine.types import SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

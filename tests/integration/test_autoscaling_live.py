@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from cluster.autoscaling_sim import ServeDefaultState, serve_default_decide
+from cluster.autoscaling.simulation import ServeDefaultState, serve_default_decide
 from deployments.protocol import ChatCompletionRequest
-from tests.integration.serve_harness import app_config, wait_until
+from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-tiny"
 FAST_POLICY = {

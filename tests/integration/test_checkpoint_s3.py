@@ -22,22 +22,18 @@ pytest.importorskip("moto")
 
 import pyarrow.fs as pafs  # noqa: E402
 
-from cluster import checkpoint_pull  # noqa: E402
-from cluster.checkpoint_manifest import parse_ref  # noqa: E402
-from cluster.checkpoint_pull import PARTIAL_DIR, pull_checkpoint, verify_local  # noqa: E402
-from cluster.checkpoint_store import CheckpointStore  # noqa: E402
+from cluster.checkpoints import pull as checkpoint_pull  # noqa: E402
+from cluster.checkpoints.manifest import parse_ref  # noqa: E402
+from cluster.checkpoints.pull import PARTIAL_DIR, pull_checkpoint, verify_local  # noqa: E402
+from cluster.checkpoints.store import CheckpointStore  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
 from cluster.errors import CheckpointError  # noqa: E402
+from cluster.net import free_port
 
 BUCKET = "m-ai-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 V1, V2 = parse_ref("tiny@v1"), parse_ref("tiny@v2")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +112,7 @@ def test_a_corrupted_object_is_refused_then_fixed_by_republishing(published, tin
     assert not cache.has(V1) and not (cache.local_path(V1) / "model.safetensors").exists()
     # the loader refuses it as well: the version never became complete in the cache
     with pytest.raises(CheckpointError):
-        from engine.loader import resolve_checkpoint
+        from engine.rank.loader import resolve_checkpoint
 
         resolve_checkpoint(ModelConfig(checkpoint=published.ref_uri(V1), checkpoint_cache_dir=str(cache.root)))
     overwrite_object(published, V1, "model.safetensors", good)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.serve_harness import app_config
+from tests.support.serve_harness import app_config
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "handle.md"
 BLOCK = re.compile(r"^```python( notest)?\n(.*?)^```", re.MULTILINE | re.DOTALL)

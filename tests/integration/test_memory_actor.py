@@ -10,10 +10,10 @@ import uuid
 
 import pytest
 
-from cluster.memory_config import MemoryConfig
+from cluster.config.memory import MemoryConfig
 from engine.embeddings import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
-from tests.integration.serve_harness import wait_until
+from tests.support.serve_harness import wait_until
 
 
 def turn(text: str) -> list[dict[str, str]]:
@@ -24,7 +24,7 @@ def turn(text: str) -> list[dict[str, str]]:
 def memory_actor(serve_cluster, tmp_path):
     import ray
 
-    from actors.memory_shard import MemoryShard
+    from actors.memory.shard import MemoryShard
 
     config = MemoryConfig(embedder="hashing", storage_uri=str(tmp_path / "memory"), persist_interval_s=0.2,
                           episodic={"window_tokens": 120, "episode_turns": 2, "fanout": 2})

@@ -13,7 +13,7 @@ import ray
 from deployments.batch_jobs import run_batch
 from deployments.diagnostics import metrics_endpoints
 from deployments.protocol import ChatCompletionRequest
-from tests.integration.serve_harness import app_config, wait_until
+from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-obs"  # a name of its own: metrics of other test apps do not mix in
 SLOW_DECODE = {"tokens_per_s": 250.0, "tokenizer": "bytes"}  # 40 tokens: 0.16 s of decode
@@ -36,7 +36,7 @@ def metrics_page() -> str:
 
 
 def sample_values(page: str, name: str, **labels: str) -> list[float]:
-    from cluster.diagnosis import parse_exposition
+    from cluster.observability.diagnosis import parse_exposition
 
     return [v for _, lbl, v in parse_exposition(page, [name]) if all(lbl.get(k) == x for k, x in labels.items())]
 

@@ -8,7 +8,7 @@ import pytest
 
 from cluster.config import ModelConfig
 from deployments.protocol import ChatCompletionRequest
-from tests.integration.serve_harness import app_config
+from tests.support.serve_harness import app_config
 
 MODEL = "m-ai-tiny"
 PROMPT = [{"role": "user", "content": "Tell me about llamas."}]

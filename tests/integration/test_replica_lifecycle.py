@@ -11,7 +11,7 @@ import ray
 from cluster.errors import EngineDeadError
 from deployments.protocol import ChatCompletionRequest
 from engine.fake_engine import DEFAULT_REPLY
-from tests.integration.serve_harness import (
+from tests.support.serve_harness import (
     FAKE_ENGINE,
     FAST_FAKE,
     FAST_SERVING,

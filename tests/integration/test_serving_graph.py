@@ -17,7 +17,7 @@ from deployments.protocol import (
     SessionInfo,
 )
 from engine.fake_engine import DEFAULT_REPLY, ByteTokenizer
-from tests.integration.serve_harness import FAST_FAKE, app_config, wait_until
+from tests.support.serve_harness import FAST_FAKE, app_config, wait_until
 
 MODEL = "m-ai-tiny"
 

@@ -10,8 +10,8 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from actors.stream_batching import StreamPacing, coalesce
 from cluster.config import ModelConfig, build_app_config, load_config
+from cluster.config.serving import ServingConfig, hash_api_key
 from cluster.errors import (
     AuthenticationError,
     CapacityError,
@@ -19,13 +19,13 @@ from cluster.errors import (
     EngineDeadError,
     InvalidRequestError,
 )
-from cluster.serving_config import ServingConfig, hash_api_key
 from deployments.app import llm_deployment_options
-from deployments.auth import DEFAULT_TENANT, ApiKeyAuth
 from deployments.errors import validation_error
-from deployments.openai_adapter import chat_prompt, sampling_params
+from deployments.ingress.auth import DEFAULT_TENANT, ApiKeyAuth
+from deployments.ingress.openai_adapter import chat_prompt, sampling_params
 from deployments.protocol import ChatCompletionRequest
 from engine.fake_engine import DEFAULT_REPLY, ByteTokenizer, FakeEngine
+from engine.stream_batching import StreamPacing, coalesce
 from engine.types import RequestOutput, SamplingParams
 
 # -- stream coalescing ------------------------------------------------------------------------

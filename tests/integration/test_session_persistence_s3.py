@@ -21,16 +21,16 @@ from typing import Any
 
 import pytest
 
-from actors.session_state import SessionShard
-from actors.state_backup import backup_state, restore_state, verify_backup
-from actors.state_storage import open_location
+from actors.sessions.backup import backup_state, restore_state, verify_backup
+from actors.sessions.shard import SessionShard
+from actors.sessions.storage import open_location
 from cluster.errors import InvalidRequestError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 CRASH_CHILD = """
 import asyncio, sys
-from actors.session_state import SessionShard
+from actors.sessions.shard import SessionShard
 
 async def main(root: str, sessions: int) -> None:
     shard = SessionShard(root, 0)

@@ -19,7 +19,7 @@ def test_a_removed_node_leaves_the_app_serving_and_its_replica_is_placed_again(t
     out = tmp_path / "two_nodes.json"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DS_ACCELERATOR": "cpu"}
     run = subprocess.run(
-        [sys.executable, "-m", "tests.integration.two_node_scenario", str(out)],
+        [sys.executable, "-m", "tests.support.two_node_scenario", str(out)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -21,8 +21,8 @@ import psutil
 import pytest
 import ray
 
-from tests.integration.serve_harness import app_config
-from tests.load.load_client import MODEL, client, send
+from tests.support.load_client import MODEL, client, send
+from tests.support.serve_harness import app_config
 
 pytestmark = pytest.mark.load
 
@@ -172,8 +172,8 @@ def test_a_deleted_sessions_memory_goes_with_it(app):
 
 
 def test_deleted_memories_free_their_space():
-    from actors.memory_shard import MemoryShard
-    from cluster.memory_config import MemoryConfig
+    from actors.memory.shard import MemoryShard
+    from cluster.config.memory import MemoryConfig
     from engine.embeddings import HashingEmbedder
     from engine.fake_engine import ByteTokenizer
 

@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.serve_harness import app_config
-from tests.load.load_client import closed_loop, open_loop
+from tests.support.load_client import closed_loop, open_loop
+from tests.support.serve_harness import app_config
 
 pytestmark = pytest.mark.load
 

@@ -1,0 +1,457 @@
+"""``MemoryShard``: the hierarchical memory of the users that hash to one shard.
+
+A plain asyncio class; Ray makes it an actor where the application is built
+(``ray.remote(MemoryShard)``, one per shard, picked by ``shard_for(tenant, user, shards)``).
+All state is touched on the event loop thread only; embedding, file I/O and summaries run in
+worker threads, so a request's context assembly is never queued behind absorbing a turn:
+
+- ``absorb_turn`` appends the turn to the session window at once (the next request sees it)
+  and queues the rest (facts, dedup, summaries) for the background worker;
+- ``recall`` / ``assemble`` embed the query, search the user's facts and hand back what fits
+  the prompt (``actors.memory.recall.context``);
+- list / search / add / delete serve the memory API; ``usage`` and ``report`` the operators.
+
+Memory is scoped by tenant and user: a call names both and sees nothing else. With
+``memory.storage_uri`` every changed user is written (Parquet through ``pyarrow.fs``) shortly
+after the change and on ``flush()``/``close()``, and loaded again on first use after a
+restart (docs/memory.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import zlib
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from actors.memory.api import MemoryApi, history_turns
+from actors.memory.episodic import expire_sessions, summarize_user
+from actors.memory.forget import SessionForgetting
+from actors.memory.learning.absorb import Absorber, AbsorbJob, UserMemory
+from actors.memory.learning.extraction import ModelFactExtractor, RuleFactExtractor, as_memory_query
+from actors.memory.learning.summarizer import ExtractiveSummarizer, ModelSummarizer
+from actors.memory.recall.context import AssembledContext, ContextAssembler
+from actors.memory.records import Decision, MemoryRecall, RecalledFact, TurnRecord
+from actors.memory.report import MemoryMetrics, memory_report, tenant_usage
+from actors.memory.users import MemoryUsers
+from cluster.config.memory import MemoryConfig
+from cluster.errors import ConfigError
+from cluster.logging_setup import get_logger
+from cluster.plugins import PluginRegistry
+from engine.embeddings import Embedder, build_embedder
+
+log = get_logger("actors.memory.shard")
+
+CLEANUP_EVERY_S = 60.0
+METRICS_EVERY_S = 10.0
+SENTENCE_CACHE = 16_384
+
+
+def shard_for(tenant: str, user: str, shards: int) -> int:
+    """The memory shard of (tenant, user): stable across processes and restarts."""
+    return zlib.crc32(f"{tenant}\x00{user}".encode()) % shards
+
+
+def approximate_tokens(text: str) -> int:
+    """A tokenizer-free estimate (~4 bytes per token), used only without a tokenizer."""
+    return max(1, len(text.encode("utf-8")) // 4) if text else 0
+
+
+class MemoryShard(MemoryApi, SessionForgetting):
+    """The memory of one shard (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: MemoryConfig | dict[str, Any] | None = None,
+        *,
+        shard: int = 0,
+        tokenizer: Any = None,
+        embedder: Embedder | None = None,
+        generate: Callable[[str], Any] | None = None,
+        clock: Callable[[], float] = time.time,
+        read_only: bool = False,  # operators' tools: read a live root, never write it
+        registry: PluginRegistry | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, MemoryConfig) else MemoryConfig.model_validate(config or {})
+        self.shard = shard
+        if isinstance(tokenizer, str):
+            from engine.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.count_tokens: Callable[[str], int] = (
+            tokenizer.count_tokens if tokenizer is not None else approximate_tokens
+        )
+        self._embedder = embedder
+        self.generate = generate
+        self.clock = clock
+        self.registry = registry
+        self.users = MemoryUsers(self.config, lambda: self.embedder, clock, read_only=read_only,
+                                 on_loaded=self._requeue_unanalysed, registry=registry)
+        self.assembler = ContextAssembler(tokenizer, self.config.context) if tokenizer is not None else None
+        self.metrics = MemoryMetrics(shard)
+        self._jobs: deque[AbsorbJob] = deque()
+        self._forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()  # deleted sessions
+        self._wakeup: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._last_cleanup = self._last_metrics = clock()
+        self._sentence_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.absorber = Absorber(
+            self.config, self._extractor(), self._summarizer(), self._embed, self._tenant_full,
+            self._embed_cached,
+        )
+
+    # -- components -------------------------------------------------------------------------
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            ref = self.config.embedder
+            self._embedder = build_embedder(ref.name, ref.options, self.registry)
+        return self._embedder
+
+    def _extractor(self) -> Any:
+        if self.config.extractor == "rules":
+            return RuleFactExtractor()
+        if self.generate is None:
+            raise ConfigError(
+                "memory.extractor='model' needs the served model's handle (generate=...); "
+                "use extractor='rules' where no model can extract facts",
+                param="memory.extractor",
+            )
+        return ModelFactExtractor(self.generate)
+
+    def _summarizer(self) -> Any:
+        if self.config.summarizer == "model":
+            if self.generate is None:
+                raise ConfigError(
+                    "memory.summarizer='model' needs the served model's handle (generate=...); "
+                    "use summarizer='extractive' where no model can summarize",
+                    param="memory.summarizer",
+                )
+            return ModelSummarizer(self.generate, self.count_tokens)
+        return _LazyExtractive(self)
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
+        return await asyncio.to_thread(self.embedder.embed, texts)
+
+    async def _embed_cached(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of summary sentences: summaries of summaries reuse the same sentences,
+        so recent ones are kept (float16, ``SENTENCE_CACHE`` entries)."""
+        cache = self._sentence_vectors
+        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        if missing:
+            for text, vector in zip(missing, await self._embed(missing)):
+                cache[text] = vector.astype(np.float16)
+        out = np.zeros((len(texts), self.embedder.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            out[row] = cache[text]
+            cache.move_to_end(text)
+        while len(cache) > SENTENCE_CACHE:
+            cache.popitem(last=False)
+        return out
+
+    def _tenant_full(self, tenant: str) -> bool:
+        limit = self.config.capacity.tenant_max_bytes
+        if limit is None:
+            return False
+        used = sum(u.longterm.nbytes() + u.episodes.nbytes() for u in self.users.loaded() if u.tenant == tenant)
+        return used >= limit
+
+    # -- users ------------------------------------------------------------------------------
+
+    async def _user(self, tenant: str, user: str) -> UserMemory:
+        return await self.users.get(tenant, user)
+
+    def _schedule_flush(self) -> None:
+        self.users.schedule_flush()
+
+    async def flush(self, include_touched: bool = True) -> dict[str, Any]:
+        """Write every changed user now; returns users and bytes written."""
+        return await self.users.flush(include_touched)
+
+    async def load_all(self) -> int:
+        """Load every stored user (reports over the whole root); returns how many."""
+        return await self.users.load_all()
+
+    def loaded_users(self) -> list[UserMemory]:
+        return self.users.loaded()
+
+    def _requeue_unanalysed(self, memory: UserMemory) -> None:
+        """Turns whose analysis was queued when the previous process stopped are queued again."""
+        for session in memory.episodes.sessions.values():
+            for turn in session.unanalysed():
+                self._jobs.append(AbsorbJob(memory.tenant, memory.user, session.session_id,
+                                            turn.turn_id, turn.messages, turn.created_at))
+        if self._jobs:
+            self._start_worker()
+
+    # -- absorbing turns --------------------------------------------------------------------
+
+    async def absorb_turn(
+        self,
+        tenant: str,
+        user: str,
+        session_id: str,
+        turn_id: int,
+        messages: Sequence[dict[str, str]],
+        *,
+        wait: bool = False,
+    ) -> dict[str, Any]:
+        """Add a finished turn: it joins the session window now; facts and summaries follow
+        in the background (``wait=True`` returns once they are done, with the decisions)."""
+        if self.is_forgotten(tenant, session_id):
+            return {"queued": False, "reason": f"session {session_id} was deleted"}
+        memory = await self._user(tenant, user)
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        now = self.clock()
+        tokens = sum(self.count_tokens(m["content"]) for m in messages)
+        turn = TurnRecord(int(turn_id), messages, tokens, now)
+        session = memory.episodes.session(session_id)
+        if not session.add_turn(turn, self.config.episodic.window_tokens):
+            return {"queued": False, "reason": f"turn {turn_id} of {session_id} was absorbed already"}
+        memory.dirty = True
+        loop = asyncio.get_running_loop()
+        job = AbsorbJob(tenant, user, session_id, int(turn_id), messages, now,
+                        loop.create_future() if wait else None)
+        if len(self._jobs) >= self.config.absorb_queue:
+            dropped = self._jobs.popleft()
+            self._skip(dropped)
+        self._jobs.append(job)
+        self._start_worker()
+        if wait and job.done is not None:
+            decisions = await job.done
+            return {"queued": True, "decisions": [d.public() for d in decisions]}
+        return {"queued": True, "pending": len(self._jobs)}
+
+    def _skip(self, job: AbsorbJob) -> None:
+        """A job dropped from a full queue: its turn is summarized without fact extraction."""
+        log.warning("absorb queue full: oldest turn not analysed",
+                    extra={"tenant": job.tenant, "session": job.session_id, "turn": job.turn_id})
+        memory = self.users.find((job.tenant, job.user))
+        session = memory.episodes.sessions.get(job.session_id) if memory else None
+        turn = session.find_turn(job.turn_id) if session else None
+        if turn is not None:
+            turn.analysed = True
+        if job.done is not None and not job.done.done():
+            job.done.set_result([])
+
+    def _start_worker(self) -> None:
+        if self._wakeup is None:
+            self._wakeup, self._idle = asyncio.Event(), asyncio.Event()
+        self._idle.clear()
+        self._wakeup.set()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None and self._idle is not None
+        while True:
+            while self._jobs:
+                job = self._jobs.popleft()
+                await self._run_job(job)
+            await self._housekeeping()
+            if self._jobs:
+                continue
+            self._idle.set()
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _run_job(self, job: AbsorbJob) -> None:
+        try:
+            memory = await self._user(job.tenant, job.user)
+            decisions = await self.absorber.run(memory, job, self.clock())
+            if self.is_forgotten(job.tenant, job.session_id):  # deleted while this turn ran
+                await self._purge_session(job.tenant, job.session_id)
+                decisions = []
+            if memory.episodes.user_summary_dirty and not any(
+                j.tenant == job.tenant and j.user == job.user for j in self._jobs
+            ):
+                await summarize_user(memory.episodes, self.absorber.summarizer, self._embed_cached,
+                                     self.config.episodic)
+            self._schedule_flush()
+            if job.done is not None and not job.done.done():
+                job.done.set_result(decisions)
+        except Exception as exc:
+            log.exception("absorbing a turn failed", extra={"tenant": job.tenant, "session": job.session_id})
+            if job.done is not None and not job.done.done():
+                job.done.set_exception(exc)
+
+    async def _housekeeping(self) -> None:
+        now = self.clock()
+        if now - self._last_cleanup >= CLEANUP_EVERY_S:
+            await self.cleanup(now)
+        if now - self._last_metrics >= METRICS_EVERY_S:
+            self._last_metrics = now
+            self.metrics.publish(tenant_usage(self.users.loaded(), self.config))
+
+    async def drain(self) -> None:
+        """Wait until every queued turn is absorbed (tests, benchmarks, shutdown)."""
+        while self._jobs or (self._idle is not None and not self._idle.is_set()):
+            if self._worker is None or self._worker.done():
+                self._start_worker()
+            assert self._idle is not None
+            await self._idle.wait()
+
+    # -- context ----------------------------------------------------------------------------
+
+    async def recall(
+        self,
+        tenant: str,
+        user: str,
+        session_id: str | None = None,
+        query: str | None = None,
+        *,
+        top_k: int | None = None,
+        history: Sequence[dict[str, str]] | None = None,
+    ) -> MemoryRecall:
+        """What memory offers a request: ranked facts for ``query``, the session and user
+        summaries (without sentences about superseded facts) and the recent turns. Without
+        turns of its own for the session, ``history`` (the session store's messages) is used."""
+        memory = await self._user(tenant, user)
+        started = time.perf_counter()
+        k = self.config.retrieval.top_k if top_k is None else top_k
+        facts: list[RecalledFact] = []
+        if query and k > 0 and memory.longterm.active_count:
+            vector = (await self._embed([as_memory_query(query)]))[0]
+            for item in memory.longterm.search(vector, k, self.clock()):
+                record = item.record
+                facts.append(RecalledFact(record.id, record.text, record.kind, item.similarity, item.score))
+            if facts:
+                memory.touched = True  # written with the next flush, or within a minute
+                self._schedule_flush()
+        query_ms = (time.perf_counter() - started) * 1000
+        return self._recall_parts(memory, session_id, facts, history, query_ms)
+
+    async def assemble(
+        self,
+        tenant: str,
+        user: str,
+        session_id: str | None,
+        messages: Sequence[Any],
+        *,
+        context_length: int,
+        max_tokens: int,
+        system_prompt: str | None = None,
+        history: Sequence[dict[str, str]] | None = None,
+    ) -> AssembledContext:
+        """``recall`` then fit it into the prompt with this shard's tokenizer."""
+        if self.assembler is None:
+            raise ConfigError(
+                "MemoryShard.assemble needs the model's tokenizer (tokenizer=...); or call "
+                "recall() and actors.memory_context.assemble_context with the model's tokenizer",
+                param="tokenizer",
+            )
+        query = _last_user_text(messages)
+        recall = await self.recall(tenant, user, session_id, query, history=history)
+        assembled = self.assembler.assemble(
+            messages, context_length=context_length, max_tokens=max_tokens, recall=recall,
+            system_prompt=system_prompt,
+        )
+        assembled.query_ms = recall.query_ms
+        return assembled
+
+    def _recall_parts(
+        self,
+        memory: UserMemory,
+        session_id: str | None,
+        facts: list[RecalledFact],
+        history: Sequence[dict[str, str]] | None,
+        query_ms: float,
+    ) -> MemoryRecall:
+        superseded = memory.longterm.superseded
+        session = memory.episodes.sessions.get(session_id) if session_id else None
+        session_summary, turns, through = [], [], -1
+        if session is not None:
+            session_summary = [s.text for s in session.summary_sentences()
+                               if not superseded.intersection(s.fact_ids)]
+            turns, through = session.recent_turns(), session.summarized_through
+        if not turns and history:
+            turns = history_turns(history)
+        seen = set(session_summary)
+        user_summary = [s.text for s in memory.episodes.user_summary
+                        if s.text not in seen and not superseded.intersection(s.fact_ids)]
+        return MemoryRecall(facts, session_summary, user_summary, turns, through, query_ms)
+
+    # -- cleanup and persistence ------------------------------------------------------------
+
+    async def cleanup(self, now: float | None = None) -> dict[str, Any]:
+        """TTL and capacity of every loaded user, and idle sessions folded into user summaries."""
+        now = self.clock() if now is None else now
+        self._last_cleanup = now
+        totals = {"expired": 0, "evicted": 0, "history_dropped": 0, "sessions_expired": 0}
+        session_ttl = self.config.capacity.session_ttl_s
+        for memory in list(self.users.loaded()):
+            result = memory.longterm.cleanup(now)
+            for key, value in result.items():
+                totals[key] += value
+            if session_ttl is not None:
+                gone = await expire_sessions(memory.episodes, self.absorber.summarizer,
+                                             self._embed_cached, self.config.episodic, now - session_ttl)
+                totals["sessions_expired"] += len(gone)
+                if gone:
+                    await summarize_user(memory.episodes, self.absorber.summarizer,
+                                         self._embed_cached, self.config.episodic)
+            if any(result.values()) or memory.episodes.user_summary_dirty:
+                memory.dirty = True
+        self._schedule_flush()
+        return totals
+
+    async def close(self) -> None:
+        """Absorb what is queued, write everything, stop the worker."""
+        await self.drain()
+        await self.flush()
+        self.users.close()
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()
+
+    # -- operators --------------------------------------------------------------------------
+
+    async def usage(self, tenant: str | None = None) -> dict[str, Any]:
+        rows = tenant_usage(self.users.loaded(), self.config)
+        return {name: row for name, row in rows.items() if tenant is None or name == tenant}
+
+    async def report(self, tenant: str | None = None, user: str | None = None) -> dict[str, Any]:
+        """The ``m-ai memory report`` figures of the loaded users (``load_all`` loads all)."""
+        return memory_report(self.users.loaded(), self.config, tenant, user)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "pid": os.getpid(),
+            "users": len(self.users.loaded()),
+            "queued_turns": len(self._jobs),
+            "storage": getattr(getattr(self.users.storage, "location", None), "display", None)
+            or (type(self.users.storage).__name__ if self.users.storage else None),
+        }
+
+
+class _LazyExtractive:
+    """The extractive summarizer, built when first used (the embedder loads lazily)."""
+
+    def __init__(self, shard: MemoryShard) -> None:
+        self._shard = shard
+        self._inner: ExtractiveSummarizer | None = None
+        self.name = "extractive"
+
+    def summarize(self, sentences: Any, max_tokens: int, embeddings: Any = None) -> Any:
+        if self._inner is None:
+            self._inner = ExtractiveSummarizer(self._shard.embedder, self._shard.count_tokens)
+        return self._inner.summarize(sentences, max_tokens, embeddings)
+
+
+def _last_user_text(messages: Sequence[Any]) -> str | None:
+    for message in reversed(list(messages)):
+        role = message["role"] if isinstance(message, dict) else getattr(message, "role", None)
+        if role == "user":
+            return message["content"] if isinstance(message, dict) else message.content
+    return None
+
+
+__all__ = ["MemoryShard", "shard_for", "approximate_tokens", "Decision"]

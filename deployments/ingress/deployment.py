@@ -1,0 +1,329 @@
+"""The front door: the OpenAI-compatible HTTP API and the Python handle API, in one class.
+
+A plain class (``app.py`` applies ``serve.deployment`` and ``serve.ingress``). Its methods
+are the handle API and the HTTP routes (``deployments/routes_*.py``) only call them:
+
+    handle = serve.get_app_handle("m-ai")
+    reply = await handle.chat.remote(ChatCompletionRequest(model="m-ai-tiny", messages=[...]))
+    async for chunk in handle.options(stream=True).chat_stream.remote(request):
+        print(chunk.choices[0].delta.content or "", end="")
+
+It routes each request to the model's LLMServer deployment, and with a ``session_id`` gives
+it the session's context (the user's memory recall when memory is on, else the session's
+earlier turns; ``deployments.ingress.memory``) and stores the finished turn afterwards, then
+hands it to memory in the background (a turn that fails or is cancelled is not stored).
+Answers pass through the output pipeline (``deployments.ingress.output_processing``: sanitizing, the
+tenant's content safety, formats) before the client, and a session, sees them. Every failure
+leaves as a ``cluster.errors.MAIError`` (``deployments.errors.as_mai_error``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.config.memory import MemoryConfig
+from cluster.config.output import OutputConfig
+from cluster.config.serving import ServingConfig
+from cluster.errors import EngineDeadError, InvalidRequestError
+from cluster.logging_setup import get_logger
+from deployments.errors import as_mai_error, brief
+from deployments.ingress.auth import DEFAULT_TENANT, ApiKeyAuth
+from deployments.ingress.memory import IngressMemory, SessionContext
+from deployments.ingress.memory_client import MemoryClient
+from deployments.ingress.observability import IngressObservability
+from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor, with_usage
+from deployments.ingress.sessions import SessionClient
+from deployments.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    MemoryCreateRequest,
+    MemorySearchRequest,
+    ModelCard,
+    ModelList,
+    SessionCreateRequest,
+    SessionDeleted,
+    SessionInfo,
+    SessionList,
+    parse_request,
+)
+
+log = get_logger("deployments.ingress.deployment")
+
+# Deployment states in which a model cannot serve (Serve's DeploymentStatus values).
+UNHEALTHY = frozenset({"UNHEALTHY", "DEPLOY_FAILED"})
+STATUS_CACHE_S = 0.5  # GET /health asks the Serve controller at most this often per replica
+
+
+def _parse(model: type, value: Any) -> Any:
+    try:
+        return parse_request(model, value)
+    except Exception as exc:
+        raise as_mai_error(exc) from None
+
+
+class Ingress:
+    """Routes requests to the models, keeps sessions and their memory (see the module docstring
+    and ``deployments.ingress.memory``)."""
+
+    def __init__(
+        self,
+        models: dict[str, Any],
+        cards: list[dict[str, Any]],
+        serving: ServingConfig,
+        output: OutputConfig | None = None,
+        memory: MemoryConfig | None = None,
+    ) -> None:
+        # Calls to the models go replica to replica over Serve's gRPC channel instead of Ray
+        # actor calls (`_by_reference=False`): about a fifth less CPU per streamed token here and
+        # in the LLMServer (benchmarks/serving_overhead.py, docs/deployment.md).
+        self.models = {name: h.options(_by_reference=False) for name, h in models.items()}
+        self._streaming = {name: h.options(stream=True) for name, h in self.models.items()}
+        self.cards = [ModelCard.model_validate(c) for c in cards]
+        self.serving = serving
+        self.auth = ApiKeyAuth(serving)
+        self.sessions = SessionClient(serving.session_store_shards)
+        self._status_cache: tuple[float, Any] | None = None
+        # Loads the output plugins: a broken one fails the start here, not each request.
+        self.output = ResponseProcessor(output)
+        # Timing breakdown, error and session figures, the response cache, /v1/diagnostics.
+        self.observe = IngressObservability(serving.response_cache)
+        # Memory shards (deployment actors memory-0..M-1); no client when memory is off.
+        client = MemoryClient(memory.shards) if memory is not None and memory.enabled else None
+        self.memory = IngressMemory(self.sessions, self.observe, client)
+        if not self.auth.enabled:
+            log.warning(
+                "authentication is off: serving.api_keys is empty, every caller is tenant "
+                f"{DEFAULT_TENANT!r}; configure key hashes (m-ai config hash-key) to turn it on"
+            )
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from deployments.http.app import create_http_app
+
+        return create_http_app(self)
+
+    # -- completions --------------------------------------------------------------------------
+
+    async def chat(
+        self, request: ChatCompletionRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> ChatCompletionResponse:
+        """A whole chat completion (``request.stream`` is ignored; see ``chat_stream``)."""
+        request = _parse(ChatCompletionRequest, request)
+        handle = self._model(request.model)
+        cached = self.observe.cached(request, tenant)
+        if cached is not None:
+            return cached
+        output = self.output.open(request, tenant)
+        context = await self.memory.session_context(request, tenant)
+        try:
+            response = await handle.chat.remote(
+                context.request, context.history_len, self.observe.trace(),
+                context.recall, context.system_prompt,
+            )
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
+        with self.observe.timed("output_processing", request.model):
+            response = self.output.chat_response(response, output)
+        self.observe.remember(request, tenant, response)
+        if request.session_id:
+            await self._store_turn(request, tenant, response.choices[0].message.content, context)
+            response.session_id = request.session_id
+        return response
+
+    async def chat_stream(
+        self, request: ChatCompletionRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """A chat completion as chunks; stopping the iteration cancels the generation."""
+        request = _parse(ChatCompletionRequest, request)
+        self._model(request.model)
+        output = self.output.open(request, tenant)
+        context = await self.memory.session_context(request, tenant)
+        full = with_usage(context.request) if output is not None else context.request
+        stream = self._streaming[request.model].chat_stream.remote(
+            full, context.history_len, self.observe.trace(), context.recall, context.system_prompt
+        )
+        chunks = ProcessedStream(stream, output, request.include_usage)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
+        finally:
+            await chunks.aclose()
+            if not chunks.upstream_finished:  # the client left, or the pipeline ended it
+                stream.cancel()
+        if request.session_id and chunks.complete:
+            await self._store_turn(request, tenant, chunks.text, context)
+
+    async def complete(
+        self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> CompletionResponse:
+        request = _parse(CompletionRequest, request)
+        handle = self._model(request.model)
+        cached = self.observe.cached(request, tenant)
+        if cached is not None:
+            return cached
+        output = self.output.open(request, tenant)
+        try:
+            response = await handle.complete.remote(request, self.observe.trace())
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
+        with self.observe.timed("output_processing", request.model):
+            response = self.output.completion_response(response, output)
+        self.observe.remember(request, tenant, response)
+        return response
+
+    async def complete_stream(
+        self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[CompletionResponse]:
+        request = _parse(CompletionRequest, request)
+        self._model(request.model)
+        output = self.output.open(request, tenant)
+        upstream = with_usage(request) if output is not None else request
+        stream = self._streaming[request.model].complete_stream.remote(upstream, self.observe.trace())
+        chunks = ProcessedStream(stream, output, request.include_usage)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
+        finally:
+            await chunks.aclose()
+            if not chunks.upstream_finished:
+                stream.cancel()
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    async def create_session(
+        self, request: SessionCreateRequest | dict | None = None, tenant: str = DEFAULT_TENANT
+    ) -> SessionInfo:
+        return await self.sessions.create(tenant, _parse(SessionCreateRequest, request or {}))
+
+    async def get_session(self, session_id: str, tenant: str = DEFAULT_TENANT) -> SessionInfo:
+        return await self.sessions.get(session_id, tenant)
+
+    async def list_sessions(self, tenant: str = DEFAULT_TENANT) -> SessionList:
+        return SessionList(data=await self.sessions.list(tenant))
+
+    async def delete_session(self, session_id: str, tenant: str = DEFAULT_TENANT) -> SessionDeleted:
+        # first: if memory cannot forget, the session stays (503)
+        await self.memory.forget_session(tenant, session_id)
+        await self.sessions.delete(session_id, tenant)
+        return SessionDeleted(id=session_id)
+
+    # -- memory (an M-AI extension; ``deployments.ingress.memory``) ---------------------------
+
+    async def list_memories(
+        self,
+        user: str,
+        tenant: str = DEFAULT_TENANT,
+        include_history: bool = False,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> dict[str, Any]:
+        return await self.memory.list(tenant, user, include_history, limit, offset)
+
+    async def search_memories(
+        self, request: MemorySearchRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        return await self.memory.search(tenant, request)
+
+    async def add_memory(
+        self, request: MemoryCreateRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        return await self.memory.add(tenant, request)
+
+    async def get_memory(self, memory_id: str, user: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.memory.get(tenant, user, memory_id)
+
+    async def delete_memory(
+        self, memory_id: str, user: str, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        return await self.memory.delete(tenant, user, memory_id)
+
+    async def delete_memories(self, user: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.memory.delete_all(tenant, user)
+
+    async def memory_usage(self, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.memory.usage(tenant)
+
+    # -- models and health --------------------------------------------------------------------
+
+    def list_models(self) -> ModelList:
+        return ModelList(data=self.cards)
+
+    async def health(self) -> dict[str, Any]:
+        """Serve's view of each model: ``EngineDeadError`` (503) unless every model has a
+        running replica and its deployment is not unhealthy.
+
+        It asks the Serve controller, not the replicas: a call to a replica would wait in its
+        request queue behind the generations and time out under load. A dead engine or shard
+        fails the replica's health check (every ``serving.health_check_period_s``), which
+        shows here until Serve has replaced the replica.
+        """
+        from ray import serve
+
+        now = time.monotonic()
+        if self._status_cache is None or now - self._status_cache[0] > STATUS_CACHE_S:
+            self._status_cache = (now, await asyncio.to_thread(serve.status))
+        applications = self._status_cache[1].applications
+        report: dict[str, Any] = {}
+        for name, handle in self.models.items():
+            app = applications.get(handle.app_name)
+            deployment = app.deployments.get(handle.deployment_name) if app else None
+            if deployment is None:
+                raise EngineDeadError(f"model {name}: its deployment is not running")
+            running = deployment.replica_states.get("RUNNING", 0)
+            status = str(getattr(deployment.status, "value", deployment.status))
+            if running == 0 or status in UNHEALTHY:
+                # Serve's message may hold a replica's stack trace: clients get its summary
+                why = f" ({brief(deployment.message)})" if deployment.message else ""
+                raise EngineDeadError(
+                    f"model {name}: {running} running replicas, deployment {status}{why}"
+                )
+            report[name] = {"status": status, "running_replicas": running}
+        return {"status": "ok", "models": report}
+
+    async def diagnostics(self, model: str | None = None, window_s: float = 300.0) -> dict[str, Any]:
+        """Where requests spend their time over about ``window_s``: the dominant stage and a
+        recommendation (``GET /v1/diagnostics``; see ``cluster.observability.diagnosis``)."""
+        if model is not None:
+            self._model(model)
+        return await self.observe.diagnostics(model, window_s)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException, model: str) -> BaseException:
+        error = as_mai_error(exc)
+        self.observe.error(error, model)
+        return error
+
+    def _model(self, name: str) -> Any:
+        handle = self.models.get(name)
+        if handle is None:
+            raise InvalidRequestError(
+                f"model={name!r} is not served here; available: {', '.join(sorted(self.models))} "
+                f"(GET /v1/models)",
+                param="model",
+            )
+        return handle
+
+    async def _store_turn(
+        self, request: ChatCompletionRequest, tenant: str, answer: str, context: SessionContext
+    ) -> None:
+        turn = [m.as_dict() for m in request.messages if m.role != "system"]
+        turn.append({"role": "assistant", "content": answer})
+        with self.observe.session_op("append"):
+            count = await self.sessions.append(
+                request.session_id, tenant, turn, request_id=uuid.uuid4().hex
+            )
+        self.memory.remember_turn(context, tenant, request.session_id, count, turn)
+
+
+__all__ = ["Ingress"]

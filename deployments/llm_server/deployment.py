@@ -1,0 +1,389 @@
+"""One replica of one model: its shard actors, its request path, its live configuration.
+
+A plain class (``serve.deployment`` is applied in ``app.py``) that takes the engine class as a
+parameter. On start it creates the replica's tensor-parallel ``ShardActor``s in the placement
+group Serve reserved with the replica (``actors.tp.rank_group``), waits until they have loaded,
+and fetches the tokenizer from rank 0. Each request is templated and checked here, then handed
+to rank 0 in one streaming Ray call; rank 0's engine core batches it with the others.
+
+Live configuration arrives as Serve's ``user_config`` (``reconfigure``, schema
+``cluster.config.serving.LiveConfig``): sampling defaults and stream pacing change at once; a
+change that needs the weights reloaded is refused with a message that says so.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from pydantic import ValidationError
+
+from actors.memory.recall.context import ContextAssembler
+from actors.tp.rank_group import ShardGroup
+from cluster.autoscaling.latency_window import LatencyWindow
+from cluster.autoscaling.policy import QUEUE_KEY, TTFT_KEY
+from cluster.config import LIVE_FIELDS, ModelConfig, plan_update
+from cluster.config.memory import MemoryConfig
+from cluster.config.serving import LiveConfig, ServingConfig, replica_bundles
+from cluster.errors import ConfigError, EngineDeadError, InvalidRequestError
+from cluster.logging_setup import get_logger
+from deployments.errors import as_mai_error
+from deployments.ingress import openai_adapter as oa
+from deployments.llm_server.metrics import MetricsRecorder
+from deployments.llm_server.monitor import ReplicaMonitor
+from deployments.llm_server.request_metrics import RequestTrace
+from deployments.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionRequest,
+    CompletionResponse,
+    parse_request,
+)
+from engine.stream_batching import StreamPacing
+from engine.types import RequestOutput, SamplingParams, merge_deltas, new_request_id, output_failure
+
+log = get_logger("deployments.llm_server.deployment")
+
+
+def _replica_label() -> str:
+    """A name unique to this replica (Serve's replica id), for its shard actors."""
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        label = f"{ctx.app_name}-{ctx.deployment}-{ctx.replica_id.unique_id}"
+    except Exception:  # not inside a Serve replica (a plain Ray test)
+        label = uuid.uuid4().hex[:8]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", label)
+
+
+class LLMServer:
+    """Serves one model (see the module docstring)."""
+
+    async def __init__(
+        self,
+        model_config: ModelConfig,
+        serving: ServingConfig | None = None,
+        engine_cls: str | type | None = None,
+        engine_options: dict[str, Any] | None = None,
+        memory: MemoryConfig | None = None,
+    ) -> None:
+        self.base_config = model_config
+        self.config = model_config
+        self.serving = serving or ServingConfig()
+        self.name = model_config.served_name
+        self.refused: str | None = None  # why the last live update was refused
+        self.pacing = StreamPacing(
+            self.serving.stream_interval_ms / 1000, self.serving.stream_max_events_per_s
+        )
+        shard_bundle = replica_bundles(self.serving, model_config)[1]
+        self.shards = ShardGroup.start(
+            model_config,
+            name_prefix=f"m-ai-shard-{_replica_label()}",
+            engine_cls=engine_cls,
+            engine_options=engine_options,
+            num_cpus=shard_bundle["CPU"],
+            num_gpus=shard_bundle.get("GPU", 0.0),
+        )
+        await self.shards.wait_loaded(self.serving.shard_start_timeout_s)
+        self.tokenizer = await self.shards.rank0.get_tokenizer.remote()
+        # Prompts of session requests with a memory recall (actors.memory_context).
+        self.assembler = ContextAssembler(self.tokenizer, (memory or MemoryConfig()).context)
+        # Metrics and the latency the autoscaling policy reads (record_autoscaling_stats).
+        self.latency = LatencyWindow(self.serving.autoscaling.look_back_period_s)
+        self.recorder = MetricsRecorder(model=self.name, replica=_replica_label().rsplit("-", 1)[-1])
+        self.monitor = ReplicaMonitor(
+            self.recorder, self.shards, model_config, self.serving.metrics_interval_s, self.latency
+        ).start()
+        log.info("model replica ready", extra={"model": self.name, "tp_size": model_config.tp_size})
+
+    # -- live configuration -------------------------------------------------------------------
+
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Apply Serve's ``user_config`` (a ``LiveConfig``) without restarting the replica.
+
+        A change that is invalid or needs a reload is refused: the replica keeps serving with
+        its current configuration, logs the reason and reports it in ``live_config()`` and
+        ``health()``. (Raising here would make Serve stop the replica: a typo in a live update
+        must not take the model down.)
+        """
+        try:
+            live = LiveConfig.model_validate(user_config or {})
+            update = plan_update(self.base_config, live.model)
+            if update.needs_reload:
+                raise ConfigError(
+                    f"user_config changes {', '.join(update.reload)} of {self.name}, which needs the "
+                    f"weights reloaded: change it in the application's config and redeploy (new replicas "
+                    f"load it); user_config applies only {', '.join(sorted(LIVE_FIELDS))} and stream pacing",
+                    param=f"user_config.model.{update.reload[0]}",
+                )
+        except (ConfigError, ValidationError) as exc:
+            self.refused = (
+                exc.message if isinstance(exc, ConfigError) else f"user_config is invalid: {exc}"
+            )
+            log.error(
+                "live configuration refused; the replica keeps its current one",
+                extra={"model": self.name, "reason": self.refused},
+            )
+            return
+        self.refused = None
+        self.pacing = StreamPacing(
+            (
+                live.stream_interval_ms
+                if live.stream_interval_ms is not None
+                else self.serving.stream_interval_ms
+            )
+            / 1000,
+            live.stream_max_events_per_s or self.serving.stream_max_events_per_s,
+        )
+        if update.config != self.config:
+            await self.shards.rank0.update_config.remote(update.config)
+            self.config = update.config
+        log.info(
+            "live configuration applied",
+            extra={"model": self.name, "changed": ",".join(update.live)},
+        )
+
+    def live_config(self) -> dict[str, Any]:
+        """The configuration in effect now (sampling defaults and pacing)."""
+        return {
+            "model": {k: getattr(self.config, k) for k in sorted(LIVE_FIELDS)},
+            "stream_interval_ms": self.pacing.min_interval_s * 1000,
+            "stream_max_events_per_s": self.pacing.max_events_per_s,
+            "refused": self.refused,
+        }
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def chat(
+        self,
+        request: ChatCompletionRequest | dict,
+        history_len: int = 0,
+        trace: dict | None = None,
+        recall: Any = None,
+        system_prompt: str | None = None,
+    ) -> ChatCompletionResponse:
+        """A whole chat completion. ``history_len``: leading messages that come from a session
+        (the oldest of them may be dropped to fit the context). ``trace``: timing from the
+        caller (``sent_at``, for the queue time; see ``deployments.llm_server.request_metrics``).
+        ``recall``: the user's ``MemoryRecall`` (then ``request`` holds only the new turn and
+        the prompt is assembled from memory, with the session's ``system_prompt``)."""
+        request = parse_request(ChatCompletionRequest, request)
+        prompt, params = self._prepare_chat(request, history_len, recall, system_prompt)
+        out = await self._generate_all(prompt.token_ids, params, trace)
+        return oa.chat_response(out, self.name, len(prompt.token_ids))
+
+    async def chat_stream(
+        self,
+        request: ChatCompletionRequest | dict,
+        history_len: int = 0,
+        trace: dict | None = None,
+        recall: Any = None,
+        system_prompt: str | None = None,
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """A chat completion as chunks (the last one with ``usage`` when asked for)."""
+        request = parse_request(ChatCompletionRequest, request)
+        prompt, params = self._prepare_chat(request, history_len, recall, system_prompt)
+        chunks = oa.ChatChunks(self.name, len(prompt.token_ids), request.include_usage)
+        async for item in self._stream(prompt.token_ids, params, chunks, trace):
+            yield item
+
+    async def complete(
+        self, request: CompletionRequest | dict, trace: dict | None = None
+    ) -> CompletionResponse:
+        request = parse_request(CompletionRequest, request)
+        prompt, params = self._prepare_completion(request)
+        out = await self._generate_all(prompt.token_ids, params, trace)
+        return oa.completion_response(out, self.name, len(prompt.token_ids))
+
+    async def complete_stream(
+        self, request: CompletionRequest | dict, trace: dict | None = None
+    ) -> AsyncIterator[CompletionResponse]:
+        request = parse_request(CompletionRequest, request)
+        prompt, params = self._prepare_completion(request)
+        chunks = oa.CompletionChunks(self.name, len(prompt.token_ids), request.include_usage)
+        async for item in self._stream(prompt.token_ids, params, chunks, trace):
+            yield item
+
+    def _prepare_chat(
+        self,
+        request: ChatCompletionRequest,
+        history_len: int,
+        recall: Any = None,
+        system_prompt: str | None = None,
+    ) -> tuple[oa.Prompt, SamplingParams]:
+        self._check_model(request.model)
+        if recall is not None:
+            prompt = self._memory_prompt(request, recall, system_prompt)
+        else:
+            prompt = oa.chat_prompt(self.tokenizer, request, self.config, history_len)
+        return prompt, oa.sampling_params(request, self.config, len(prompt.token_ids), "messages")
+
+    def _memory_prompt(
+        self, request: ChatCompletionRequest, recall: Any, system_prompt: str | None
+    ) -> oa.Prompt:
+        """The prompt assembled from memory within ``context_length - max_tokens``; should the
+        assembly itself fail, the recall's turns go through the sliding window instead."""
+        want = request.max_tokens or min(self.config.max_tokens, self.config.context_length // 2)
+        try:
+            context = self.assembler.assemble(
+                request.messages, context_length=self.config.context_length, max_tokens=want,
+                recall=recall, system_prompt=system_prompt,
+            )
+            return oa.Prompt(context.token_ids, context.dropped_turns)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:
+            log.warning("memory context assembly failed; using the sliding window",
+                        extra={"model": self.name, "error": repr(exc)[:300]})
+        head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        history = head + [m for turn in recall.turns for m in turn]
+        messages = [ChatMessage.model_validate(m) for m in history] + list(request.messages)
+        return oa.chat_prompt(
+            self.tokenizer, request.model_copy(update={"messages": messages}), self.config, len(history)
+        )
+
+    def _prepare_completion(self, request: CompletionRequest) -> tuple[oa.Prompt, SamplingParams]:
+        self._check_model(request.model)
+        prompt = oa.completion_prompt(self.tokenizer, request)
+        return prompt, oa.sampling_params(request, self.config, len(prompt.token_ids), "prompt")
+
+    def _check_model(self, model: str) -> None:
+        if model != self.name:
+            raise InvalidRequestError(
+                f"model={model!r} is not served by this replica ({self.name})", param="model"
+            )
+
+    async def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, chunks: Any, trace: dict | None = None
+    ) -> AsyncIterator[Any]:
+        last = None
+        timing = self._trace(trace)
+        async for out in self._engine_stream(prompt_ids, params, self.pacing, timing):
+            last = out
+            start = time.monotonic()
+            chunk = chunks.chunk(out)
+            timing.add_output_time(time.monotonic() - start)
+            if chunk is not None:
+                yield chunk
+        if chunks.include_usage and last is not None:
+            yield chunks.usage_chunk(last)
+
+    async def _generate_all(
+        self, prompt_ids: list[int], params: SamplingParams, trace: dict | None = None
+    ) -> RequestOutput:
+        stream = self._engine_stream(prompt_ids, params, None, self._trace(trace))
+        outputs = [out async for out in stream]
+        return merge_deltas(outputs)
+
+    def _trace(self, trace: dict | None) -> RequestTrace:
+        return RequestTrace(self.recorder, self.latency, new_request_id(), trace)
+
+    async def _engine_stream(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        pacing: StreamPacing | None,
+        timing: RequestTrace,
+    ) -> AsyncIterator[RequestOutput]:
+        """One Ray call to rank 0 per request; if the caller goes away, the request is cancelled.
+        ``timing`` records the request's metrics (after the caller processed the last output,
+        so that its output processing counts)."""
+        import ray
+
+        request_id = timing.request_id
+        rank0 = self.shards.rank0
+        refs = rank0.generate.remote(prompt_ids, params, request_id, pacing)
+        finished = False
+        text: list[str] = []
+        try:
+            async for ref in refs:
+                try:
+                    out: RequestOutput = await ref
+                except Exception as exc:
+                    error = as_mai_error(exc)
+                    timing.fail(error)
+                    raise error from None
+                timing.on_output(out)
+                text.append(out.text)
+                finished = out.finished
+                yield out
+                if finished:
+                    failure = output_failure(out)
+                    if failure is not None:
+                        timing.fail(failure)
+                    else:
+                        timing.finish(out, "".join(text), params.response_format)
+                    return
+            timing.fail(EngineDeadError("no final output"))
+            raise EngineDeadError("the engine ended the stream without a final output")
+        finally:
+            if not finished:
+                ray.cancel(refs)
+                rank0.cancel.remote(request_id)
+                timing.cancelled()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What Serve's controller hands the latency autoscaling policy (cluster/autoscaling/policy.py):
+        this replica's p90 TTFT (or its oldest waiting request's age) and queue time."""
+        report = self.latency.report()
+        return {TTFT_KEY: report["ttft"], QUEUE_KEY: report["queue"]}
+
+    async def check_health(self) -> None:
+        """Serve's health check: a dead engine or shard raises, and Serve replaces the replica."""
+        await self.shards.check_health(timeout_s=min(10.0, self.serving.health_check_timeout_s))
+
+    async def health(self) -> dict[str, Any]:
+        """The engine's stats (and a refused live update), or ``EngineDeadError``. A handle call:
+        it waits in the replica's request queue (GET /health asks the Serve controller instead)."""
+        await self.check_health()
+        report = await self.stats()
+        if self.refused:
+            report["live_config_refused"] = self.refused
+        return report
+
+    async def stats(self) -> dict[str, Any]:
+        try:
+            stats = await self.shards.rank0.stats.remote()
+        except Exception as exc:
+            raise as_mai_error(exc) from None
+        return asdict(stats)
+
+    async def describe(self) -> dict[str, Any]:
+        """This replica's shards (actor names, rank order, and their namespace) and its
+        placement group, for operators and tests."""
+        import ray
+        from ray.util.placement_group import get_current_placement_group
+
+        pg = get_current_placement_group()
+        table = ray.util.placement_group_table(pg) if pg is not None else {}
+        return {
+            "model": self.name,
+            "shard_names": list(self.shards.names),
+            "namespace": ray.get_runtime_context().namespace,
+            "shards": [await a.describe.remote() for a in self.shards.actors],
+            "placement_group": {
+                "id": pg.id.hex() if pg else None,
+                "strategy": table.get("strategy"),
+                "bundles": list(pg.bundle_specs) if pg else [],
+            },
+        }
+
+    def __del__(self) -> None:
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.stop()
+        shards = getattr(self, "shards", None)
+        if shards is not None:
+            shards.kill()
+
+
+__all__ = ["LLMServer"]

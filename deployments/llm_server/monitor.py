@@ -1,0 +1,97 @@
+"""A replica's periodic figures: engine state and resource usage, every few seconds.
+
+Started by each LLMServer replica as an asyncio task. Every ``interval_s`` it asks the rank-0
+shard for the engine's stats (an actor call: it does not wait in Serve's request queue) and
+samples the CPU and memory of the replica process and of each shard actor, and sets the
+gauges: requests running and waiting, mean batch size over the interval, KV slot use, prefix
+cache hit rate, per-process CPU / RSS / GPU memory, KV cache bytes per shard, and the latency
+this replica reports to the autoscaler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from cluster.autoscaling.latency_window import LatencyWindow
+from cluster.logging_setup import get_logger
+from deployments.llm_server.metrics import MetricsRecorder
+from deployments.llm_server.resource_usage import ProcessSampler, kv_cache_bytes
+
+log = get_logger("deployments.llm_server.monitor")
+
+
+class ReplicaMonitor:
+    def __init__(
+        self,
+        recorder: MetricsRecorder,
+        shards: Any,
+        config: Any,
+        interval_s: float,
+        window: LatencyWindow | None = None,
+    ) -> None:
+        self.recorder = recorder
+        self.shards = shards
+        self.config = config
+        self.interval_s = interval_s
+        self.window = window
+        self.sampler = ProcessSampler()
+        self._pids: dict[str, int] = {"replica": os.getpid()}
+        self._last: tuple[int, int] | None = None  # (steps, generated tokens)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> ReplicaMonitor:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        try:
+            for i, actor in enumerate(self.shards.actors):
+                info = await actor.describe.remote()
+                self._pids[f"shard-{i}"] = int(info["pid"])
+        except Exception:
+            log.warning("shard pids unknown; only the replica's resources are reported", exc_info=True)
+        while True:
+            try:
+                await self.sample_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a dead engine is the health check's business, not ours
+                log.debug("replica sample failed", exc_info=True)
+            await asyncio.sleep(self.interval_s)
+
+    async def sample_once(self) -> None:
+        rec = self.recorder
+        stats = await self.shards.rank0.stats.remote()
+        rec.set("num_requests_running", stats.running)
+        rec.set("num_requests_waiting", stats.waiting)
+        rec.set("kv_cache_usage_perc", stats.kv_slots_used / max(1, stats.kv_slots_total))
+        rec.set("prefix_cache_hit_rate", stats.prefix_cache_hit_rate)
+        if self._last is not None:
+            steps = stats.steps - self._last[0]
+            tokens = stats.generated_tokens - self._last[1]
+            rec.set("batch_size", tokens / steps if steps > 0 else 0.0)
+        self._last = (stats.steps, stats.generated_tokens)
+        shard_kv = kv_cache_bytes(self.config)
+        for actor, pid in self._pids.items():
+            usage = self.sampler.sample(pid)
+            if usage is None:
+                continue
+            rec.set("process_cpu_percent", usage.cpu_percent, actor=actor)
+            rec.set("process_resident_memory_bytes", usage.rss_bytes, actor=actor)
+            if usage.gpu_bytes is not None:
+                rec.set("process_gpu_memory_bytes", usage.gpu_bytes, actor=actor)
+            if actor.startswith("shard-"):
+                rec.set("kv_cache_bytes", shard_kv, actor=actor)
+        if self.window is not None:
+            report = self.window.report()
+            rec.set("autoscaling_signal_seconds", report["ttft"], signal="ttft")
+            rec.set("autoscaling_signal_seconds", report["queue"], signal="queue")
+
+
+__all__ = ["ReplicaMonitor"]

@@ -1,0 +1,220 @@
+"""One tensor-parallel rank: joins the process group, holds a weights shard and its KV cache.
+
+A plain class with no Ray inside (the shard actor wraps it). Rank 0 runs the engine core and
+calls ``execute`` each step, which broadcasts the step's inputs before running them; the other
+ranks sit in ``serve_forever`` receiving the same inputs and running the same forward.
+No Ray call is made per step: torch.distributed carries everything.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from cluster.config import ModelConfig
+from cluster.errors import EngineDeadError
+from cluster.logging_setup import get_logger
+from engine.rank import step_messages as msg
+from engine.rank.loader import (
+    TORCH_DTYPES,
+    disable_deepspeed_shm_allreduce,
+    load_model,
+    resolve_checkpoint,
+)
+from engine.rank.model_runner import ModelRunner
+
+log = get_logger("engine.rank.worker")
+
+# Followers wait at most this long for the next step; rank 0 sends a heartbeat when idle
+# well within it, so a silent rank 0 (or a dead peer) surfaces as an error, not a hang.
+COLLECTIVE_TIMEOUT_S = 60.0
+HEARTBEAT_S = 10.0
+
+
+
+class TPWorker:
+    """A tensor-parallel shard of one model replica."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        rank: int = 0,
+        world_size: int | None = None,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+        checkpoint_dir: str | Path | None = None,
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size or config.tp_size
+        self.master_addr = master_addr
+        self.master_port = master_port
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.runner: ModelRunner | None = None
+        self.device = torch.device("cpu")
+        self._distributed = False
+        self._alive = False
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Join the process group (blocks until every rank joins) and load this shard."""
+        cfg = self.config
+        device = cfg.resolved_device()
+        if device == "cpu":
+            torch.set_num_threads(cfg.cpu_threads_per_shard)
+        path = self.checkpoint_dir or resolve_checkpoint(cfg)
+        if self.world_size > 1:
+            self._init_distributed(device)
+        if device == "cuda":
+            local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+        model = load_model(cfg, path, tp_size=self.world_size)
+        self.runner = ModelRunner(
+            model,
+            # running sequences' slots, then the prefix cache's
+            num_slots=cfg.max_num_seqs + cfg.prefix_cache_slots,
+            max_len=cfg.context_length,
+            tp_size=self.world_size,
+            dtype=TORCH_DTYPES[cfg.resolved_dtype()],
+            device=self.device,
+        )
+        self.checkpoint_path = path
+        self._alive = True
+        log.info(
+            "shard ready",
+            extra={"rank": self.rank, "world_size": self.world_size, "kv_cache_mib": self.runner.kv_cache_bytes >> 20},
+        )
+
+    def _init_distributed(self, device: str) -> None:
+        if self.master_port is None:
+            raise ValueError("master_port is required when world_size > 1")
+        env = {
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            # DeepSpeed's CPU all-reduce reads LOCAL_SIZE; without it every rank segfaults.
+            "LOCAL_SIZE": str(self.world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+        os.environ.update(env)
+        if device == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        disable_deepspeed_shm_allreduce()
+        deepspeed.init_distributed(
+            dist_backend="gloo" if device == "cpu" else "nccl",
+            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self._distributed = True
+
+    def shutdown(self) -> None:
+        """Rank 0: tell the followers to exit. Every rank: leave the process group."""
+        if self._distributed and self.rank == 0 and self._alive:
+            try:
+                self._broadcast(*msg.encode(msg.OP_SHUTDOWN))
+            except Exception:  # a dead follower must not block shutting down the rest
+                log.warning("could not tell followers to stop", exc_info=True)
+        self._alive = False
+        if self._distributed:
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception:
+                pass
+            self._distributed = False
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    # -- rank 0 -----------------------------------------------------------------------------
+
+    def execute(self, plan: msg.StepPlan) -> torch.Tensor | None:
+        """Run one step on every rank; logits rows: decode sequences, then prefill chunks.
+
+        Chunks that do not complete a prompt still return a row (ignored by the caller).
+        """
+        if self._distributed:
+            try:
+                self._broadcast(*msg.encode(msg.OP_STEP, plan))
+            except Exception as exc:
+                self._alive = False
+                raise EngineDeadError(f"a tensor-parallel shard stopped answering: {exc}") from exc
+            try:
+                return self._run(plan)
+            except RuntimeError as exc:  # an all-reduce inside the forward lost a peer
+                self._alive = False
+                log.error("collective failed during the forward", exc_info=True)
+                raise EngineDeadError(
+                    "a tensor-parallel shard stopped answering during a forward step; the "
+                    "replica is restarting"
+                ) from exc
+        return self._run(plan)
+
+    def heartbeat(self) -> None:
+        """Rank 0 when idle: prove liveness to the followers (and learn if one died)."""
+        if self._distributed:
+            try:
+                self._broadcast(*msg.encode(msg.OP_HEARTBEAT))
+            except Exception as exc:
+                self._alive = False
+                raise EngineDeadError(f"a tensor-parallel shard stopped answering: {exc}") from exc
+
+    def _broadcast(self, header: torch.Tensor, payload: torch.Tensor) -> None:
+        torch.distributed.broadcast(header, src=0)
+        if payload.numel():
+            torch.distributed.broadcast(payload, src=0)
+
+    # -- ranks > 0 --------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Follow rank 0's steps until it says stop (or the group breaks)."""
+        header = torch.empty(msg.HEADER_LEN, dtype=torch.long)
+        try:
+            while True:
+                torch.distributed.broadcast(header, src=0)
+                n = msg.payload_len(header)
+                payload = torch.empty(n, dtype=torch.long)
+                if n:
+                    torch.distributed.broadcast(payload, src=0)
+                op, plan = msg.decode(header, payload)
+                if op == msg.OP_SHUTDOWN:
+                    break
+                if op == msg.OP_STEP:
+                    self._run(plan)
+        finally:
+            self._alive = False
+            log.info("follower stopped", extra={"rank": self.rank})
+
+    # -- every rank -------------------------------------------------------------------------
+
+    def _run(self, plan: msg.StepPlan) -> torch.Tensor | None:
+        runner = self.runner
+        if plan.kv_saves:
+            runner.copy_kv(plan.kv_saves)
+        if plan.slot_moves:
+            runner.move_slots(plan.slot_moves)
+        if plan.kv_loads:
+            runner.copy_kv(plan.kv_loads)
+        if not plan.decode_tokens and not plan.prefill:
+            return None
+        if not plan.decode_tokens:
+            return runner.forward(None, None, None, plan.prefill)
+        dev, slots = self.device, plan.decode_slots
+        return runner.forward(
+            torch.tensor(plan.decode_tokens, device=dev),
+            torch.tensor(plan.decode_positions, device=dev),
+            torch.tensor(slots, device=dev),
+            plan.prefill,
+            # known here from the lists: no device sync in the runner
+            kv_len=max(plan.decode_positions) + 1,
+            dense=all(slot == i for i, slot in enumerate(slots)),
+        )

@@ -1,0 +1,68 @@
+"""The metric registry, the dashboard built from it, and recording outside Ray."""
+
+from __future__ import annotations
+
+import re
+
+from cluster.observability import metric_specs as metrics
+from cluster.observability.dashboards import (
+    build_dashboard,
+    covered_metrics,
+    panel_targets,
+    queries,
+)
+from deployments.llm_server.metrics import MetricsRecorder
+
+PROM_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+def test_names_are_unique_prefixed_and_valid():
+    names = [m.full_name for m in metrics.ALL]
+    assert len(names) == len(set(names))
+    for m in metrics.ALL:
+        assert m.full_name.startswith("m_ai_") and PROM_NAME.match(m.prometheus_name)
+        assert m.prometheus_name == "ray_" + m.full_name
+        assert all(PROM_NAME.match(label) for label in m.labels)
+        if m.kind == "histogram":
+            assert list(m.buckets) == sorted(m.buckets) and m.buckets[0] > 0
+        if m.kind == "counter":
+            assert m.name.endswith("_total")
+
+
+def test_vllm_names_are_kept():
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+                 "time_per_output_token_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "num_requests_running", "num_requests_waiting",
+                 "prompt_tokens_total", "generation_tokens_total", "kv_cache_usage_perc"):
+        assert metrics.spec(name).full_name == f"m_ai_{name}"
+
+
+def test_every_metric_has_a_dashboard_panel_per_model_and_replica():
+    model = build_dashboard()
+    assert covered_metrics(model) == set(metrics.BY_NAME)
+    variables = {v["name"] for v in model["templating"]["list"]}
+    assert {"datasource", "model", "replica"} <= variables
+    for spec in metrics.ALL:
+        for expr, _ in panel_targets(spec):
+            for label in ("model", "replica"):
+                if label in spec.labels:
+                    assert f'{label}=~"${label}"' in expr, (spec.name, expr)
+    # variables are replaced for queries run outside Grafana
+    assert all("$" not in expr for _, expr in queries(model))
+
+
+def test_panels_do_not_overlap():
+    cells = set()
+    for panel in build_dashboard()["panels"]:
+        g = panel["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, panel["title"]
+                cells.add((x, y))
+
+
+def test_recording_outside_ray_is_a_no_op():
+    rec = MetricsRecorder(model="m", replica="r")
+    rec.observe("time_to_first_token_seconds", 0.1)
+    rec.inc("request_errors_total", kind="x", unknown_label="ignored")
+    rec.set("num_requests_running", 3)

@@ -1,0 +1,49 @@
+"""docs/openapi.json is the spec of the HTTP API as the code defines it, and says what the API
+reference (docs/api.md) promises: the OpenAI routes, sessions, SSE streaming, error bodies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deployments.http.openapi import DEFAULT_PATH, build_openapi, main, stale_diff
+
+
+def test_the_committed_spec_is_up_to_date():
+    diff = stale_diff(DEFAULT_PATH)
+    assert diff is None, (
+        "docs/openapi.json no longer matches the HTTP app; regenerate it with "
+        f"`python -m deployments.openapi_spec` and commit it:\n{diff}"
+    )
+
+
+def test_the_spec_documents_the_routes_streaming_and_errors():
+    spec = build_openapi()
+    paths = spec["paths"]
+    assert {"post"} <= set(paths["/v1/chat/completions"]) and "post" in paths["/v1/completions"]
+    assert "get" in paths["/v1/models"] and "get" in paths["/health"]
+    assert {"get", "post"} <= set(paths["/v1/sessions"])
+    assert {"get", "delete"} <= set(paths["/v1/sessions/{session_id}"])
+
+    chat = paths["/v1/chat/completions"]["post"]
+    assert "text/event-stream" in chat["responses"]["200"]["content"]
+    for code in ("400", "401", "429", "503"):
+        ref = chat["responses"][code]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorResponse")
+    request = spec["components"]["schemas"]["ChatCompletionRequest"]
+    assert {"model", "messages"} <= set(request["required"])
+    assert {"stream", "stream_options", "session_id", "max_tokens", "stop", "seed"} <= set(
+        request["properties"]
+    )
+
+
+def test_check_mode_tells_a_stale_file_from_a_fresh_one(tmp_path: Path, capsys):
+    out = tmp_path / "openapi.json"
+    assert main(["--check", "--out", str(out)]) == 1  # missing
+    assert main(["--out", str(out)]) == 0
+    assert main(["--check", "--out", str(out)]) == 0
+    spec = json.loads(out.read_text())
+    spec["info"]["version"] = "0.0.0-stale"
+    out.write_text(json.dumps(spec, indent=2) + "\n")
+    assert main(["--check", "--out", str(out)]) == 1
+    assert "0.0.0-stale" in capsys.readouterr().out  # the diff shows what changed
