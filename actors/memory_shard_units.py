@@ -9,7 +9,8 @@ Mixed into ``MemoryShard`` (which provides ``users``, ``clock``, ``config``, ``c
   units still without a vector, in batches across users (a batch is far cheaper per text than
   one forward per turn);
 - ``_recall_units`` ranks a user's units for a request (actors/memory_retrieval.py), leaving
-  out the current session's turns that the request already gets verbatim;
+  out the current session's turns that the request already gets verbatim, and messages whose
+  every fact has been superseded since (they would bring an outdated value back);
 - ``search_units`` is the handle API behind the benchmark's ablation rows (one mode at a time).
 """
 
@@ -76,10 +77,16 @@ class UnitMemory:
         units = memory.units
         if units is None or not len(units) or not query:
             return []
-        exclude = None
-        if session is not None:  # the session's unsummarized turns come verbatim already
-            sid, through = session.session_id, session.summarized_through
-            exclude = lambda unit: unit.session_id == sid and unit.turn_id > through  # noqa: E731
+        superseded = memory.longterm.superseded
+        sid, through = (session.session_id, session.summarized_through) if session is not None else (None, 0)
+
+        def exclude(unit: MemoryUnit) -> bool:
+            # the session's unsummarized turns come verbatim already; a message whose every
+            # fact was superseded since would bring an outdated value back (as summaries never do)
+            if unit.session_id == sid and unit.turn_id > through:
+                return True
+            return bool(unit.facts) and all(f in superseded for f in unit.facts)
+
         return rank_units(units, query, vector, self.config.units, mode=mode, exclude=exclude)  # type: ignore[attr-defined]
 
     async def search_units(

@@ -128,10 +128,20 @@ class UserUnits:
             name = unit.speaker.lower()
             self.speakers[name] = self.speakers.get(name, 0) + 1
         if stored is not None:
-            self.dense.add_stored(unit.key, stored)
+            if stored.size:
+                self.dense.add_stored(unit.key, stored)
         else:
             self.unembedded.append(unit.key)
         return unit
+
+    def add_many(self, units: list[MemoryUnit], stored: np.ndarray) -> None:
+        """Bulk load into an empty user (imports, benchmarks): ``stored`` holds the units'
+        quantized vectors, row for row; the dense index (and its graph) is built once."""
+        if self.units:
+            raise RuntimeError("add_many loads a user without units only")
+        for unit in units:
+            self.add(unit, np.zeros(0))  # a placeholder: no per-unit dense insert
+        self.dense.add_many_stored(np.asarray([u.key for u in units], dtype=np.int64), stored)
 
     def take_unembedded(self, limit: int) -> list[MemoryUnit]:
         keys, self.unembedded = self.unembedded[:limit], self.unembedded[limit:]

@@ -51,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.memory_lexical import LexicalIndex  # noqa: E402
-from actors.memory_retrieval import MODES, pack_units  # noqa: E402
+from actors.memory_retrieval import MODES, pack_units, rank_units  # noqa: E402
 from actors.memory_shard import MemoryShard  # noqa: E402
 from actors.memory_time import parse_date_time  # noqa: E402
 from cluster.memory_config import MemoryConfig  # noqa: E402
@@ -161,11 +161,10 @@ class Baselines:
             self.costs[line] = self.count(line)
         return self.costs[line]
 
-    def contexts(self, question: str, budget: int) -> dict[str, str]:
+    def contexts(self, question: str, query: np.ndarray, budget: int) -> dict[str, str]:
         n = len(self.lines)
         bm25 = [k for k, _ in self.lexical.search(question, n)]
         bm25 += [i for i in range(n - 1, -1, -1) if i not in set(bm25)]
-        query = self.embedder.embed([question])[0]
         dense = list(np.argsort(-(self.vectors @ query), kind="stable"))
         return {
             "newest turns": pack_lines(self.lines, list(range(n - 1, -1, -1)), budget, self.cost),
@@ -215,10 +214,12 @@ async def run_conversation(conv: dict, config: MemoryConfig, tokenizer, embedder
                 latencies.append(elapsed)
             memory_text = "\n".join(m["content"] for m in assembled.messages if m["role"] == "system")
             contexts = {"M-AI memory": (memory_text, assembled.prompt_tokens - base)}
-            for name, text in baselines.contexts(question, budget).items():
+            query = embedder.embed([question])[0]  # what the memory embeds for units too
+            for name, text in baselines.contexts(question, query, budget).items():
                 contexts[name] = (text, tokenizer.count_tokens(text) if text else 0)
-            for mode in MODES:
-                found = await shard.search_units(tenant, user, question, mode=mode)
+            units = shard.loaded_users()[0].units
+            for mode in MODES:  # the memory's own ranking, one part at a time
+                found = rank_units(units, question, query, config.units, mode=mode)
                 packed = pack_units(found, budget, tokenizer.count_tokens, config.context.units_header)
                 contexts[f"units: {mode}"] = (packed.text, tokenizer.count_tokens(packed.text) if packed.text else 0)
             for name, (text, used) in contexts.items():
