@@ -284,7 +284,9 @@ class Ingress(IngressMemory):
             count = await self.sessions.append(
                 request.session_id, tenant, turn, request_id=uuid.uuid4().hex
             )
-        self.remember_turn(context, tenant, request.session_id, count, turn)
+        # memory keeps who said what: a message's OpenAI `name` is its speaker
+        named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in request.messages if m.role != "system"]
+        self.remember_turn(context, tenant, request.session_id, count, [*named, turn[-1]])
 
 
 __all__ = ["Ingress"]

@@ -216,3 +216,24 @@ def test_an_app_config_refuses_model_extraction_with_the_fix():
         AppConfig.model_validate({"models": [{"name": "m"}], "memory": {"summarizer": "model"}})
     assert MemoryConfig(extractor="model").extractor == "model"  # library use with generate= stays possible
     assert AppConfig.model_validate({"models": [{"name": "m"}]}).memory.extractor == "rules"
+
+
+def test_the_turn_import_api_keeps_speaker_names_and_dates():
+    from deployments.ingress_memory import IngressMemory
+    from deployments.memory_client import MemoryClient
+    from tests.unit.fake_handles import PlainHandle
+
+    async def go():
+        s = new_shard()
+        ingress = IngressMemory()
+        ingress.memory = MemoryClient(1, lambda name: PlainHandle(s))
+        body = {"user": "pair", "session_id": "s1", "turn_id": 0, "at": MAY_8,
+                "messages": [{"role": "user", "content": "I adopted a puppy yesterday.", "name": "Jon"}]}
+        result = await ingress.add_memory_turn(body, "t")
+        assert result["object"] == "memory.turn" and result["queued"] is True
+        found = await s.search_units("t", "pair", "When did Jon adopt a puppy?")
+        assert found[0].line == "Jon: I adopted a puppy yesterday [7 May 2023]."
+        with pytest.raises(Exception, match="turn_id"):
+            await ingress.add_memory_turn({**body, "turn_id": -1}, "t")
+
+    run(go())
