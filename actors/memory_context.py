@@ -17,7 +17,9 @@ Priority order (highest first; a lower item only gets what the higher ones left)
 5. messages of earlier conversations found by hybrid retrieval (``recall.units``, best first,
    actors/memory_retrieval.pack_units): they fill what is left, within ``units_share`` of the
    budget, grouped by session under a date header, each at most once. Should the exact render
-   overshoot, this block shrinks before anything is dropped.
+   overshoot, this block shrinks before anything is dropped. When there are such messages,
+   the user summary (a digest of the same conversations) comes after them instead of before
+   the older turns.
 
 Items are costed with the tokenizer and added in that order; the prompt is then rendered
 exactly and, should template joins make it longer than estimated, the lowest-priority item
@@ -249,14 +251,15 @@ class ContextAssembler:
             for i in range(len(recall.session_summary) - 1, -1, -1)
             for text in [recall.session_summary[i]]
         ]
-        items += [
+        user_summary = [
             _Item("user_summary", i, self._cost("line", f" {text}"), "user_summary")
             for i, text in enumerate(recall.user_summary)
         ]
-        items += [_Item("older_turns", i, self._turn_cost(turns[i])) for i in newest[len(first):]]
-        if recall.units:
-            items.append(_Item("units", 0, 0))
-        return items
+        older = [_Item("older_turns", i, self._turn_cost(turns[i])) for i in newest[len(first):]]
+        if not recall.units:
+            return items + user_summary + older
+        # the earlier messages themselves come before the user summary, a digest of them
+        return items + older + [_Item("units", 0, 0)] + user_summary
 
     def _admission_cost(self, item: _Item, system_prompt: str | None, admitted: list[_Item]) -> int:
         """The item's tokens plus its section header (and the system wrapper) if it opens them."""
