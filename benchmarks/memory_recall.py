@@ -5,7 +5,8 @@ generated conversation (benchmarks/memory_dataset.py: >= 1,000 turns in sessions
 ~56 planted facts among distractors, ~30 paraphrases, ~18 changed facts) is absorbed turn by
 turn by one ``MemoryShard`` with the default config (rule extractor, extractive summarizer).
 Then, in a new session, one question per fact; each question's context is assembled for a
-4,096-token window with max_tokens=512, and its text is checked:
+4,096-token window with max_tokens=512, and its text - what memory put in the prompt, never
+the question itself - is checked:
 
 - ``recall``: share of questions whose context holds the fact's latest value;
 - ``stale_rate``: share of questions about a *changed* fact whose context holds an outdated
@@ -17,7 +18,14 @@ Then, in a new session, one question per fact; each question's context is assemb
   ``paraphrases_not_extracted``; ``paraphrase_merge_rate_all`` divides by every paraphrase).
   Changes detected as ``supersede`` are reported as ``change_detection``.
 
-Latency part: one user with 1k, 10k and 100k memories imported with synthetic embeddings
+Independently phrased split (benchmarks/memory_dataset_independent.py): the statements above
+are written with the extraction rules they exercise; here 13 facts per user come up in
+passing, inside narration, each in two of three phrasings none of which matches a rule's
+pattern, among ~370 distractor turns, and the questions are worded apart from the statements.
+``independent_recall``: share of those questions whose context holds the value.
+
+Latency part: one user with 1k, 10k and 100k memories (and as many memory units, so that the
+hybrid retrieval over absorbed messages - dense + BM25 + signals - runs at that size too) imported with synthetic embeddings
 (the MiniLM vectors of 1,000 generated fact texts, perturbed: embedding 100k texts with
 MiniLM on this machine's cores would take ~15 minutes), plus a session of 24 real turns.
 Each query runs ``MemoryShard.assemble``: the real MiniLM query embedding, the index search
@@ -57,7 +65,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.memory.learning.extraction import as_memory_query  # noqa: E402
 from actors.memory.shard import MemoryShard  # noqa: E402
+from actors.memory.units import MemoryUnit  # noqa: E402
 from benchmarks.memory_dataset import Conversation, generate  # noqa: E402
+from benchmarks.memory_dataset_independent import generate_independent  # noqa: E402
 from cluster.config.memory import MINILM_PRECISIONS, MemoryConfig  # noqa: E402
 from engine.embeddings import MiniLMEmbedder  # noqa: E402
 
@@ -75,7 +85,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def context_text(messages: list[dict[str, str]]) -> str:
-    return "\n".join(m["content"] for m in messages)
+    """What memory put in the prompt: every message but the request's own (the question)."""
+    return "\n".join(m["content"] for m in messages[:-1])
 
 
 # -- recall -------------------------------------------------------------------------------------
@@ -153,6 +164,37 @@ async def run_user(shard: MemoryShard, conv: Conversation) -> dict:
     }
 
 
+async def run_independent_user(shard: MemoryShard, conv: Conversation) -> dict:
+    """The independently phrased split: absorb, then one question per fact in a new session."""
+    for turn_id, (text, answer, _) in enumerate(conv.turns):
+        await shard.absorb_turn("bench", conv.user, conv.session_of_turn[turn_id], turn_id,
+                                [{"role": "user", "content": text}, {"role": "assistant", "content": answer}])
+    await shard.drain()
+    found, misses = 0, []
+    for fact in conv.facts:
+        assembled = await shard.assemble(
+            "bench", conv.user, f"sess-{conv.user}-ind-questions", [{"role": "user", "content": fact.question}],
+            context_length=CONTEXT_LENGTH, max_tokens=MAX_TOKENS, system_prompt=SYSTEM,
+        )
+        ok = fact.present(fact.value_history[-1], context_text(assembled.messages))
+        found += ok
+        if not ok:
+            misses.append(fact.key)
+    return {"user": conv.user, "facts": len(conv.facts), "found": found, "misses": misses}
+
+
+async def independent_part(embedder: MiniLMEmbedder, tokenizer, users: int, seed: int) -> dict:
+    shard = MemoryShard(MemoryConfig(), tokenizer=tokenizer, embedder=embedder)
+    rows = []
+    for u in range(users):
+        conv = generate_independent(f"ind{u}", seed=seed)
+        rows.append(await run_independent_user(shard, conv))
+        log(f"independent: {rows[-1]}")
+    await shard.close()
+    return {"independent_recall": round(sum(r["found"] for r in rows) / sum(r["facts"] for r in rows), 4),
+            "independent_questions": sum(r["facts"] for r in rows), "independent_users": rows}
+
+
 async def recall_part(embedder: MiniLMEmbedder, tokenizer, users: int, turns: int, seed: int) -> dict:
     shard = MemoryShard(MemoryConfig(), tokenizer=tokenizer, embedder=embedder)
     rows = []
@@ -219,6 +261,14 @@ async def build_user(embedder, tokenizer, n: int, seed: int, root: Path, conv: C
     started = time.perf_counter()
     await shard.import_memories("bench", "big", items, vectors)
     import_s = time.perf_counter() - started
+    # as many memory units (absorbed messages) as facts, so that hybrid retrieval (dense +
+    # BM25 + signals) runs over n of them as well
+    memory = await shard._user("bench", "big")
+    units = [MemoryUnit(i + 1, "sess-imported", i, 0, "user", None, item["text"], 1.7e9 + 60 * i)
+             for i, item in enumerate(items)]
+    for unit in units:
+        unit.tokens = tokenizer.count_tokens(unit.line) if len(units) <= 1000 else 24
+    memory.units.add_many(units, memory.units.quantized(vectors))
     for turn_id, (text, answer, _) in enumerate(conv.turns[:24]):
         await shard.absorb_turn("bench", "big", "sess-latency", turn_id,
                                 [{"role": "user", "content": text}, {"role": "assistant", "content": answer}])
@@ -350,6 +400,7 @@ def main() -> None:
         log(f"embedder check: {result['embedder_check']}")
     if not args.skip_recall:
         result.update(asyncio.run(recall_part(embedder, tokenizer, args.users, args.turns, args.seed)))
+        result.update(asyncio.run(independent_part(embedder, tokenizer, args.users, args.seed)))
     root = Path(tempfile.mkdtemp(prefix="m-ai-memory-bench-"))
     try:
         sizes = [int(s) for s in args.sizes.split(",")]

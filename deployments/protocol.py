@@ -196,6 +196,29 @@ class MemoryCreateRequest(_Request):
     value: str = Field("", max_length=512, description="The slot's value.")
 
 
+class MemoryTurnMessage(_Request):
+    role: Literal["user", "assistant"]
+    content: str = Field(min_length=1, max_length=32_000)
+    name: str | None = Field(
+        None, min_length=1, max_length=128,
+        description="Who said it; questions that name this person find what they said.",
+    )
+
+
+class MemoryTurnRequest(_Request):
+    """``POST /v1/memories/turns``: one finished turn of a conversation held elsewhere (an
+    import of past conversations), absorbed like a session's turn."""
+
+    user: str = Field(min_length=1, max_length=256, description="Whose memory (within the tenant).")
+    session_id: str = Field(min_length=1, max_length=256, description="The conversation it belongs to.")
+    turn_id: int = Field(ge=0, description="Its position in the conversation (a repeat is ignored).")
+    messages: list[MemoryTurnMessage] = Field(min_length=1, max_length=64)
+    at: float | None = Field(
+        None, ge=0, description="When it was said (epoch seconds); relative dates in it ('yesterday') "
+        "resolve against it. None: now.",
+    )
+
+
 class MemorySearchRequest(_Request):
     """``POST /v1/memories/search``: the user's memories closest to ``query``."""
 

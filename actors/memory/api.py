@@ -210,6 +210,10 @@ class MemoryApi:
         deleted = memory.longterm.delete_all()
         sessions = len(memory.episodes.sessions)
         memory.episodes = UserEpisodes()
+        if memory.units is not None:
+            from actors.memory.units import UserUnits
+
+            memory.units = UserUnits(memory.units.dense.dimension, memory.units.config)
         memory.dirty = True
         self._schedule_flush()  # type: ignore[attr-defined]
         return {"object": "memory.deleted_all", "user": user, "deleted": deleted, "sessions": sessions}

@@ -6,7 +6,8 @@ store deletes the session. On each shard:
 
 - the session-scoped user ``session:<id>`` (whose memory a session's requests feed when they
   name no ``user``) is removed whole, in memory and in storage: its facts, window, summaries;
-- every loaded user of the tenant loses the session's window and summaries; the facts a named
+- every loaded user of the tenant loses the session's window, summaries and memory units (the
+  session's messages kept for retrieval); the facts a named
   user taught stay, because they belong to the user, not to the conversation (``DELETE
   /v1/memories?user=`` forgets those);
 - queued turns of the session are dropped, and the session is remembered as forgotten so that
@@ -60,8 +61,13 @@ class SessionForgetting:
     async def _purge_session(self, tenant: str, session_id: str) -> dict[str, Any]:
         users = self.users  # type: ignore[attr-defined]
         removed_user = await users.remove(tenant, session_user(session_id))
-        windows = 0
+        windows = units = 0
         for memory in users.loaded():
+            if memory.tenant == tenant and memory.units is not None:
+                removed = memory.units.remove_session(session_id)
+                if removed:
+                    memory.dirty = True
+                    units += removed
             if memory.tenant == tenant and memory.episodes.sessions.pop(session_id, None) is not None:
                 # the user summary is rebuilt from the sessions left, so none of this one's
                 # sentences survive in it
@@ -69,10 +75,11 @@ class SessionForgetting:
                                      self._embed_cached, self.config.episodic)  # type: ignore[attr-defined]
                 memory.dirty = True
                 windows += 1
-        if windows:
+        if windows or units:
             self._schedule_flush()  # type: ignore[attr-defined]
         return {"object": "memory.session_forgotten", "session_id": session_id,
-                "session_user_removed": removed_user, "windows_removed": windows}
+                "session_user_removed": removed_user, "windows_removed": windows,
+                "units_removed": units}
 
 
 __all__ = ["FORGOTTEN_KEPT", "SessionForgetting", "session_user"]

@@ -9,8 +9,10 @@ user): ``tenants/<tenant>/<user>/`` (names percent-encoded) holds
   that the saved graph holds;
 - ``index.usearch``: the HNSW graph (only for users above the brute-force threshold); on load
   it is used when its keys match the records, otherwise the graph is rebuilt;
-- ``episodes.parquet``: one row per session (window, pending turns, summaries as JSON) and one
-  for the user summary.
+- ``episodes.parquet``: one row per session (window, pending turns, summaries as JSON), one
+  for the user summary, and one per memory unit (every absorbed message, actors/memory/units.py:
+  JSON plus its stored vector; the file metadata names the embedder, dimension and dtype of
+  those vectors). The units' lexical index is rebuilt from them at load.
 
 Each file is written whole (``actors.sessions.storage``: temporary file + fsync + rename on local
 disk, one PUT on object stores), so a crash leaves the previous or the new version.
@@ -164,23 +166,47 @@ def read_facts(table: pa.Table) -> LoadedFacts:
     return LoadedFacts(records, stored, metadata)
 
 
-def episodes_table(episodes: UserEpisodes) -> pa.Table:
-    rows = [{"kind": "session", "session_id": s.session_id, "data": json.dumps(s.to_json())}
+EPISODES_SCHEMA = pa.schema(
+    [("kind", pa.string()), ("session_id", pa.string()), ("data", pa.string()), ("vector", pa.binary())]
+)
+
+
+def episodes_table(episodes: UserEpisodes, units: list[dict[str, Any]] | None = None,
+                   space: dict[str, str] | None = None) -> pa.Table:
+    """Sessions, the user summary and (``units``: ``UserUnits.rows``) the memory units with
+    their stored vectors; ``space``: the embedder name, dimension and dtype of those vectors."""
+    rows = [{"kind": "session", "session_id": s.session_id, "data": json.dumps(s.to_json()), "vector": None}
             for s in episodes.sessions.values()]
     user = {
         "user_summary": [[s.text, s.turn_id, list(s.fact_ids)] for s in episodes.user_summary],
         "archived": [[s.text, s.turn_id, list(s.fact_ids)] for s in episodes.archived],
         "dirty": episodes.user_summary_dirty,
     }
-    rows.append({"kind": "user", "session_id": "", "data": json.dumps(user)})
-    return pa.Table.from_pylist(
-        rows, schema=pa.schema([("kind", pa.string()), ("session_id", pa.string()), ("data", pa.string())])
-    )
+    rows.append({"kind": "user", "session_id": "", "data": json.dumps(user), "vector": None})
+    rows += units or []
+    metadata = {"format_version": str(FORMAT_VERSION), **(space or {})}
+    return pa.Table.from_pylist(rows, schema=EPISODES_SCHEMA.with_metadata(metadata))
+
+
+def episodes_table_from_rows(rows: list[dict[str, Any]], space: dict[str, str]) -> pa.Table:
+    metadata = {"format_version": str(FORMAT_VERSION), **space}
+    return pa.Table.from_pylist(rows, schema=EPISODES_SCHEMA.with_metadata(metadata))
 
 
 def read_episodes(table: pa.Table) -> UserEpisodes:
+    return read_episodes_and_units(table)[0]
+
+
+def read_episodes_and_units(table: pa.Table) -> tuple[UserEpisodes, list[dict[str, Any]], dict[str, str]]:
+    """The episodes, the unit rows (for ``UserUnits.load_rows``) and the table's metadata
+    (files written before units existed have neither units nor metadata)."""
+    metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     episodes = UserEpisodes()
+    units = []
     for row in table.to_pylist():
+        if row["kind"] == "unit":
+            units.append(row)
+            continue
         data = json.loads(row["data"])
         if row["kind"] == "session":
             session = SessionEpisodes.from_json(data)
@@ -189,7 +215,7 @@ def read_episodes(table: pa.Table) -> UserEpisodes:
             episodes.user_summary = [SummarySentence(t, int(n), tuple(f)) for t, n, f in data["user_summary"]]
             episodes.archived = [SummarySentence(t, int(n), tuple(f)) for t, n, f in data["archived"]]
             episodes.user_summary_dirty = bool(data.get("dirty", False))
-    return episodes
+    return episodes, units, metadata
 
 
 @dataclass(frozen=True)
@@ -261,6 +287,10 @@ def parse_episodes(data: bytes) -> UserEpisodes:
     return read_episodes(_from_parquet(data))
 
 
+def parse_episodes_and_units(data: bytes) -> tuple[UserEpisodes, list[dict[str, Any]], dict[str, str]]:
+    return read_episodes_and_units(_from_parquet(data))
+
+
 __all__ = [
     "MemoryStorage",
     "UserFiles",
@@ -268,8 +298,10 @@ __all__ = [
     "facts_table",
     "FactsSnapshot",
     "episodes_table",
+    "episodes_table_from_rows",
     "parse_facts",
     "parse_episodes",
+    "parse_episodes_and_units",
     "FORMAT_VERSION",
     "to_parquet_bytes",
 ]

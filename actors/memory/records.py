@@ -177,6 +177,7 @@ class RecalledFact:
     kind: str
     similarity: float
     score: float
+    sources: tuple[str, ...] = ()  # "session#turn" it was stated in
 
 
 @dataclass
@@ -190,6 +191,7 @@ class MemoryRecall:
     turns: list[list[dict[str, str]]] = field(default_factory=list)  # verbatim, oldest first
     summarized_through: int = -1  # last turn id that the session summary covers
     query_ms: float = 0.0  # time spent embedding the query and searching
+    units: list[Any] = field(default_factory=list)  # RecalledUnit of earlier messages, best first
 
 
 __all__ = [

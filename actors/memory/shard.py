@@ -38,6 +38,7 @@ from actors.memory.learning.summarizer import ExtractiveSummarizer, ModelSummari
 from actors.memory.recall.context import AssembledContext, ContextAssembler
 from actors.memory.records import Decision, MemoryRecall, RecalledFact, TurnRecord
 from actors.memory.report import MemoryMetrics, memory_report, tenant_usage
+from actors.memory.unit_memory import UnitMemory
 from actors.memory.users import MemoryUsers
 from cluster.config.memory import MemoryConfig
 from cluster.errors import ConfigError
@@ -62,7 +63,7 @@ def approximate_tokens(text: str) -> int:
     return max(1, len(text.encode("utf-8")) // 4) if text else 0
 
 
-class MemoryShard(MemoryApi, SessionForgetting):
+class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
     """The memory of one shard (see the module docstring)."""
 
     def __init__(
@@ -189,7 +190,7 @@ class MemoryShard(MemoryApi, SessionForgetting):
             for turn in session.unanalysed():
                 self._jobs.append(AbsorbJob(memory.tenant, memory.user, session.session_id,
                                             turn.turn_id, turn.messages, turn.created_at))
-        if self._jobs:
+        if self._jobs or (memory.units is not None and memory.units.unembedded):
             self._start_worker()
 
     # -- absorbing turns --------------------------------------------------------------------
@@ -203,14 +204,19 @@ class MemoryShard(MemoryApi, SessionForgetting):
         messages: Sequence[dict[str, str]],
         *,
         wait: bool = False,
+        at: float | None = None,
     ) -> dict[str, Any]:
-        """Add a finished turn: it joins the session window now; facts and summaries follow
-        in the background (``wait=True`` returns once they are done, with the decisions)."""
+        """Add a finished turn: it joins the session window and its messages become memory
+        units now (a message's ``name`` is its speaker); facts, summaries and the units'
+        embeddings follow in the background (``wait=True`` returns once they are done, with
+        the decisions). ``at``: when the turn was said (epoch seconds; default now), the
+        date that units carry and relative dates resolve against."""
         if self.is_forgotten(tenant, session_id):
             return {"queued": False, "reason": f"session {session_id} was deleted"}
         memory = await self._user(tenant, user)
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         now = self.clock()
+        self._absorb_units(memory, session_id, int(turn_id), messages, now if at is None else float(at))
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         tokens = sum(self.count_tokens(m["content"]) for m in messages)
         turn = TurnRecord(int(turn_id), messages, tokens, now)
         session = memory.episodes.session(session_id)
@@ -253,9 +259,10 @@ class MemoryShard(MemoryApi, SessionForgetting):
     async def _work(self) -> None:
         assert self._wakeup is not None and self._idle is not None
         while True:
-            while self._jobs:
-                job = self._jobs.popleft()
-                await self._run_job(job)
+            while self._jobs or self._has_unembedded():
+                await self._embed_units()
+                if self._jobs:
+                    await self._run_job(self._jobs.popleft())
             await self._housekeeping()
             if self._jobs:
                 continue
@@ -293,7 +300,7 @@ class MemoryShard(MemoryApi, SessionForgetting):
 
     async def drain(self) -> None:
         """Wait until every queued turn is absorbed (tests, benchmarks, shutdown)."""
-        while self._jobs or (self._idle is not None and not self._idle.is_set()):
+        while self._jobs or self._has_unembedded() or (self._idle is not None and not self._idle.is_set()):
             if self._worker is None or self._worker.done():
                 self._start_worker()
             assert self._idle is not None
@@ -318,16 +325,31 @@ class MemoryShard(MemoryApi, SessionForgetting):
         started = time.perf_counter()
         k = self.config.retrieval.top_k if top_k is None else top_k
         facts: list[RecalledFact] = []
-        if query and k > 0 and memory.longterm.active_count:
-            vector = (await self._embed([as_memory_query(query)]))[0]
-            for item in memory.longterm.search(vector, k, self.clock()):
+        want_facts = bool(query and k > 0 and memory.longterm.active_count)
+        want_units = bool(query and memory.units is not None and len(memory.units.dense)
+                          and self.config.units.mode != "lexical")
+        fact_vector = unit_vector = None
+        if query and (want_facts or want_units):
+            # facts are stored in the third person, units verbatim: one embedding serves both
+            # when the rewrite changes nothing, else both go in one batch
+            fact_query = as_memory_query(query)
+            texts = [query] if fact_query == query else [query, fact_query]
+            vectors = await self._embed(texts)
+            unit_vector, fact_vector = vectors[0], vectors[-1]
+        if want_facts and fact_vector is not None:
+            for item in memory.longterm.search(fact_vector, k, self.clock()):
                 record = item.record
-                facts.append(RecalledFact(record.id, record.text, record.kind, item.similarity, item.score))
+                facts.append(RecalledFact(record.id, record.text, record.kind, item.similarity, item.score,
+                                          tuple(record.source_turns)))
             if facts:
                 memory.touched = True  # written with the next flush, or within a minute
                 self._schedule_flush()
+        session = memory.episodes.sessions.get(session_id) if session_id else None
+        units = self._recall_units(memory, session, query or "", unit_vector)
         query_ms = (time.perf_counter() - started) * 1000
-        return self._recall_parts(memory, session_id, facts, history, query_ms)
+        recall = self._recall_parts(memory, session_id, facts, history, query_ms)
+        recall.units = units
+        return recall
 
     async def assemble(
         self,

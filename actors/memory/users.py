@@ -23,10 +23,12 @@ from actors.memory.persistence import (
     MemoryStorage,
     UserFiles,
     episodes_table,
+    episodes_table_from_rows,
     facts_table,
-    parse_episodes,
+    parse_episodes_and_units,
     parse_facts,
 )
+from actors.memory.units import UserUnits, unit_rows
 from cluster.config.memory import MemoryConfig
 from cluster.plugins import PluginRegistry
 from engine.embeddings import Embedder
@@ -120,8 +122,15 @@ class MemoryUsers:
         return found
 
     def new(self, tenant: str, user: str) -> UserMemory:
-        longterm = UserLongTerm(tenant, user, self._embedder().dimension, self.config)
-        return UserMemory(tenant, user, longterm, UserEpisodes())
+        dimension = self._embedder().dimension
+        longterm = UserLongTerm(tenant, user, dimension, self.config)
+        return UserMemory(tenant, user, longterm, UserEpisodes(), units=UserUnits(dimension, self.config.index))
+
+    def _space(self) -> dict[str, str]:
+        """The vector space of stored unit vectors: they are reused only in the same one."""
+        embedder = self._embedder()
+        return {"embedder": embedder.name, "dimension": str(embedder.dimension),
+                "dtype": self.config.index.embedding_dtype}
 
     def _build(self, tenant: str, user: str, files: UserFiles) -> UserMemory:
         """A user from its files (runs in a worker thread: the object is not shared yet)."""
@@ -147,7 +156,12 @@ class MemoryUsers:
             if not same_space:
                 memory.dirty = True  # written again with the current embedder's vectors
         if files.episodes is not None:
-            memory.episodes = parse_episodes(files.episodes)
+            memory.episodes, rows, space = parse_episodes_and_units(files.episodes)
+            same_space = all(space.get(k) == v for k, v in self._space().items())
+            assert memory.units is not None
+            memory.units.load_rows(rows, same_space and not self.read_only)
+            if rows and not same_space and not self.read_only:
+                memory.dirty = True  # re-embedded by the worker, written again
         memory.last_written = self.clock()
         return memory
 
@@ -188,14 +202,18 @@ class MemoryUsers:
                     memory.longterm, self.config.index.persist_index,
                     memory.graph_digest_written if isinstance(self.storage, MemoryStorage) else None,
                 )
+                units = memory.units.snapshot() if memory.units is not None else None
                 episodes = episodes_table(memory.episodes)
-                written += await asyncio.to_thread(self._write, memory, snapshot, episodes)
+                written += await asyncio.to_thread(self._write, memory, snapshot, episodes, units)
                 memory.last_written = now
             return {"users": len(due), "bytes": written}
 
-    def _write(self, memory: UserMemory, snapshot: FactsSnapshot, episodes: Any) -> int:
+    def _write(self, memory: UserMemory, snapshot: FactsSnapshot, episodes: Any, units: Any = None) -> int:
         assert self.storage is not None
         facts = facts_table(snapshot, self._embedder().name)
+        if units is not None:  # the unit rows are serialized here, off the event loop
+            rows = episodes.to_pylist() + unit_rows(units)
+            episodes = episodes_table_from_rows(rows, self._space())
         if snapshot.graph_kept:  # only MemoryStorage is asked to keep its graph
             written = self.storage.write(memory.tenant, memory.user, facts, episodes, None, keep_graph=True)
         else:

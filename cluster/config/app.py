@@ -73,6 +73,19 @@ class AppConfig(_Frozen):
             raise ValueError("models is empty; configure at least one model")
         return self
 
+    @field_validator("memory")
+    @classmethod
+    def _memory_without_model(cls, value: MemoryConfig) -> MemoryConfig:
+        # The app's memory actors get no handle to the served model: a `model` extractor or
+        # summarizer would fail when the actors start, so the config refuses it up front.
+        for name, fix in (("extractor", "rules"), ("summarizer", "extractive")):
+            if getattr(value, name) == "model":
+                raise ValueError(
+                    f"{name}='model' is not supported in a served app (its memory actors have no "
+                    f"handle to the served model); use memory.{name}: {fix}"
+                )
+        return value
+
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
             if m.served_name == name:

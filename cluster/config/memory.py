@@ -74,6 +74,33 @@ class RetrievalConfig(_Frozen):
         return self
 
 
+class UnitRetrievalConfig(_Frozen):
+    """Hybrid retrieval over every absorbed message (actors/memory/recall/retrieval.py)."""
+
+    mode: Literal["hybrid", "fused", "dense", "lexical"] = Field(
+        "hybrid",
+        description="hybrid: dense + BM25 fused, with speaker, entity and time signals and "
+        "neighbours of hits; fused: dense + BM25 only; dense or lexical: one retriever alone.",
+    )
+    candidates: int = Field(100, ge=1, le=10_000, description="Units each retriever returns before fusion.")
+    rrf_k: float = Field(60.0, gt=0.0, description="Reciprocal rank fusion constant (1 / (k + rank)).")
+    speaker_weight: float = Field(
+        0.5, ge=0.0, description="Score boost of units said by a person the question names."
+    )
+    entity_weight: float = Field(
+        0.3, ge=0.0, description="Score boost of units naming a capitalised entity of the question."
+    )
+    time_weight: float = Field(
+        0.3, ge=0.0, description="Score boost of dated units for questions about time, and of "
+        "units dated within a span the question names."
+    )
+    neighbours: int = Field(1, ge=0, le=8, description="Units before and after a hit offered with it.")
+    neighbour_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="A neighbour's score as a share of its hit's score."
+    )
+    max_units: int = Field(256, ge=0, le=10_000, description="Units offered per request (best first).")
+
+
 class DedupConfig(_Frozen):
     """mem0-style decisions for a new fact against the nearest existing ones."""
 
@@ -155,6 +182,13 @@ class ContextConfig(_Frozen):
     user_summary_header: str = Field(
         "Summary of earlier conversations with this user:", description="Heading of the user summary."
     )
+    units_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Budget share the retrieved messages of earlier "
+        "conversations may take at most (they get what the session's own turns and summary leave)."
+    )
+    units_header: str = Field(
+        "From earlier conversations (by date):", description="Heading of the retrieved messages."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ContextConfig:
@@ -183,10 +217,12 @@ class MemoryConfig(_Frozen):
         "has fbgemm (x86): half the time per query, vectors within cosine 0.99999 of fp32).",
     )
     summarizer: Literal["extractive", "model"] = Field(
-        "extractive", description="`model` asks the served model through its handle (prompt templates)."
+        "extractive", description="`model` asks a model through a `generate` callable given to "
+        "MemoryShard (library use); an app config refuses it: its memory actors get no model handle."
     )
     extractor: Literal["rules", "model"] = Field(
-        "rules", description="`model` asks the served model for facts (prompt templates)."
+        "rules", description="`model` asks a model through a `generate` callable given to "
+        "MemoryShard (library use); an app config refuses it: its memory actors get no model handle."
     )
     storage_uri: str | None = Field(
         None, description="Directory or s3:// / gs:// URI for Parquet files; None keeps memory in RAM."
@@ -205,6 +241,7 @@ class MemoryConfig(_Frozen):
     )
     episodic: EpisodicConfig = Field(default_factory=EpisodicConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    units: UnitRetrievalConfig = Field(default_factory=UnitRetrievalConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
     capacity: CapacityConfig = Field(default_factory=CapacityConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
@@ -240,6 +277,7 @@ __all__ = [
     "MemoryConfig",
     "EpisodicConfig",
     "RetrievalConfig",
+    "UnitRetrievalConfig",
     "DedupConfig",
     "CapacityConfig",
     "IndexConfig",

@@ -45,6 +45,7 @@ from deployments.protocol import (
     CompletionResponse,
     MemoryCreateRequest,
     MemorySearchRequest,
+    MemoryTurnRequest,
     ModelCard,
     ModelList,
     SessionCreateRequest,
@@ -239,6 +240,12 @@ class Ingress:
     ) -> dict[str, Any]:
         return await self.memory.add(tenant, request)
 
+    async def add_memory_turn(
+        self, request: MemoryTurnRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        """Absorb one turn of a conversation held elsewhere (speaker names, its date)."""
+        return await self.memory.add_turn(tenant, request)
+
     async def get_memory(self, memory_id: str, user: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
         return await self.memory.get(tenant, user, memory_id)
 
@@ -323,7 +330,9 @@ class Ingress:
             count = await self.sessions.append(
                 request.session_id, tenant, turn, request_id=uuid.uuid4().hex
             )
-        self.memory.remember_turn(context, tenant, request.session_id, count, turn)
+        # memory keeps who said what: a message's OpenAI `name` is its speaker
+        named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in request.messages if m.role != "system"]
+        self.memory.remember_turn(context, tenant, request.session_id, count, [*named, turn[-1]])
 
 
 __all__ = ["Ingress"]

@@ -28,6 +28,7 @@ from deployments.protocol import (
     ChatMessage,
     MemoryCreateRequest,
     MemorySearchRequest,
+    MemoryTurnRequest,
 )
 
 
@@ -123,6 +124,14 @@ class IngressMemory:
         body = _parse_body(MemoryCreateRequest, request)
         fields = body.model_dump(exclude={"user"})
         return await self._memory_client().add(tenant, body.user, **fields)
+
+    async def add_turn(self, tenant: str, request: MemoryTurnRequest | dict) -> dict[str, Any]:
+        body = _parse_body(MemoryTurnRequest, request)
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        result = await self._memory_client().absorb_turn(
+            tenant, body.user, body.session_id, body.turn_id, messages, body.at
+        )
+        return {"object": "memory.turn", "session_id": body.session_id, "turn_id": body.turn_id, **result}
 
     async def get(self, tenant: str, user: str, memory_id: str) -> dict[str, Any]:
         return await self._memory_client().get(tenant, user, memory_id)

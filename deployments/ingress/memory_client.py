@@ -136,6 +136,11 @@ class MemoryClient(ShardHandles):
         text = fields.pop("text")
         return await self._call(tenant, user, "add_memory", text, **fields)
 
+    async def absorb_turn(self, tenant: str, user: str, session_id: str, turn_id: int,
+                          messages: list[dict[str, Any]], at: float | None) -> dict[str, Any]:
+        """Absorb one turn now (the import API; chat turns go through ``absorb``)."""
+        return await self._call(tenant, user, "absorb_turn", session_id, turn_id, messages, at=at)
+
     async def get(self, tenant: str, user: str, memory_id: str) -> dict[str, Any]:
         return await self._call(tenant, user, "get_memory", memory_id)
 

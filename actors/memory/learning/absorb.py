@@ -22,6 +22,7 @@ from actors.memory.episodic import UserEpisodes, summarize_due
 from actors.memory.learning.extraction import FactCandidate
 from actors.memory.longterm import UserLongTerm
 from actors.memory.records import Decision
+from actors.memory.units import UserUnits
 from cluster.config.memory import MemoryConfig
 from cluster.logging_setup import get_logger
 
@@ -42,6 +43,7 @@ class UserMemory:
     touched: bool = False  # only access counts changed since the last write
     last_written: float = 0.0
     graph_digest_written: str | None = None  # keys of the HNSW graph in storage (None: none/unknown)
+    units: UserUnits | None = None  # every absorbed message, retrievable (set by MemoryUsers.new)
 
 
 @dataclass
@@ -100,6 +102,8 @@ class Absorber:
             for candidate, vector in zip(candidates, vectors):
                 decision = memory.longterm.apply(candidate, vector, job.source, now)
                 decisions.append(decision)
+                if decision.memory_id is not None and memory.units is not None:
+                    memory.units.add_fact(job.session_id, job.turn_id, decision.memory_id, candidate.text)
                 if turn is not None and decision.memory_id is not None:
                     where = f"{candidate.message_index}:{candidate.sentence_index}"
                     stated = turn.sentence_facts.setdefault(where, [])

@@ -13,7 +13,13 @@ Priority order (highest first; a lower item only gets what the higher ones left)
 3. the session summary, newest sentences first, then the user summary, together within
    ``episodic_share`` of the budget;
 4. older turns, newest first, as long as they fit (turns stay contiguous: the first one that
-   does not fit ends the window).
+   does not fit ends the window);
+5. messages of earlier conversations found by hybrid retrieval (``recall.units``, best first,
+   actors/memory_retrieval.pack_units): they fill what is left, within ``units_share`` of the
+   budget, grouped by session under a date header, each at most once. Should the exact render
+   overshoot, this block shrinks before anything is dropped. When there are such messages,
+   the user summary (a digest of the same conversations) comes after them instead of before
+   the older turns.
 
 Items are costed with the tokenizer and added in that order; the prompt is then rendered
 exactly and, should template joins make it longer than estimated, the lowest-priority item
@@ -28,11 +34,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.memory.recall.retrieval import PackedUnits, pack_units
 from actors.memory.records import MemoryRecall
 from cluster.config.memory import ContextConfig
 from cluster.errors import InvalidRequestError
 
-PRIORITY = ("request", "recent_turns", "facts", "session_summary", "user_summary", "older_turns")
+PRIORITY = ("request", "recent_turns", "facts", "session_summary", "user_summary", "older_turns", "units")
 
 
 @dataclass
@@ -46,6 +53,8 @@ class AssembledContext:
     turns: int = 0  # recent turns included
     dropped_turns: int = 0  # recent turns left out
     order: list[str] = field(default_factory=list)  # item kinds in the order they were admitted
+    units: list[int] = field(default_factory=list)  # keys of the earlier messages included
+    units_text: str = ""  # the block of earlier messages as placed in the system message
     query_ms: float = 0.0  # memory's share: embedding the query and searching (set by the shard)
 
     @property
@@ -60,6 +69,7 @@ class _Item:
     cost: int
     section: str | None = None  # the system section it belongs to (for the header cost)
     charged: int = 0  # cost when admitted (header included)
+    packed: PackedUnits | None = None  # the units block (kind ``units``)
 
 
 def _group(item: _Item) -> str | None:
@@ -68,6 +78,8 @@ def _group(item: _Item) -> str | None:
         return "facts"
     if item.kind in ("session_summary", "user_summary"):
         return "episodic"
+    if item.kind == "units":
+        return "units"
     return None
 
 
@@ -145,7 +157,7 @@ class ContextAssembler:
                 system_prompt = m["content"]
         request = [m for m in request if m["role"] != "system"]
         budget = context_length - max_tokens
-        base = self._messages(system_prompt, [], [], [], [], request)
+        base = self._messages(system_prompt, [], [], [], [], request, "")
         base_ids = self.render(base)
         if len(base_ids) > budget:
             raise InvalidRequestError(
@@ -159,6 +171,7 @@ class ContextAssembler:
         caps = {
             "facts": int(self.config.long_term_share * budget),
             "episodic": int(self.config.episodic_share * budget),
+            "units": int(self.config.units_share * budget),
         }
         used = len(base_ids)
         admitted: list[_Item] = []
@@ -167,6 +180,10 @@ class ContextAssembler:
             is_turn = item.kind in ("recent_turns", "older_turns")
             if is_turn and turns_blocked:
                 continue
+            if item.kind == "units":
+                self._pack(item, recall, system_prompt, admitted, min(caps["units"], budget - used))
+                if item.packed is None:
+                    continue
             cost = self._admission_cost(item, system_prompt, admitted)
             group = _group(item)
             over_cap = group is not None and _spent(admitted, group) + cost > caps[group]
@@ -179,7 +196,7 @@ class ContextAssembler:
         messages_out, ids = self._fit(system_prompt, recall, admitted, request, budget)
         # Room left by an over-estimate is offered once more to the next item in priority.
         for item in items:
-            if item in admitted or budget - len(ids) < item.cost:
+            if item in admitted or item.kind == "units" or budget - len(ids) < item.cost:
                 continue
             group = _group(item)
             if group is not None and _spent(admitted, group) + item.cost > caps[group]:
@@ -204,7 +221,19 @@ class ContextAssembler:
             turns=kept_turns,
             dropped_turns=len(turns) - kept_turns,
             order=[i.kind for i in admitted],
+            units=next((list(i.packed.keys) for i in admitted if i.packed is not None), []),
+            units_text=next((i.packed.text for i in admitted if i.packed is not None), ""),
         )
+
+    def _pack(self, item: _Item, recall: MemoryRecall, system_prompt: str | None,
+              admitted: list[_Item], room: int) -> None:
+        """Fill the units item with the best units that fit ``room`` tokens (its join to the
+        other system sections, and the system wrapper if it opens the system message, included)."""
+        open_sections = any(i.section or i.packed is not None for i in admitted)
+        overhead = self._cost("line", "\n\n") + (0 if system_prompt or open_sections else self._system_wrapper_cost())
+        packed = pack_units(recall.units, room - overhead, self.tokenizer.count_tokens, self.config.units_header)
+        item.packed = packed if packed.keys else None
+        item.cost = packed.cost + overhead if packed.keys else 0
 
     # -- candidates -------------------------------------------------------------------------
 
@@ -222,12 +251,15 @@ class ContextAssembler:
             for i in range(len(recall.session_summary) - 1, -1, -1)
             for text in [recall.session_summary[i]]
         ]
-        items += [
+        user_summary = [
             _Item("user_summary", i, self._cost("line", f" {text}"), "user_summary")
             for i, text in enumerate(recall.user_summary)
         ]
-        items += [_Item("older_turns", i, self._turn_cost(turns[i])) for i in newest[len(first):]]
-        return items
+        older = [_Item("older_turns", i, self._turn_cost(turns[i])) for i in newest[len(first):]]
+        if not recall.units:
+            return items + user_summary + older
+        # the earlier messages themselves come before the user summary, a digest of them
+        return items + older + [_Item("units", 0, 0)] + user_summary
 
     def _admission_cost(self, item: _Item, system_prompt: str | None, admitted: list[_Item]) -> int:
         """The item's tokens plus its section header (and the system wrapper) if it opens them."""
@@ -282,6 +314,14 @@ class ContextAssembler:
             ids = self.render(messages)
             if len(ids) <= budget or not admitted:
                 return messages, ids
+            units = next((i for i in admitted if i.packed is not None), None)
+            if units is not None and admitted[-1] is units and units.packed is not None:
+                # the units block is the lowest item left: shrink it rather than drop it
+                room = units.packed.cost - (len(ids) - budget) - 4
+                packed = pack_units(recall.units, room, self.tokenizer.count_tokens, self.config.units_header)
+                if packed.keys and room > 0:
+                    units.packed = packed
+                    continue
             admitted.pop()  # the lowest-priority item admitted
 
     def _build(
@@ -299,7 +339,8 @@ class ContextAssembler:
         user = [recall.user_summary[i] for i in sorted(chosen.get("user_summary", []))]
         turn_ids = sorted(chosen.get("recent_turns", []) + chosen.get("older_turns", []))
         turns = [recall.turns[i] for i in turn_ids]
-        return self._messages(system_prompt, facts, user, session, turns, request)
+        units = next((i.packed.text for i in admitted if i.packed is not None), "")
+        return self._messages(system_prompt, facts, user, session, turns, request, units)
 
     def _messages(
         self,
@@ -309,12 +350,15 @@ class ContextAssembler:
         session_summary: list[str],
         turns: list[list[dict[str, str]]],
         request: list[dict[str, str]],
+        units: str = "",
     ) -> list[dict[str, str]]:
         parts = [system_prompt] if system_prompt else []
         if facts:
             parts.append(self.config.facts_header + "".join(f"\n- {f}" for f in facts))
         if user_summary:
             parts.append(self.config.user_summary_header + "\n" + " ".join(user_summary))
+        if units:
+            parts.append(units)
         if session_summary:
             parts.append(self.config.summary_header + "\n" + " ".join(session_summary))
         system = "\n\n".join(parts)

@@ -17,6 +17,7 @@ from deployments.protocol import (
     MemoryDeleted,
     MemoryList,
     MemorySearchRequest,
+    MemoryTurnRequest,
     MemoryUsage,
 )
 
@@ -57,6 +58,17 @@ async def add_memory(
     body: MemoryCreateRequest, request: Request, tenant: str = Depends(tenant_of)
 ) -> Response:
     return JSONResponse(await ingress_of(request).add_memory(body, tenant))
+
+
+@router.post(
+    "/turns",
+    responses={200: {"model": dict}, **ERRORS},
+    summary="Absorb a turn of a conversation held elsewhere (speaker names and dates kept)",
+)
+async def add_memory_turn(
+    body: MemoryTurnRequest, request: Request, tenant: str = Depends(tenant_of)
+) -> Response:
+    return JSONResponse(await ingress_of(request).add_memory_turn(body, tenant))
 
 
 @router.get(
