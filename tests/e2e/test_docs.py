@@ -92,5 +92,7 @@ def test_the_session_block_continued_the_session(docs_app, shell):
     (block,) = [b for b in runnable() if b.page.name == "api.md" and "/v1/sessions -H" in b.code]
     result = shell.run(block, docs_app.url)
     _check(block, result)
-    session = json.loads(result.stdout.strip().splitlines()[-1])
+    # the last curl's answer: the session with its messages (curl adds no newline)
+    last = result.stdout.rindex('{"id":"sess-')
+    session, _ = json.JSONDecoder().raw_decode(result.stdout[last:])
     assert session["turns"] == 1 and session["messages"][-2]["content"] == "My name is Ada."

@@ -25,11 +25,11 @@ def app(serve_cluster):
 
 
 def log_lines(serve_cluster, needle: str) -> list[str]:
-    logs = Path(serve_cluster.temp_dir, "session_latest", "logs")
+    """Lines of the replicas' Serve logs (each line is also on the worker's stderr)."""
+    logs = Path(serve_cluster.temp_dir, "session_latest", "logs", "serve")
     return [
         line
-        for f in logs.rglob("*")
-        if f.is_file() and f.suffix in (".log", ".err", ".out")
+        for f in logs.glob("replica_*.log")
         for line in f.read_text(errors="replace").splitlines()
         if needle in line
     ]
