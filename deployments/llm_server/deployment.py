@@ -34,10 +34,10 @@ from cluster.errors import ConfigError, EngineDeadError, InvalidRequestError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
 from deployments.ingress import openai_adapter as oa
+from deployments.live_config_status import publish_refusal
 from deployments.llm_server.metrics import MetricsRecorder
 from deployments.llm_server.monitor import ReplicaMonitor
 from deployments.llm_server.request_metrics import RequestTrace
-from deployments.live_config_status import publish_refusal
 from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -47,9 +47,9 @@ from deployments.protocol import (
     CompletionResponse,
     parse_request,
 )
+from deployments.serve_logging import quiet_client_errors
 from engine.stream_batching import StreamPacing
 from engine.types import RequestOutput, SamplingParams, merge_deltas, new_request_id, output_failure
-from deployments.serve_logging import quiet_client_errors
 
 log = get_logger("deployments.llm_server.deployment")
 

@@ -1,9 +1,9 @@
 """The documentation runs as written: every block of README.md and docs/*.md marked ``run``,
 and every command ``m-ai serve`` prints, in a fresh shell (no environment activated) against
 an application on the real tiny engine, deployed on the session's Ray
-(tests/integration/serve_harness.py). The docs' address, http://127.0.0.1:8000, is replaced by
+(tests/support/serve_harness.py). The docs' address, http://127.0.0.1:8000, is replaced by
 the application's. Blocks that need a GPU, a cluster or minutes are marked so and not run
-(tests/e2e/docs_blocks.py lists the marks); a test checks that every block has one."""
+(tests/support/docs_blocks.py lists the marks); a test checks that every block has one."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import re
 
 import pytest
 
-from tests.e2e.docs_blocks import CODE, TAGS, FreshShell, blocks, runnable
-from tests.integration.serve_harness import app_config
+from tests.support.docs_blocks import CODE, TAGS, FreshShell, blocks, runnable
+from tests.support.serve_harness import app_config
 
 # A 4xx/5xx body in a block's output: the block ran but the server refused what it sent.
 ERROR_BODY = re.compile(r'"error":\s*\{')

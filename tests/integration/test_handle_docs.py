@@ -1,7 +1,7 @@
 """The examples of docs/handle.md, run in order in one namespace (as a reader would run them)
 against an application deployed on the session's Ray, with ``handle`` bound to it. Blocks
 fenced as ``python cluster`` (attaching to or starting a cluster) are skipped; those fenced
-``python handle`` run (the marks: tests/e2e/docs_blocks.py)."""
+``python handle`` run (the marks: tests/support/docs_blocks.py)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from cluster.errors import InvalidRequestError
-from tests.integration.serve_harness import FAST_FAKE, app_config, wait_until
+from tests.support.serve_harness import FAST_FAKE, app_config, wait_until
 
 MODEL = "m-ai-tiny"
 
