@@ -7,10 +7,12 @@ export PYTHONPATH := $(CURDIR)
 export DS_ACCELERATOR := cpu
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: help venv tools run test test-slow test-load test-all lint bench checkpoint clean
+.PHONY: help venv tools run chat test test-slow test-load test-all lint bench checkpoint clean
 
 help:
-	@echo "make run        serve the tiny model on 127.0.0.1 (local Ray + Serve)"
+	@echo "make run        serve the tiny model on 127.0.0.1:8000 (local Ray + Serve), short answers"
+	@echo "make chat       chat with it in the terminal (/exit leaves)"
+	@echo "make checkpoint make the tiny checkpoint (~/.cache/m-ai/checkpoints/tiny-v1)"
 	@echo "make test       the default test suite (unit, integration, e2e)"
 	@echo "make test-slow  tests marked slow"
 	@echo "make test-load  load, soak and leak tests"
@@ -32,8 +34,12 @@ $(STAMP): pyproject.toml
 checkpoint: venv
 	.venv/bin/m-ai checkpoint make-tiny --default
 
+# The tiny model has random weights: its answers are random text, kept short here.
 run: venv
-	.venv/bin/m-ai serve
+	.venv/bin/m-ai serve --max-tokens 64
+
+chat: venv
+	.venv/bin/m-ai chat
 
 # Prometheus (Debian package) for the rule check and the e2e metrics test; where it cannot be
 # installed (no root) those tests skip, outside CI.

@@ -129,8 +129,12 @@ def brief(text: str, limit: int = 500) -> str:
 
 
 def error_response(exc: BaseException, retry_after_s: float = 1.0) -> JSONResponse:
-    """The HTTP answer for ``exc``: its status, the OpenAI error body, Retry-After if useful."""
+    """The HTTP answer for ``exc``: its status, the OpenAI error body, Retry-After if useful.
+    A 4xx is logged as one line (request id, status, message); see ``serve_logging``."""
+    from deployments.serve_logging import log_client_error
+
     err = as_mai_error(exc)
+    log_client_error(exc, err)
     headers = {}
     if err.status_code in (429, 503):
         after = getattr(err, "retry_after", None) or retry_after_s
@@ -140,7 +144,11 @@ def error_response(exc: BaseException, retry_after_s: float = 1.0) -> JSONRespon
 
 def error_event(exc: BaseException) -> dict[str, Any]:
     """The body sent as the last SSE event when a stream fails after it started."""
-    return as_mai_error(exc).to_dict()
+    from deployments.serve_logging import log_client_error
+
+    err = as_mai_error(exc)
+    log_client_error(exc, err)
+    return err.to_dict()
 
 
 __all__ = [

@@ -6,15 +6,16 @@
     engine.shutdown()
 
 ``from_config`` runs rank 0 (and the engine core loop, in a thread) in this process and
-starts one process per further tensor-parallel rank. Inside Ray, the shard actors build the
-workers themselves and rank 0 calls ``from_worker``.
+starts one process per further tensor-parallel rank (``python -m engine.rank.follower``: the
+caller's script is not imported again, so it needs no ``if __name__ == "__main__":`` guard).
+Inside Ray, the shard actors build the workers themselves and rank 0 calls ``from_worker``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import queue
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -23,21 +24,13 @@ from cluster.errors import EngineDeadError, MAIError
 from cluster.logging_setup import get_logger
 from cluster.net import free_port
 from engine.core import EngineCore
+from engine.rank import follower
 from engine.rank.loader import resolve_checkpoint
 from engine.rank.worker import TPWorker
 from engine.tokenizer import Tokenizer, load_tokenizer
 from engine.types import EngineStats, RequestOutput, SamplingParams, merge_deltas, new_request_id
 
 log = get_logger("engine")
-
-
-def _follower_main(config_json: str, rank: int, world_size: int, port: int, checkpoint: str) -> None:
-    """Entry point of a tensor-parallel rank > 0 started by ``LLMEngine.from_config``."""
-    config = ModelConfig.model_validate_json(config_json)
-    worker = TPWorker(config, rank, world_size, "127.0.0.1", port, checkpoint_dir=checkpoint)
-    worker.load()
-    worker.serve_forever()
-    worker.shutdown()
 
 
 class _SyncStream:
@@ -98,7 +91,10 @@ class _AsyncSink:
 class LLMEngine:
     """One model replica's engine: submit requests, stream their tokens, cancel, shut down."""
 
-    def __init__(self, core: EngineCore, tokenizer: Tokenizer, config: ModelConfig, followers=()) -> None:
+    def __init__(
+        self, core: EngineCore, tokenizer: Tokenizer, config: ModelConfig,
+        followers: list[subprocess.Popen] | tuple = (),
+    ) -> None:
         self.core = core
         self.tokenizer = tokenizer
         self.config = config
@@ -111,19 +107,11 @@ class LLMEngine:
     def from_config(cls, config: ModelConfig, checkpoint_dir: str | Path | None = None) -> LLMEngine:
         """Start every rank of ``config`` on this machine (ranks > 0 as child processes)."""
         path = Path(checkpoint_dir) if checkpoint_dir else resolve_checkpoint(config)
-        followers = []
         port = free_port() if config.tp_size > 1 else None
-        if config.tp_size > 1:
-            ctx = mp.get_context("spawn")
-            for rank in range(1, config.tp_size):
-                p = ctx.Process(
-                    target=_follower_main,
-                    args=(config.model_dump_json(), rank, config.tp_size, port, str(path)),
-                    name=f"m-ai-tp-rank{rank}",
-                    daemon=True,
-                )
-                p.start()
-                followers.append(p)
+        followers = [
+            follower.start(config.model_dump_json(), rank, config.tp_size, port, str(path))
+            for rank in range(1, config.tp_size)
+        ]
         worker = TPWorker(config, 0, config.tp_size, "127.0.0.1", port, checkpoint_dir=path)
         try:
             worker.load()
@@ -205,7 +193,11 @@ class LLMEngine:
 
     def check_health(self) -> None:
         self.core.check_health()
-        dead = [p.name for p in self._followers if not p.is_alive()]
+        dead = [
+            f"rank {rank} (exit code {p.returncode})"
+            for rank, p in enumerate(self._followers, start=1)
+            if p.poll() is not None
+        ]
         if dead:
             raise EngineDeadError(f"tensor-parallel ranks stopped: {', '.join(dead)}")
 
@@ -219,9 +211,11 @@ class LLMEngine:
         self._closed = True
         self.core.shutdown()
         for p in self._followers:
-            p.join(timeout=10)
-            if p.is_alive():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait(timeout=10)
 
     def __enter__(self) -> LLMEngine:
         return self

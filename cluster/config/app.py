@@ -97,7 +97,7 @@ def build_app_config(data: dict[str, Any], source: str = "config") -> AppConfig:
     try:
         return AppConfig.model_validate(migrate(data))
     except ValidationError as exc:
-        raise config_error(exc, source) from None
+        raise config_error(exc, source, AppConfig) from None
 
 
 # -- migration, save and load ---------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.catalog import architecture
+from cluster.config.hints import closest, fields_at, unknown_field_hint
 from cluster.errors import ConfigError
 
 # Fields that a running replica can take without reloading weights (``reconfigure``).
@@ -211,13 +212,24 @@ class ModelConfig(_Frozen):
 # -- errors ---------------------------------------------------------------------------------
 
 
-def config_error(exc: ValidationError, source: str = "config") -> ConfigError:
-    """A ``ConfigError`` whose message lists each bad field with its value and the fix."""
+def config_error(
+    exc: ValidationError, source: str = "config", root: type[BaseModel] | None = None
+) -> ConfigError:
+    """A ``ConfigError`` whose message lists each bad field with its value and the fix; an
+    unknown field (of ``root``'s tree) gets the closest known name (``did you mean ...?``)."""
     lines = []
     first_field = None
     for err in exc.errors():
         msg = err["msg"].removeprefix("Value error, ")
         loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            known = fields_at(root, err["loc"][:-1]) if root is not None else None
+            first_field = first_field or loc
+            lines.append(
+                f"{loc}: unknown field (got {err.get('input')!r:.60}); "
+                f"{unknown_field_hint(str(err['loc'][-1]), known)}"
+            )
+            continue
         named = re.match(r"^(\w+)=", msg)
         if named and loc.rsplit(".", 1)[-1] != named.group(1):
             # cross-field checks start with the field they blame
@@ -235,7 +247,7 @@ def build_model_config(**fields: Any) -> ModelConfig:
     try:
         return ModelConfig(**fields)
     except ValidationError as exc:
-        raise config_error(exc, "model config") from None
+        raise config_error(exc, "model config", ModelConfig) from None
 
 
 # -- live updates ---------------------------------------------------------------------------
@@ -259,8 +271,11 @@ def plan_update(current: ModelConfig, changes: dict[str, Any]) -> ConfigUpdate:
     """Validate ``changes`` against ``current`` and sort them into live and reload fields."""
     unknown = sorted(set(changes) - set(ModelConfig.model_fields))
     if unknown:
+        known = sorted(ModelConfig.model_fields)
+        suggestion = closest(unknown[0], known)
+        hint = f"did you mean `{suggestion}`? " if suggestion else ""
         raise ConfigError(
-            f"unknown model config fields {unknown}; known: {sorted(ModelConfig.model_fields)}",
+            f"unknown model config fields {unknown}; {hint}known: {known}",
             param=unknown[0],
         )
     new = build_model_config(**{**current.model_dump(), **changes})

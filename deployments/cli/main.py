@@ -5,7 +5,7 @@
     m-ai config validate FILE       # check a config file (and its --env overlay)
     m-ai config show [FILE]         # the effective config, after overlays and M_AI_ variables
     m-ai config hash-key            # the sha256 digest to put in serving.api_keys
-    m-ai checkpoint make-tiny DIR   # write the tiny Llama 2 checkpoint
+    m-ai checkpoint make-tiny DIR   # write the tiny Llama 2 checkpoint (--default: the cache's)
 
 ``M_AI_...`` environment variables override config fields (``M_AI_SERVING__PORT=8001``); the
 CLI applies them explicitly and logs each one. ``M_AI_ENV`` names the environment overlay.
@@ -26,7 +26,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from cluster.config import AppConfig, env_overrides, load_config
+from cluster.config import AppConfig, build_model_config, env_overrides, load_config
 from cluster.config.serving import hash_api_key, replica_bundles
 from cluster.errors import MAIError
 from cluster.logging_setup import setup_logging
@@ -100,7 +100,24 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> str:
     return temp_dir
 
 
-def _how_to_call(config: AppConfig, url: str) -> str:
+def command_path(name: str) -> str:
+    """How to run the command ``name`` of this environment from the current directory in a
+    fresh shell: ``.venv/bin/NAME`` in a clone set up by ``make``, an absolute path elsewhere,
+    the bare name when the environment's ``bin`` is on PATH."""
+    import shutil
+
+    bin_dir = Path(sys.executable).parent
+    if shutil.which(name) == str(bin_dir / name):
+        return name
+    try:
+        return str((bin_dir / name).relative_to(Path.cwd()))
+    except ValueError:
+        return str(bin_dir / name)
+
+
+def how_to_call(config: AppConfig, url: str) -> str:
+    """What ``m-ai serve`` prints once the application is up: commands to try, each of which
+    runs as printed in a fresh shell (tests/e2e/test_docs.py runs them)."""
     model = config.models[0].served_name
     auth = ' -H "Authorization: Bearer $KEY"' if config.serving.auth_enabled else ""
     key = '"$KEY"' if config.serving.auth_enabled else '"unused"'
@@ -111,11 +128,11 @@ def _how_to_call(config: AppConfig, url: str) -> str:
         f"[bold green]M-AI is serving[/bold green] {', '.join(m.served_name for m in config.models)} "
         f"at [bold]{url}[/bold] (OpenAI API under /v1, health at /health)\n\n"
         f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n\n"
-        f'  python -c \'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key={key}); '
+        f'  {command_path("python")} -c \'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key={key}); '
         f'print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi"}}])'
         f".choices[0].message.content)'\n\n"
-        f"  m-ai chat --url {url}\n\n"
-        f"Ctrl-C stops it."
+        f"  {command_path('m-ai')} chat --url {url}      # /exit leaves the chat\n\n"
+        f"Ctrl-C stops the server."
     )
 
 
@@ -131,6 +148,9 @@ def serve(
     port: int | None = typer.Option(None, help="Overrides serving.port (default 8000)."),
     engine: str = typer.Option("real", help="real, or fake (no model: a quick demo of the API)."),
     app_name: str = typer.Option("m-ai", help="Serve application name (for serve.get_app_handle)."),
+    max_tokens: int | None = typer.Option(
+        None, min=1, help="Default answer length of every model (overrides models[*].max_tokens)."
+    ),
 ) -> None:
     """Start a local Ray with the M-AI application and serve until Ctrl-C."""
     cfg = _load(config, env)
@@ -141,7 +161,10 @@ def serve(
     serving = cfg.serving.model_copy(
         update={k: v for k, v in {"host": host, "port": port}.items() if v}
     )
-    cfg = cfg.model_copy(update={"serving": serving})
+    models = cfg.models
+    if max_tokens is not None:
+        models = [build_model_config(**{**m.model_dump(), "max_tokens": max_tokens}) for m in models]
+    cfg = cfg.model_copy(update={"serving": serving, "models": models})
     if engine == "real" and any(
         m.model_size == "tiny" and m.checkpoint is None for m in cfg.models
     ):
@@ -164,7 +187,7 @@ def serve(
                 build_app(cfg, engine_cls=ENGINES[engine]), name=app_name, route_prefix="/"
             )
         out.print(
-            _how_to_call(cfg, f"http://{serving.host}:{serving.port}"),
+            how_to_call(cfg, f"http://{serving.host}:{serving.port}"),
             highlight=False,
             soft_wrap=True,
         )
@@ -175,7 +198,12 @@ def serve(
         console.print("stopping...")
     finally:
         try:
-            ray_serve.shutdown()
+            # The application's replicas drain and stop; ray.shutdown() then stops Serve's
+            # controller with the rest. (serve.shutdown() would leave the raylet printing
+            # "Task ServeController.graceful_shutdown failed" for its own kill of the controller.)
+            ray_serve.delete(app_name)
+        except Exception as exc:  # the application may not have started
+            console.print(f"[dim]{type(exc).__name__}: {exc}[/dim]")
         finally:
             ray.shutdown()
             import shutil
@@ -290,28 +318,51 @@ def config_hash_key(
 
 @checkpoint_app.command("make-tiny")
 def checkpoint_make_tiny(
-    directory: Path = typer.Argument(..., help="Where to write the checkpoint."),
+    directory: Path | None = typer.Argument(None, help="Where to write the checkpoint."),
+    default: bool = typer.Option(
+        False,
+        "--default",
+        help="Make the one `m-ai serve` uses, in the default cache "
+        "(~/.cache/m-ai/checkpoints/tiny-v1), unless it is there already.",
+    ),
     seed: int = typer.Option(0, help="Seed of the random weights and of the tokenizer."),
 ) -> None:
-    """Write the tiny Llama-2-architecture checkpoint (Hugging Face layout) to DIRECTORY."""
+    """Write the tiny Llama-2-architecture checkpoint (Hugging Face layout, random weights:
+    for tests and demos) to DIRECTORY, or with --default to the default cache."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from engine.tiny.checkpoint import make_tiny_checkpoint
+    from engine.tiny.checkpoint import ensure_tiny_checkpoint, make_tiny_checkpoint
 
+    if (directory is None) == (not default):
+        console.print("[red]error:[/red] give a DIRECTORY or --default (not both)")
+        raise typer.Exit(2)
+    if default and seed != 0:
+        console.print("[red]error:[/red] the default checkpoint has seed 0; use a DIRECTORY for another seed")
+        raise typer.Exit(2)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
         console=console,
+        transient=True,
     ) as progress:
-        task = progress.add_task("starting", total=None)
+        task = progress.add_task("checking the cache", total=None)
 
         def report(step: str, done: int, total: int) -> None:
             progress.update(task, description=step, completed=done, total=total)
 
-        path = make_tiny_checkpoint(directory, seed=seed, progress=report)
-    out.print(f"[green]wrote[/green] {path or directory}")
+        try:
+            if default:
+                path = ensure_tiny_checkpoint(progress=report)
+            else:
+                path = make_tiny_checkpoint(directory, seed=seed, progress=report)
+        except MAIError as exc:
+            progress.stop()
+            console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            raise typer.Exit(1) from None
+    out.print(f"[green]tiny checkpoint[/green] {path} (random weights: answers are random text)",
+              highlight=False)
 
 
 def main() -> None:

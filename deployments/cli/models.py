@@ -129,15 +129,37 @@ def list_checkpoints(
         manifests = target.manifests()
     except MAIError as exc:
         raise _fail(exc) from None
+    tiny = [] if store else _tiny_checkpoints(Path(target.root))
     table = Table(title=f"checkpoints in {target.uri}")
     for column in ("checkpoint", "files", "size", "created", "source"):
         table.add_column(column)
     for m in manifests:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.created))
         table.add_row(str(m.ref), str(len(m.files)), _human(m.total_bytes), created, m.source)
+    for row in tiny:
+        table.add_row(*row)
     console.print(table)
-    if not manifests:
+    if not manifests and not tiny:
         console.print("no checkpoints yet: m-ai checkpoint pull SOURCE")
+
+
+def _tiny_checkpoints(root: Path) -> list[tuple[str, ...]]:
+    """Rows for the tiny checkpoints made by M-AI in the cache folder (``tiny-v1``: the one
+    ``model_size: tiny`` loads). They are plain directories, not store versions."""
+    from engine.tiny.checkpoint import MARKER_FILE
+
+    rows = []
+    for directory in sorted(root.iterdir()) if root.is_dir() else ():
+        marker = directory / MARKER_FILE
+        if not marker.is_file():
+            continue
+        files = [f for f in directory.rglob("*") if f.is_file()]
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(marker.stat().st_mtime))
+        rows.append((
+            directory.name, str(len(files)), _human(sum(f.stat().st_size for f in files)), created,
+            "make-tiny: random weights, for tests and demos",
+        ))
+    return rows
 
 
 @checkpoint_app.command("verify")

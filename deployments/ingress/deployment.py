@@ -37,6 +37,7 @@ from deployments.ingress.memory_client import MemoryClient
 from deployments.ingress.observability import IngressObservability
 from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor, with_usage
 from deployments.ingress.sessions import SessionClient
+from deployments.live_config_status import read_refusal
 from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -54,6 +55,7 @@ from deployments.protocol import (
     SessionList,
     parse_request,
 )
+from deployments.serve_logging import quiet_client_errors
 
 log = get_logger("deployments.ingress.deployment")
 
@@ -81,6 +83,7 @@ class Ingress:
         output: OutputConfig | None = None,
         memory: MemoryConfig | None = None,
     ) -> None:
+        quiet_client_errors()  # a client's 4xx: one log line, no traceback
         # Calls to the models go replica to replica over Serve's gRPC channel instead of Ray
         # actor calls (`_by_reference=False`): about a fifth less CPU per streamed token here and
         # in the LLMServer (benchmarks/serving_overhead.py, docs/deployment.md).
@@ -272,7 +275,8 @@ class Ingress:
         It asks the Serve controller, not the replicas: a call to a replica would wait in its
         request queue behind the generations and time out under load. A dead engine or shard
         fails the replica's health check (every ``serving.health_check_period_s``), which
-        shows here until Serve has replaced the replica.
+        shows here until Serve has replaced the replica. A live update the replicas refused
+        makes it ``"status": "degraded"`` (still 200) with the reason under the model.
         """
         from ray import serve
 
@@ -295,7 +299,11 @@ class Ingress:
                     f"model {name}: {running} running replicas, deployment {status}{why}"
                 )
             report[name] = {"status": status, "running_replicas": running}
-        return {"status": "ok", "models": report}
+            refused = await asyncio.to_thread(read_refusal, handle.app_name, handle.deployment_name)
+            if refused:
+                report[name]["live_config_refused"] = refused
+        degraded = any("live_config_refused" in m for m in report.values())
+        return {"status": "degraded" if degraded else "ok", "models": report}
 
     async def diagnostics(self, model: str | None = None, window_s: float = 300.0) -> dict[str, Any]:
         """Where requests spend their time over about ``window_s``: the dominant stage and a

@@ -13,6 +13,7 @@ change that needs the weights reloaded is refused with a message that says so.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -33,6 +34,7 @@ from cluster.errors import ConfigError, EngineDeadError, InvalidRequestError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
 from deployments.ingress import openai_adapter as oa
+from deployments.live_config_status import publish_refusal
 from deployments.llm_server.metrics import MetricsRecorder
 from deployments.llm_server.monitor import ReplicaMonitor
 from deployments.llm_server.request_metrics import RequestTrace
@@ -45,6 +47,7 @@ from deployments.protocol import (
     CompletionResponse,
     parse_request,
 )
+from deployments.serve_logging import quiet_client_errors
 from engine.stream_batching import StreamPacing
 from engine.types import RequestOutput, SamplingParams, merge_deltas, new_request_id, output_failure
 
@@ -63,6 +66,17 @@ def _replica_label() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", label)
 
 
+def _app_and_deployment() -> tuple[str, str]:
+    """This replica's application and deployment names (placeholders outside Serve)."""
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        return ctx.app_name, ctx.deployment
+    except Exception:
+        return "", ""
+
+
 class LLMServer:
     """Serves one model (see the module docstring)."""
 
@@ -74,11 +88,14 @@ class LLMServer:
         engine_options: dict[str, Any] | None = None,
         memory: MemoryConfig | None = None,
     ) -> None:
+        # A client's 4xx reaches the ingress, which logs it: here it makes no log line at all.
+        quiet_client_errors(logging.DEBUG)
         self.base_config = model_config
         self.config = model_config
         self.serving = serving or ServingConfig()
         self.name = model_config.served_name
         self.refused: str | None = None  # why the last live update was refused
+        publish_refusal(*_app_and_deployment(), None)  # a new replica has refused nothing yet
         self.pacing = StreamPacing(
             self.serving.stream_interval_ms / 1000, self.serving.stream_max_events_per_s
         )
@@ -117,9 +134,13 @@ class LLMServer:
             live = LiveConfig.model_validate(user_config or {})
             update = plan_update(self.base_config, live.model)
             if update.needs_reload:
+                changes = ", ".join(
+                    f"{k} {getattr(self.base_config, k)!r} -> {getattr(update.config, k)!r}"
+                    for k in update.reload
+                )
                 raise ConfigError(
-                    f"user_config changes {', '.join(update.reload)} of {self.name}, which needs the "
-                    f"weights reloaded: change it in the application's config and redeploy (new replicas "
+                    f"user_config changes {changes} of {self.name}, which needs the weights "
+                    f"reloaded: change it in the application's config and redeploy (new replicas "
                     f"load it); user_config applies only {', '.join(sorted(LIVE_FIELDS))} and stream pacing",
                     param=f"user_config.model.{update.reload[0]}",
                 )
@@ -127,11 +148,12 @@ class LLMServer:
             self.refused = (
                 exc.message if isinstance(exc, ConfigError) else f"user_config is invalid: {exc}"
             )
-            log.error(
-                "live configuration refused; the replica keeps its current one",
-                extra={"model": self.name, "reason": self.refused},
-            )
+            log.error(f"live configuration refused; the replica keeps its current one: {self.refused}",
+                      extra={"model": self.name})
+            publish_refusal(*_app_and_deployment(), self.refused)
             return
+        if self.refused is not None:
+            publish_refusal(*_app_and_deployment(), None)
         self.refused = None
         self.pacing = StreamPacing(
             (

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -168,6 +169,32 @@ def deploy_file(directory: Path, http_port: int, checkpoint: Path) -> Path:
     return path
 
 
+LOOPBACK = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
+
+
+def listening_sockets(head: HeadNode) -> list[tuple[str, str]]:
+    """``(local address, process name)`` of the TCP sockets the cluster's processes listen
+    on, from ``ss -ltnp`` (``ray start --block`` and everything it started)."""
+    pids = {head.process.pid} | {
+        p.pid for p in psutil.Process(head.process.pid).children(recursive=True)
+    }
+    if shutil.which("ss") is None:  # no iproute2: the same table from psutil
+        return [
+            (f"[{c.laddr.ip}]:{c.laddr.port}" if ":" in c.laddr.ip else f"{c.laddr.ip}:{c.laddr.port}",
+             psutil.Process(c.pid).name())
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in pids
+        ]
+    table = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in table.splitlines():
+        fields = line.split()
+        for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line):
+            if int(pid) in pids:
+                found.append((fields[3], name))
+    return found
+
+
 def sse_payloads(response: httpx.Response) -> list[str]:
     return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
 
@@ -208,6 +235,11 @@ def test_serve_deploy_of_the_cpu_config_serves_then_shuts_down(head_node, tiny_c
     assert chunks[-1]["usage"]["completion_tokens"] >= 1
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finish[-1] in ("length", "stop")
+
+    # docs/deployment.md: a one-machine cluster started this way listens on loopback only,
+    # but for each Serve replica's internal gRPC port (Ray Serve binds it on all interfaces).
+    exposed = [s for s in listening_sockets(head_node) if not s[0].startswith(LOOPBACK)]
+    assert exposed and all(name.startswith("ray::ServeRepli") for _, name in exposed), exposed
 
     head_node.cli("shutdown", "-y")
 

@@ -1,6 +1,7 @@
 """The examples of docs/handle.md, run in order in one namespace (as a reader would run them)
 against an application deployed on the session's Ray, with ``handle`` bound to it. Blocks
-fenced as ``python notest`` (attaching to or starting a cluster) are skipped."""
+fenced as ``python cluster`` (attaching to or starting a cluster) are skipped; those fenced
+``python handle`` run (the marks: tests/support/docs_blocks.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import pytest
 from tests.support.serve_harness import app_config
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "handle.md"
-BLOCK = re.compile(r"^```python( notest)?\n(.*?)^```", re.MULTILINE | re.DOTALL)
+BLOCK = re.compile(r"^```python (handle|cluster)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 
 def examples() -> list[str]:
-    return [code for notest, code in BLOCK.findall(GUIDE.read_text()) if not notest]
+    return [code for tag, code in BLOCK.findall(GUIDE.read_text()) if tag == "handle"]
 
 
 @pytest.fixture(scope="module")

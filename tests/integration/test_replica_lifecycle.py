@@ -4,6 +4,7 @@ shard failing the health check until Serve replaces the replica, and live config
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 import ray
@@ -134,5 +135,26 @@ def test_live_config_changes_sampling_defaults_and_refuses_a_reload(serve_cluste
         assert llm.health.remote().result()["live_config_refused"] == live["refused"]
         assert llm.describe.remote().result()["shard_names"] == replica
         assert tp2_app.handle.health.remote().result()["status"] == "ok"
+        # An operator sees it in the application's health (GET /health: 200, "degraded")...
+        report = app.handle.health.remote().result()
+        assert report["status"] == "degraded", report
+        assert "tp_size 1 -> 2" in report["models"]["m-ai-tiny"]["live_config_refused"]
+        assert "redeploy" in report["models"]["m-ai-tiny"]["live_config_refused"]
+        # ...and in the replica's log, with the field and the reason.
+        logs = Path(serve_cluster.temp_dir, "session_latest", "logs")
+        lines = [
+            line
+            for f in logs.rglob("*.log")
+            for line in f.read_text(errors="replace").splitlines()
+            if "live configuration refused" in line
+        ]
+        assert any("tp_size 1 -> 2" in line and "redeploy" in line for line in lines), lines[-3:]
+
+        deploy({"model": {"temperature": 0.0}})  # an update that applies clears the report
+        wait_until(
+            lambda: app.handle.health.remote().result()["status"] == "ok",
+            timeout_s=30,
+            what="health ok again after a live update that applies",
+        )
     finally:
         app.delete()
