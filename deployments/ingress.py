@@ -25,7 +25,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.errors import EngineDeadError, InvalidRequestError
+from actors.rank_supervision import remaining_s
+from cluster.errors import EngineDeadError, ModelNotFoundError
 from cluster.logging_setup import get_logger
 from cluster.memory_config import MemoryConfig
 from cluster.output_config import OutputConfig
@@ -224,16 +225,20 @@ class Ingress(IngressMemory):
         running replica and its deployment is not unhealthy.
 
         It asks the Serve controller, not the replicas: a call to a replica would wait in its
-        request queue behind the generations and time out under load. A dead engine or shard
-        fails the replica's health check (every ``serving.health_check_period_s``), which
-        shows here until Serve has replaced the replica.
+        request queue behind the generations and time out under load. A dead engine fails the
+        replica's health check (every ``serving.health_check_period_s``), which shows here
+        until Serve has replaced the replica. A replica that lost a rank posts it on the health
+        board at once while it rebuilds its ranks (actors/rank_supervision.py): 503 when every
+        running replica of a model is rebuilding, with the expected rest as ``Retry-After``.
         """
         from ray import serve
 
         now = time.monotonic()
         if self._status_cache is None or now - self._status_cache[0] > STATUS_CACHE_S:
-            self._status_cache = (now, await asyncio.to_thread(serve.status))
-        applications = self._status_cache[1].applications
+            apps = {handle.app_name for handle in self.models.values()}
+            self._status_cache = (now, await asyncio.to_thread(serve.status),
+                                  await asyncio.to_thread(_posted_failures, apps))
+        applications, posted = self._status_cache[1].applications, self._status_cache[2]
         report: dict[str, Any] = {}
         for name, handle in self.models.items():
             app = applications.get(handle.app_name)
@@ -248,7 +253,13 @@ class Ingress(IngressMemory):
                 raise EngineDeadError(
                     f"model {name}: {running} running replicas, deployment {status}{why}"
                 )
+            down = posted.get((handle.app_name, handle.deployment_name), [])
+            if len(down) >= running:  # every running replica is rebuilding its ranks
+                raise EngineDeadError(down[0]["reason"], retry_after=remaining_s(down[0]))
             report[name] = {"status": status, "running_replicas": running}
+            if down:
+                report[name]["recovering_replicas"] = len(down)
+                report[name]["recovering"] = down[0]["reason"]
         return {"status": "ok", "models": report}
 
     async def diagnostics(self, model: str | None = None, window_s: float = 300.0) -> dict[str, Any]:
@@ -268,7 +279,7 @@ class Ingress(IngressMemory):
     def _model(self, name: str) -> Any:
         handle = self.models.get(name)
         if handle is None:
-            raise InvalidRequestError(
+            raise ModelNotFoundError(  # 404, as OpenAI answers an unknown model
                 f"model={name!r} is not served here; available: {', '.join(sorted(self.models))} "
                 f"(GET /v1/models)",
                 param="model",
@@ -285,6 +296,20 @@ class Ingress(IngressMemory):
                 request.session_id, tenant, turn, request_id=uuid.uuid4().hex
             )
         self.remember_turn(context, tenant, request.session_id, count, turn)
+
+
+def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(app, deployment) -> the failures its replicas posted on the health board."""
+    from actors.rank_supervision import failures
+
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for app in apps:
+        try:
+            for deployment, posted in failures(app).items():
+                found[(app, deployment)] = posted
+        except Exception:  # the board is an aid: Serve's status still answers
+            log.warning("health board unreadable", exc_info=True)
+    return found
 
 
 __all__ = ["Ingress"]

@@ -13,13 +13,13 @@ router = APIRouter()
 
 @router.get(
     "/v1/diagnostics",
-    responses={code: {"model": ErrorResponse} for code in (400, 401)},  # 400: unknown model
+    responses={code: {"model": ErrorResponse} for code in (400, 401, 404)},  # 404: unknown model
     summary="Where requests spend their time, the dominant stage and a recommendation",
 )
 async def diagnostics(
     request: Request,
-    model: str | None = Query(None, description="One model; default: all of them."),
+    model: str | None = Query(None, description="One model; default (absent or empty): all of them."),
     window_s: float = Query(300.0, gt=0, description="Look-back: the report covers about this long."),
     tenant: str = Depends(tenant_of),
 ) -> Response:
-    return JSONResponse(await ingress_of(request).diagnostics(model, window_s))
+    return JSONResponse(await ingress_of(request).diagnostics(model or None, window_s))
