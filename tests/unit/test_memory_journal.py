@@ -117,3 +117,40 @@ def test_short_ids_keep_their_readable_names():
     assert folder_name("eve/1") == "eve%2F1"
     assert folder_name("x" * MAX_NAME_BYTES) == "x" * MAX_NAME_BYTES
     assert folder_name("x" * (MAX_NAME_BYTES + 1)).startswith("=")
+
+
+def test_turns_missed_while_memory_was_down_are_absorbed_once_from_the_session_log(tmp_path):
+    """Memory knew turn 2 of a session; turns 4 and 6 never reached it (its shard was down).
+    The next request hands it the session's messages: it absorbs 4 and 6, once each, and a
+    late delivery of turn 4 is refused."""
+    from actors.memory_catchup import missed_turns
+
+    def exchange(i):
+        return [{"role": "user", "content": f"I have {i} cats."}, {"role": "assistant", "content": "Noted."}]
+
+    history = exchange(1) + exchange(2) + exchange(3)
+
+    async def go():
+        s = shard(tmp_path)
+        await s.absorb_turn("acme", "eli", "s1", 2, exchange(1), wait=True)
+        session = s.loaded_users()[0].episodes.sessions["s1"]
+        assert [t for t, _ in missed_turns(session, history)] == [4, 6]
+        recall = await s.recall("acme", "eli", "s1", "How many cats?", history=history)
+        await s.drain()
+        again = missed_turns(session, history)
+        late = await s.absorb_turn("acme", "eli", "s1", 4, exchange(2))
+        return recall, again, late, [t.turn_id for t in (*session.pending, *session.window)]
+
+    recall, again, late, known = asyncio.run(go())
+    assert again == [] and late["queued"] is False
+    assert known == [2, 4, 6]
+    assert [turn[0]["content"] for turn in recall.turns] == ["I have 1 cats.", "I have 2 cats.", "I have 3 cats."]
+
+
+def test_a_session_memory_knows_nothing_of_is_not_replayed():
+    from actors.memory_catchup import missed_turns
+    from actors.memory_episodic import SessionEpisodes
+
+    history = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    assert missed_turns(None, history) == []
+    assert missed_turns(SessionEpisodes("s1"), history) == []  # e.g. the user's memory was deleted
