@@ -246,7 +246,15 @@ class Ingress(IngressMemory):
             if deployment is None:
                 raise EngineDeadError(f"model {name}: its deployment is not running")
             running = deployment.replica_states.get("RUNNING", 0)
+            draining = deployment.replica_states.get("STOPPING", 0)
             status = str(getattr(deployment.status, "value", deployment.status))
+            if running == 0 and draining:  # shutting down: no replica admits requests
+                grace = self.serving.graceful_shutdown_timeout_s
+                raise EngineDeadError(
+                    f"model {name}: draining ({draining} replicas finish their running requests "
+                    f"within serving.graceful_shutdown_timeout_s={grace:g}); none admits new ones",
+                    retry_after=grace,
+                )
             if running == 0 or status in UNHEALTHY:
                 # Serve's message may hold a replica's stack trace: clients get its summary
                 why = f" ({brief(deployment.message)})" if deployment.message else ""
@@ -257,10 +265,21 @@ class Ingress(IngressMemory):
             if len(down) >= running:  # every running replica is rebuilding its ranks
                 raise EngineDeadError(down[0]["reason"], retry_after=remaining_s(down[0]))
             report[name] = {"status": status, "running_replicas": running}
+            if draining:
+                report[name]["draining_replicas"] = draining
             if down:
                 report[name]["recovering_replicas"] = len(down)
                 report[name]["recovering"] = down[0]["reason"]
         return {"status": "ok", "models": report}
+
+    async def engine_metrics(self) -> str:
+        """``GET /metrics``: every model replica's engine now, in Prometheus text
+        (deployments/metrics_endpoint.py)."""
+        from deployments.metrics_endpoint import EngineMetrics
+
+        if getattr(self, "_engine_metrics", None) is None:
+            self._engine_metrics = EngineMetrics(self.models)
+        return await self._engine_metrics.render()
 
     async def diagnostics(self, model: str | None = None, window_s: float = 300.0) -> dict[str, Any]:
         """Where requests spend their time over about ``window_s``: the dominant stage and a

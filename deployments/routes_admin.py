@@ -1,4 +1,5 @@
-"""Admin routes: ``GET /v1/diagnostics``, the bottleneck report of the cluster's requests."""
+"""Admin routes: ``GET /v1/diagnostics``, the bottleneck report of the cluster's requests, and
+``GET /metrics``, the engines' state now in Prometheus text (vLLM's names)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,16 @@ async def diagnostics(
     tenant: str = Depends(tenant_of),
 ) -> Response:
     return JSONResponse(await ingress_of(request).diagnostics(model or None, window_s))
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    summary="Running and waiting requests of every model replica now (Prometheus text, vLLM names)",
+)
+async def metrics(request: Request) -> Response:
+    from deployments.metrics_endpoint import CONTENT_TYPE
+
+    text = await ingress_of(request).engine_metrics()
+    return Response(text, media_type=CONTENT_TYPE)
