@@ -26,6 +26,9 @@ Per request: TTFT (sent -> first content), ITL (gaps between content events; an 
 carry several tokens, see ``serving.stream_interval_ms``), TPOT ((e2e - TTFT) / (tokens - 1))
 and end-to-end latency. Per rate: request throughput, output tokens/s, mean/p50/p90/p99 of
 each latency, error rate, and goodput (requests/s meeting every objective of ``--goodput``).
+By default (``--goodput auto:3``) the objectives are 3x the median TTFT and TPOT of
+``SINGLE_STREAM_REQUESTS`` requests sent one at a time first, in the same run (printed and in
+the JSON as ``single_stream`` and each rate's ``goodput_objectives_ms``).
 
 ``python benchmarks/serve_bench.py --out F`` writes JSON with a list ``rates`` (each with
 ``request_rate``, ``output_tokens_per_s``, ``ttft_ms`` and ``itl_ms`` with p50/p90/p99, and
@@ -52,7 +55,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODEL = "m-ai-tiny"
 PERCENTILES = (50, 90, 99)
-DEFAULT_GOODPUT = "ttft:2000,tpot:200"
+# Objectives at 3x the TTFT and TPOT one request alone gets (measured first, same run): fixed
+# objectives that the machine meets at any load make goodput equal throughput.
+DEFAULT_GOODPUT = "auto:3"
+SINGLE_STREAM_REQUESTS = 8
 
 
 def log(msg: str) -> None:
@@ -227,6 +233,32 @@ def summary(values: list[float]) -> dict[str, float | None]:
     return out
 
 
+def auto_factor(spec: str) -> float | None:
+    """``"auto:3"`` -> 3.0 (objectives from the single-stream run); None for explicit ones."""
+    name, _, value = spec.strip().partition(":")
+    if name != "auto":
+        return None
+    try:
+        factor = float(value or "3")
+    except ValueError:
+        raise SystemExit(f"--goodput: {spec!r} is not auto:FACTOR") from None
+    if factor <= 1:
+        raise SystemExit(f"--goodput: auto factor {factor:g} must be above 1")
+    return factor
+
+
+def single_stream_objectives(results: list[Result], factor: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(objectives, medians) in ms: ``factor`` x the median TTFT and TPOT of ``results``."""
+    ok = [r for r in results if r.ok]
+    if not ok:
+        raise SystemExit("the single-stream requests all failed: no goodput objectives")
+    ttft = statistics.median(r.ttft_s for r in ok) * 1000
+    tpots = [t for r in ok if (t := r.tpot_s) is not None]
+    medians = {"ttft": ttft, "tpot": statistics.median(tpots) * 1000 if tpots else 0.0}
+    objectives = {k: round(factor * v, 1) for k, v in medians.items() if v > 0}
+    return objectives, medians
+
+
 def parse_goodput(spec: str) -> dict[str, float]:
     """``"ttft:2000,tpot:200,e2el:10000"`` -> objectives in milliseconds."""
     objectives = {}
@@ -351,6 +383,12 @@ def _fmt(value: Any) -> str:
 
 
 def print_table(report: dict[str, Any]) -> None:
+    goodput = report.get("goodput") or {}
+    if goodput.get("objectives_ms"):
+        alone = goodput.get("single_stream_median_ms")
+        basis = (f" (3x... of one request alone: TTFT {alone['ttft']:.0f} ms, TPOT {alone['tpot']:.1f} ms)"
+                 if alone else "")
+        print(f"goodput objectives: {goodput['objectives_ms']}{basis.replace('3x...', goodput['spec'])}")
     print(
         f"\n{'rate':>6}{'conc':>6}{'ok':>6}{'err%':>6}{'req/s':>7}{'tok/s':>7}"
         f"{'TTFT p50/p90/p99 ms':>22}{'ITL p50/p90/p99 ms':>21}{'TPOT p50':>9}{'E2E p50':>9}"
@@ -438,7 +476,9 @@ def main() -> None:
     ap.add_argument("--url", default=None, help="benchmark this running server instead (base URL)")
     args = ap.parse_args()
     rates = parse_rates(args.rates)
-    objectives = parse_goodput(args.goodput)
+    factor = auto_factor(args.goodput)
+    objectives = parse_goodput(args.goodput) if factor is None else {}
+    single: dict[str, float] | None = None
     if args.num_prompts < 1:
         raise SystemExit("--num-prompts must be at least 1")
 
@@ -451,6 +491,13 @@ def main() -> None:
             url, temp_dir = start_server(args)
         log("warm-up: 4 requests ...")
         asyncio.run(run_rate(url, bodies[:4], math.inf, None, args.seed, args.request_timeout_s))
+        if factor is not None:
+            log(f"single stream: {SINGLE_STREAM_REQUESTS} requests one at a time ...")
+            alone, _ = asyncio.run(run_rate(url, bodies[:SINGLE_STREAM_REQUESTS], math.inf, 1,
+                                            args.seed, args.request_timeout_s))
+            objectives, single = single_stream_objectives(alone, factor)
+            log(f"  median TTFT {single['ttft']:.0f} ms, TPOT {single['tpot']:.1f} ms: goodput objectives "
+                f"{', '.join(f'{k} <= {v:g} ms' for k, v in objectives.items())}")
         for rate in rates:
             log(f"rate {rate:g} req/s, {len(bodies)} requests ...")
             results, wall = asyncio.run(
@@ -472,6 +519,8 @@ def main() -> None:
         "num_prompts": args.num_prompts,
         "workload": {"kind": "synthetic chat (see the module docstring)", "seed": args.seed,
                      "prompt_words_median": args.prompt_words, "output_tokens_median": args.output_tokens},
+        "goodput": {"spec": args.goodput, "objectives_ms": objectives,
+                    "single_stream_median_ms": single},
         "rates": figures,
     }
     print_table(report)

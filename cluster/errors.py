@@ -55,6 +55,17 @@ class NotFoundError(MAIError):
     error_type = "not_found_error"
 
 
+class ModelNotFoundError(NotFoundError):
+    """A request names a model that is not served (OpenAI: 404 ``model_not_found``)."""
+
+    error_type = "invalid_request_error"
+
+    def to_dict(self) -> dict:
+        body = super().to_dict()
+        body["error"]["code"] = "model_not_found"
+        return body
+
+
 class CapacityError(MAIError):
     """The queue is full; the client should retry after ``retry_after`` seconds."""
 
@@ -67,10 +78,16 @@ class CapacityError(MAIError):
 
 
 class EngineDeadError(MAIError):
-    """The engine (or one of its tensor-parallel shards) stopped; in-flight requests fail."""
+    """The engine (or one of its tensor-parallel ranks), or another part a request needs,
+    stopped; in-flight requests fail. ``retry_after``: when it is expected back (seconds;
+    None: the server's ``serving.retry_after_s``)."""
 
     status_code = 503
     error_type = "service_unavailable"
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
 
 
 class CheckpointError(MAIError):

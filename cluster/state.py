@@ -192,7 +192,9 @@ class ModelState(_StateModel):
         return head + [{"role": m.role, "content": m.content} for m in ctx.messages]
 
     def summary(self, with_messages: bool = False) -> dict[str, Any]:
-        """The shape the ingress's session client (``deployments.ingress.sessions``) returns (``turns`` counts messages)."""
+        """The shape the ingress's session client (``deployments.ingress.sessions``) returns: ``turns``
+        counts exchanges (appends: a user message and its reply are one), ``message_count``
+        the messages."""
         out: dict[str, Any] = {
             "id": self.session_id,
             "tenant": self.tenant,
@@ -202,7 +204,8 @@ class ModelState(_StateModel):
             "system_prompt": self.conversation_context.system_prompt,
             "metadata": dict(self.metadata),
             "model_parameters": self.model_parameters.model_dump(exclude_none=True),
-            "turns": len(self.conversation_context.messages),
+            "turns": self.turn_count,
+            "message_count": len(self.conversation_context.messages),
             "turn_count": self.turn_count,
         }
         if with_messages:

@@ -76,8 +76,10 @@ def validation_error(errors: list[dict[str, Any]]) -> InvalidRequestError:
     return InvalidRequestError("; ".join(parts), param=first_param)
 
 
-def as_mai_error(exc: BaseException) -> MAIError:
-    """Map any failure of a request to the ``MAIError`` that describes it to the client."""
+def as_mai_error(exc: BaseException, part: str = "the model replica") -> MAIError:
+    """Map any failure of a request to the ``MAIError`` that describes it to the client.
+    ``part``: what failed when a Ray actor or replica is gone, in our words (clients never
+    see Ray's class names)."""
     import ray.exceptions
     from ray.serve.exceptions import (
         BackPressureError,
@@ -101,9 +103,8 @@ def as_mai_error(exc: BaseException) -> MAIError:
     if isinstance(
         exc, (ray.exceptions.RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
     ):
-        return EngineDeadError(
-            f"the model replica is unavailable ({type(exc).__name__}); retry shortly"
-        )
+        log.warning("unavailable", extra={"part": part, "error": type(exc).__name__})
+        return EngineDeadError(f"{part} is unavailable (stopped or being replaced); retry shortly")
     log.error("unexpected error", exc_info=exc)
     return MAIError(f"internal error: {type(exc).__name__}: {brief(str(exc))}")
 
@@ -111,13 +112,17 @@ def as_mai_error(exc: BaseException) -> MAIError:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TRACE_START = re.compile(r"Traceback \(most recent call last\)|^\s+File \"", re.MULTILINE)
 _RAY_TASK_LINE = re.compile(r"^\s*ray::\S+ \(pid=.*$", re.MULTILINE)  # where a Ray task ran
+# A server path (two or more components, absolute or file://): never shown to a client.
+_SERVER_PATH = re.compile(r"(?<![\w.:/])(?:file://)?/(?:[^\s/'\"]+/)+[^\s/'\",)]*")
 
 
 def brief(text: str, limit: int = 500) -> str:
     """``text`` fit for a client: without terminal colours and without any stack trace (a
     trace is replaced by its last line, the exception itself), on one line, at most
-    ``limit`` characters. Tracebacks stay in the logs: they show paths and internals."""
+    ``limit`` characters, server paths replaced. Tracebacks stay in the logs: they show
+    paths and internals."""
     text = _RAY_TASK_LINE.sub("", _ANSI.sub("", text))
+    text = _SERVER_PATH.sub("<server path>", text)
     trace = _TRACE_START.search(text)
     if trace is not None:
         head = text[: trace.start()].strip()

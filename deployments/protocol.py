@@ -11,9 +11,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
 # More messages than any Llama 2 context holds (each costs at least a few template tokens).
@@ -26,6 +34,44 @@ def completion_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: ``89.0`` is the integer 89 (as JSON Schema reads it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# An integer field of a request: strict (no "5" strings), but 5.0 is 5, as the spec says.
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+# OpenAI's response_format, as the spec states it (the server reads it as a dict:
+# engine.structured.parse_response_format).
+RESPONSE_FORMAT_SCHEMA = {
+    "oneOf": [
+        {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
+         "additionalProperties": False},
+        {"type": "object", "properties": {"type": {"const": "json_object"}}, "required": ["type"],
+         "additionalProperties": False},
+        {
+            "type": "object",
+            "properties": {
+                "type": {"const": "json_schema"},
+                "json_schema": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "schema": {"type": "object"},
+                        "strict": {"type": "boolean"},
+                    },
+                    "required": ["schema"],
+                },
+            },
+            "required": ["type", "json_schema"],
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ]
+}
 
 
 class _Request(BaseModel):
@@ -70,22 +116,26 @@ class SamplingFields(_Request):
         None, ge=0.0, le=2.0, description="0 is greedy; None: the model's default."
     )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, description="Extension; 0 disables it.")
+    top_k: JsonInt | None = Field(None, ge=0, description="Extension; 0 disables it.")
     repetition_penalty: float | None = Field(
         None, gt=0.0, le=10.0, description="Extension; 1.0 disables it."
     )
-    max_tokens: int | None = Field(
+    max_tokens: JsonInt | None = Field(
         None, ge=1, description="None: the model's default, within the context."
     )
-    stop: str | list[str] | None = Field(
-        None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings."
-    )
-    seed: int | None = None
-    n: int = Field(1, description="Only 1 is supported.")
+    stop: (
+        Annotated[str, Field(min_length=1)]
+        # at most MAX_STOP_SEQUENCES: maxItems in the spec, the validator's message for more
+        | Annotated[list[Annotated[str, Field(min_length=1)]],
+                    Field(json_schema_extra={"maxItems": MAX_STOP_SEQUENCES})]
+        | None
+    ) = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings.")
+    seed: JsonInt | None = None
+    n: JsonInt = Field(1, description="Only 1 is supported.", json_schema_extra={"minimum": 1, "maximum": 1})
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
-    response_format: dict[str, Any] | None = Field(
+    response_format: Annotated[dict[str, Any] | None, WithJsonSchema(RESPONSE_FORMAT_SCHEMA)] = Field(
         None,
         description='{"type": "json_object"}, or {"type": "json_schema", "json_schema": '
         '{"name", "schema", "strict"}}: decoding is constrained to JSON (that matches the '
@@ -138,7 +188,7 @@ class ChatCompletionRequest(SamplingFields):
         max_length=MAX_MESSAGES,
         description=f"With session_id: only the new turn(s). At most {MAX_MESSAGES}.",
     )
-    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    max_completion_tokens: JsonInt | None = Field(None, ge=1, description="Newer name of max_tokens.")
     session_id: str | None = Field(
         None,
         max_length=128,
@@ -155,9 +205,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str] = Field(
-        description="Text, token ids, or a list of one text."
-    )
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[JsonInt, Field(ge=0)]], Field(min_length=1)]
+        # one text: maxItems in the spec, the validator's message for more
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, json_schema_extra={"maxItems": 1})]
+    ) = Field(description="Text, token ids, or a list of one text (never empty).")
 
     @field_validator("prompt")
     @classmethod
@@ -183,12 +236,16 @@ class SessionCreateRequest(_Request):
     )
 
 
+# The kinds of engine.memory_extraction.KINDS (tests/unit/test_openapi_spec.py keeps them equal).
+MemoryKind = Literal["identity", "preference", "decision", "commitment", "attribute"]
+
+
 class MemoryCreateRequest(_Request):
     """``POST /v1/memories``: a fact added by hand, deduplicated like an extracted one."""
 
     user: str = Field(min_length=1, max_length=256, description="Whose memory (within the tenant).")
     text: str = Field(min_length=1, max_length=2_000, description="The fact, e.g. 'The user lives in Oslo.'")
-    kind: str = Field("attribute", max_length=32, description="attribute, preference, decision, commitment, ...")
+    kind: MemoryKind = Field("attribute", description="What sort of fact it is.")
     importance: float | None = Field(None, ge=0.0, le=1.0, description="None: the kind's default.")
     slot: str | None = Field(
         None, max_length=128, description="A one-value-at-a-time key (e.g. 'location'): a new value supersedes."
@@ -224,7 +281,7 @@ class MemorySearchRequest(_Request):
 
     user: str = Field(min_length=1, max_length=256)
     query: str = Field(min_length=1, max_length=4_000)
-    limit: int = Field(10, ge=1, le=1_000)
+    limit: JsonInt = Field(10, ge=1, le=1_000)
 
 
 # -- responses ------------------------------------------------------------------------------
@@ -361,7 +418,8 @@ class SessionInfo(_Response):
     system_prompt: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     user: str | None = None
-    turns: int = 0
+    turns: int = Field(0, description="Exchanges so far (a user turn and its reply count as one).")
+    message_count: int = Field(0, description="Messages stored (the system prompt not included).")
     messages: list[dict[str, str]] | None = None
 
 

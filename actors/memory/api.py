@@ -2,7 +2,8 @@
 
 Mixed into ``MemoryShard`` (which provides ``_user``, ``_embed``, ``clock``, ``config`` and
 ``_schedule_flush``). Every call names the tenant and the user; a memory id of another user
-or tenant reads as not found. Responses are plain dicts in the shapes docs/memory.md gives for
+or tenant reads as not found. A write is in the user's journal (actors/memory/journal.py)
+before it returns: acknowledged means durable. Responses are plain dicts in the shapes docs/memory.md gives for
 the HTTP endpoints, so the ingress can return them as they are.
 """
 
@@ -127,6 +128,10 @@ class MemoryApi:
         memory.dirty = True
         self._schedule_flush()  # type: ignore[attr-defined]
         record = memory.longterm.records.get(decision.memory_id or "")  # evicted at once if lowest
+        if decision.action != "none":  # durable before the answer (actors/memory/journal.py)
+            ids = dict.fromkeys((decision.memory_id or "", *decision.targets))
+            changed = [memory.longterm.records[i] for i in ids if i in memory.longterm.records]
+            await self.users.journal(memory, "put", changed)  # type: ignore[attr-defined]
         return {"decision": decision.public(), "memory": record.public() if record else None}
 
     async def import_memories(
@@ -184,7 +189,7 @@ class MemoryApi:
             raise InvalidRequestError(f"user {user!r} got memories during the import; retry", param="user")
         memory.longterm = fresh
         memory.dirty = True
-        self._schedule_flush()  # type: ignore[attr-defined]
+        await self.users.flush(include_touched=False)  # type: ignore[attr-defined]  # durable first
         return {"object": "memory.import", "imported": len(records), "graph": fresh.index.uses_graph}
 
     async def get_memory(self, tenant: str, user: str, memory_id: str) -> dict[str, Any]:
@@ -200,6 +205,7 @@ class MemoryApi:
             raise _not_found(memory_id)
         memory.dirty = True
         self._schedule_flush()  # type: ignore[attr-defined]
+        await self.users.journal(memory, "delete", ids=[memory_id])  # type: ignore[attr-defined]
         return {"id": memory_id, "object": "memory", "deleted": True}
 
     async def delete_user_memories(self, tenant: str, user: str) -> dict[str, Any]:
@@ -216,6 +222,7 @@ class MemoryApi:
             memory.units = UserUnits(memory.units.dense.dimension, memory.units.config)
         memory.dirty = True
         self._schedule_flush()  # type: ignore[attr-defined]
+        await self.users.journal(memory, "delete_all")  # type: ignore[attr-defined]
         return {"object": "memory.deleted_all", "user": user, "deleted": deleted, "sessions": sessions}
 
 

@@ -1,7 +1,11 @@
 """Where memory lives between restarts: Parquet files through ``pyarrow.fs``.
 
 One folder per user, independent of the number of memory shards (any shard can load any
-user): ``tenants/<tenant>/<user>/`` (names percent-encoded) holds
+user): ``tenants/<tenant>/<user>/`` holds the files below. Names are percent-encoded; a name
+whose encoding would pass ``MAX_NAME_BYTES`` (file systems refuse names above 255 bytes) is
+stored as ``=`` + its SHA-256 instead (fixed length; ``=`` never starts an encoded name), and
+the folder then holds ``owner.json`` with the real tenant and user. So no id a client sends
+ever becomes a name the file system refuses.
 
 - ``facts.parquet``: every long-term record (history included), its stored (quantized)
   embedding as bytes, and in the file metadata the format version, the embedder name,
@@ -12,7 +16,9 @@ user): ``tenants/<tenant>/<user>/`` (names percent-encoded) holds
 - ``episodes.parquet``: one row per session (window, pending turns, summaries as JSON), one
   for the user summary, and one per memory unit (every absorbed message, actors/memory/units.py:
   JSON plus its stored vector; the file metadata names the embedder, dimension and dtype of
-  those vectors). The units' lexical index is rebuilt from them at load.
+  those vectors). The units' lexical index is rebuilt from them at load;
+- ``journal/``: the API writes acknowledged since the files were last written
+  (actors/memory/journal.py); the facts metadata names the last entry they hold.
 
 Each file is written whole (``actors.sessions.storage``: temporary file + fsync + rename on local
 disk, one PUT on object stores), so a crash leaves the previous or the new version.
@@ -20,6 +26,7 @@ disk, one PUT on object stores), so a crash leaves the previous or the new versi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +50,18 @@ FORMAT_VERSION = 1
 FACTS_FILE = "facts.parquet"
 EPISODES_FILE = "episodes.parquet"
 GRAPH_FILE = "index.usearch"
+OWNER_FILE = "owner.json"
+MAX_NAME_BYTES = 200  # an encoded name longer than this is stored as its hash
+HASHED_PREFIX = "="
+
+
+def folder_name(name: str) -> str:
+    """The folder name of a tenant or user id: percent-encoded, or ``=<sha256>`` when the
+    encoding would be longer than ``MAX_NAME_BYTES``."""
+    encoded = quote(name, safe="")
+    if len(encoded) <= MAX_NAME_BYTES:
+        return encoded
+    return HASHED_PREFIX + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 FACT_SCHEMA = pa.schema(
     [
@@ -83,6 +102,7 @@ class FactsSnapshot:
     graph: bytes | None
     graph_digest: str | None
     graph_kept: bool = False  # the stored graph already holds these keys: not written again
+    journal_through: int = 0  # the last journal entry (actors/memory/journal.py) this cut holds
 
     @classmethod
     def of(cls, longterm: UserLongTerm, with_graph: bool, stored_digest: str | None = None) -> FactsSnapshot:
@@ -128,6 +148,7 @@ def facts_table(snapshot: FactsSnapshot, embedder: str) -> pa.Table:
         "next_key": str(snapshot.next_key),
         "counters": json.dumps(snapshot.counters),
         "graph_digest": snapshot.graph_digest or "",
+        "journal_through": str(snapshot.journal_through),
     }
     arrays = [
         pa.array(columns[f.name], type=f.type) if f.name != "embedding"
@@ -233,7 +254,11 @@ class MemoryStorage:
 
     @staticmethod
     def folder(tenant: str, user: str) -> str:
-        return f"tenants/{quote(tenant, safe='')}/{quote(user, safe='')}"
+        return f"tenants/{folder_name(tenant)}/{folder_name(user)}"
+
+    @staticmethod
+    def hashed(tenant: str, user: str) -> bool:
+        return HASHED_PREFIX in (folder_name(tenant)[:1], folder_name(user)[:1])
 
     def users(self) -> list[tuple[str, str]]:
         """Every (tenant, user) with stored memory."""
@@ -241,6 +266,12 @@ class MemoryStorage:
         tenants = self.location.child("tenants")
         for tenant in tenants.list_folders():
             for user in tenants.child(tenant).list_folders():
+                if HASHED_PREFIX in (tenant[:1], user[:1]):
+                    owner = f"tenants/{tenant}/{user}/{OWNER_FILE}"
+                    if self.location.exists(owner):
+                        names = json.loads(self.location.read_bytes(owner))
+                        found.append((names["tenant"], names["user"]))
+                    continue
                 found.append((unquote(tenant), unquote(user)))
         return found
 
@@ -260,6 +291,9 @@ class MemoryStorage:
         folder = self.folder(tenant, user)
         self.location.ensure_folder(folder)
         written = 0
+        if self.hashed(tenant, user) and not self.location.exists(f"{folder}/{OWNER_FILE}"):
+            owner = json.dumps({"tenant": tenant, "user": user}).encode()
+            self.location.write_atomic(f"{folder}/{OWNER_FILE}", owner)
         if graph is not None:
             self.location.write_atomic(f"{folder}/{GRAPH_FILE}", graph)
             written += len(graph)
@@ -274,13 +308,19 @@ class MemoryStorage:
     def delete(self, tenant: str, user: str) -> None:
         """Remove the user's files and folder: ``users()`` no longer lists it."""
         folder = self.folder(tenant, user)
-        for name in (FACTS_FILE, EPISODES_FILE, GRAPH_FILE):
+        for name in (FACTS_FILE, EPISODES_FILE, GRAPH_FILE, OWNER_FILE):
             self.location.delete(f"{folder}/{name}")
         self.location.delete_folder(folder)
 
 
 def parse_facts(data: bytes) -> LoadedFacts:
     return read_facts(_from_parquet(data))
+
+
+def facts_metadata(data: bytes) -> dict[str, str]:
+    """The facts file's metadata alone (its footer), without reading the rows."""
+    metadata = pq.read_schema(pa.BufferReader(data)).metadata or {}
+    return {k.decode(): v.decode() for k, v in metadata.items()}
 
 
 def parse_episodes(data: bytes) -> UserEpisodes:
@@ -293,6 +333,8 @@ def parse_episodes_and_units(data: bytes) -> tuple[UserEpisodes, list[dict[str, 
 
 __all__ = [
     "MemoryStorage",
+    "folder_name",
+    "MAX_NAME_BYTES",
     "UserFiles",
     "LoadedFacts",
     "facts_table",
@@ -300,6 +342,7 @@ __all__ = [
     "episodes_table",
     "episodes_table_from_rows",
     "parse_facts",
+    "facts_metadata",
     "parse_episodes",
     "parse_episodes_and_units",
     "FORMAT_VERSION",

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from actors.memory.api import MemoryApi, history_turns
+from actors.memory.catchup import missed_turns
 from actors.memory.episodic import expire_sessions, summarize_user
 from actors.memory.forget import SessionForgetting
 from actors.memory.learning.absorb import Absorber, AbsorbJob, UserMemory
@@ -322,6 +323,12 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
         summaries (without sentences about superseded facts) and the recent turns. Without
         turns of its own for the session, ``history`` (the session store's messages) is used."""
         memory = await self._user(tenant, user)
+        if session_id and history:  # turns lost while this shard was down (memory_catchup.py)
+            missed = missed_turns(memory.episodes.sessions.get(session_id), history)
+            for turn_id, turn in missed:
+                await self.absorb_turn(tenant, user, session_id, turn_id, turn)
+            if missed:
+                log.info("memory caught up with a session", extra={"session": session_id, "turns": len(missed)})
         started = time.perf_counter()
         k = self.config.retrieval.top_k if top_k is None else top_k
         facts: list[RecalledFact] = []

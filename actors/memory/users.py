@@ -11,11 +11,21 @@ serialized and written off it (actors/memory/persistence.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
 
 from actors.memory.episodic import UserEpisodes
+from actors.memory.journal import (
+    JournalEntry,
+    entry_name,
+    last_seq,
+    put_entry,
+    read_entries,
+    remove_through,
+    replay,
+)
 from actors.memory.learning.absorb import UserMemory
 from actors.memory.longterm import UserLongTerm
 from actors.memory.persistence import (
@@ -24,10 +34,12 @@ from actors.memory.persistence import (
     UserFiles,
     episodes_table,
     episodes_table_from_rows,
+    facts_metadata,
     facts_table,
     parse_episodes_and_units,
     parse_facts,
 )
+from actors.memory.records import MemoryRecord
 from actors.memory.units import UserUnits, unit_rows
 from cluster.config.memory import MemoryConfig
 from cluster.plugins import PluginRegistry
@@ -71,6 +83,7 @@ class MemoryUsers:
         self._loading: dict[tuple[str, str], asyncio.Future[UserMemory]] = {}
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_lock: asyncio.Lock | None = None
+        self._journal_seq: dict[tuple[str, str], int] = {}  # last journal position per user
 
     def loaded(self) -> list[UserMemory]:
         return list(self.users.values())
@@ -94,7 +107,8 @@ class MemoryUsers:
         self._loading[key] = future
         try:
             files = await asyncio.to_thread(self.storage.read, tenant, user)
-            found = await asyncio.to_thread(self._build, tenant, user, files)
+            found, seq = await asyncio.to_thread(self._build_and_replay, tenant, user, files)
+            self._journal_seq[key] = seq
             self.users[key] = found
             future.set_result(found)
             self.on_loaded(found)
@@ -117,6 +131,7 @@ class MemoryUsers:
             self._flush_lock = asyncio.Lock()
         async with self._flush_lock:  # a flush in progress must not write the user back
             found = self.users.pop(key, None) is not None
+            self._journal_seq.pop(key, None)
             if self.storage is not None and not self.read_only:
                 await asyncio.to_thread(self.storage.delete, tenant, user)
         return found
@@ -131,6 +146,22 @@ class MemoryUsers:
         embedder = self._embedder()
         return {"embedder": embedder.name, "dimension": str(embedder.dimension),
                 "dtype": self.config.index.embedding_dtype}
+
+    def _build_and_replay(self, tenant: str, user: str, files: UserFiles) -> tuple[UserMemory, int]:
+        """``_build``, then the journal entries its files do not hold yet (a worker thread);
+        returns the user and its last journal position."""
+        memory = self._build(tenant, user, files)
+        if not isinstance(self.storage, MemoryStorage):
+            return memory, 0
+        through = 0
+        if files.facts is not None:
+            through = int(facts_metadata(files.facts).get("journal_through", "0") or "0")
+        folder, location = self.storage.folder(tenant, user), self.storage.location
+        entries = read_entries(location, folder, through)
+        if entries:
+            replay(memory, entries)
+            memory.dirty = not self.read_only  # written whole with the next flush
+        return memory, max(through, last_seq(location, folder))
 
     def _build(self, tenant: str, user: str, files: UserFiles) -> UserMemory:
         """A user from its files (runs in a worker thread: the object is not shared yet)."""
@@ -174,6 +205,29 @@ class MemoryUsers:
 
     # -- writing ----------------------------------------------------------------------------
 
+    async def journal(
+        self, memory: UserMemory, op: str, records: list[MemoryRecord] = (), ids: list[str] = ()  # type: ignore[assignment]
+    ) -> None:
+        """Make an API write durable before it is acknowledged: one journal entry holding its
+        outcome (``op``: put / delete / delete_all; actors/memory/journal.py). A storage
+        backend plugin has no journal: the changed users are written whole instead."""
+        if self.storage is None or self.read_only:
+            return
+        if not isinstance(self.storage, MemoryStorage):
+            await self.flush(include_touched=False)
+            return
+        key = (memory.tenant, memory.user)
+        seq = self._journal_seq.get(key, 0) + 1
+        self._journal_seq[key] = seq
+        if op == "put":
+            index = memory.longterm.index
+            stored = {r.id: index.stored(r.key) for r in records if r.active and r.key in index}
+            entry = put_entry(seq, list(records), stored, self.config.index.embedding_dtype)
+        else:
+            entry = JournalEntry(seq, op, ids=list(ids))
+        name = entry_name(self.storage.folder(memory.tenant, memory.user), seq)
+        await asyncio.to_thread(self.storage.location.write_atomic, name, entry.to_bytes())
+
     def schedule_flush(self) -> None:
         if self.storage is None or self.read_only:
             return
@@ -203,6 +257,8 @@ class MemoryUsers:
                     memory.graph_digest_written if isinstance(self.storage, MemoryStorage) else None,
                 )
                 units = memory.units.snapshot() if memory.units is not None else None
+                through = self._journal_seq.get((memory.tenant, memory.user), 0)
+                snapshot = dataclasses.replace(snapshot, journal_through=through)
                 episodes = episodes_table(memory.episodes)
                 written += await asyncio.to_thread(self._write, memory, snapshot, episodes, units)
                 memory.last_written = now
@@ -219,6 +275,9 @@ class MemoryUsers:
         else:
             written = self.storage.write(memory.tenant, memory.user, facts, episodes, snapshot.graph)
         memory.graph_digest_written = snapshot.graph_digest
+        if isinstance(self.storage, MemoryStorage) and snapshot.journal_through:
+            folder = self.storage.folder(memory.tenant, memory.user)
+            remove_through(self.storage.location, folder, snapshot.journal_through)
         return written
 
     def close(self) -> None:

@@ -159,6 +159,15 @@ class ShardActor:
             self._engine().check_health()
         self.ping()
 
+    async def watch(self, interval_s: float = 0.5) -> None:
+        """Never answers while this rank can serve; raises ``EngineDeadError`` as soon as it
+        cannot (its engine or follower stopped). The replica keeps one call pending per rank
+        (actors/tp/supervision.py): if the process dies, Ray fails the call at once."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._loaded:
+                self.check_health()
+
     def ping(self) -> int:
         if self._follower is not None and not self._follower.is_alive():
             raise EngineDeadError(

@@ -223,6 +223,8 @@ class LatencyAutoscalingPolicy:
         decision = decide(signal, state, self.config, low, high)
         self.last_reason = decision.reason
         self._report(ctx.deployment_name, decision.replicas)
+        if decision.replicas != signal.replicas:
+            self._publish(getattr(ctx, "app_name", None) or "", ctx.deployment_name, signal, decision)
         new_state = dict(ctx.policy_state or {})
         new_state["m_ai"] = {k: getattr(decision.state, k) for k in _STATE_KEYS}
         new_state["m_ai"]["reason"] = decision.reason
@@ -241,6 +243,38 @@ class LatencyAutoscalingPolicy:
             self._gauge.set(replicas, tags={"deployment": deployment})
         except Exception:  # metrics are best effort; the decision stands
             pass
+
+
+    @staticmethod
+    def _publish(app: str, deployment: str, signal: ScalingSignal, decision: Decision) -> None:
+        """The last change this policy made, readable by operators and tests from Ray's
+        key-value store (``last_scaling_decision``): proof that this policy, not Serve's
+        default, scaled the deployment, and why."""
+        try:
+            import json
+
+            from ray.experimental import internal_kv
+
+            record = {"from": signal.replicas, "to": decision.replicas, "reason": decision.reason,
+                      "at": signal.now, "policy": "m-ai latency"}
+            internal_kv._internal_kv_put(decision_key(app, deployment), json.dumps(record), overwrite=True)
+        except Exception:  # best effort, like the gauge; the decision stands
+            pass
+
+
+def decision_key(app: str, deployment: str) -> str:
+    return f"m-ai/autoscaling/{app}/{deployment}"
+
+
+def last_scaling_decision(app: str, deployment: str) -> dict[str, Any] | None:
+    """The last replica change the latency policy made for ``deployment`` of ``app`` (None:
+    it made none, e.g. Serve's default policy scales the deployment). Needs a Ray connection."""
+    import json
+
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(decision_key(app, deployment))
+    return json.loads(raw) if raw else None
 
 
 def serve_autoscaling_config(
@@ -276,4 +310,5 @@ def serve_autoscaling_config(
 __all__ = [
     "LatencyAutoscalingConfig", "ScalingSignal", "ScalingState", "Decision", "decide",
     "LatencyAutoscalingPolicy", "serve_autoscaling_config", "POLICY_PATH", "TTFT_KEY", "QUEUE_KEY",
+    "last_scaling_decision", "decision_key",
 ]

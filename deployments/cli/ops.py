@@ -141,15 +141,32 @@ def dashboards_write(
         typer.echo(f"wrote {path}")
 
 
-def push_dashboard(url: str, token: str, model: dict[str, Any], folder_uid: str | None = None) -> dict[str, Any]:
-    """Create or replace the dashboard on a Grafana server (``POST /api/dashboards/db``)."""
-    from grafana_client import GrafanaApi
+class GrafanaRefused(Exception):
+    """Grafana answered the push with an error status (its message is in the text)."""
 
-    api = GrafanaApi.from_url(url, credential=token, timeout=10.0)
+
+def push_dashboard(url: str, token: str, model: dict[str, Any], folder_uid: str | None = None) -> dict[str, Any]:
+    """Create or replace the dashboard on a Grafana server: ``POST /api/dashboards/db`` of
+    Grafana's HTTP API with a service account token, sent with httpx (the project's one HTTP
+    client; no Grafana client library, whose dependencies replace urllib3)."""
+    import httpx
+
     payload: dict[str, Any] = {"dashboard": {**model, "id": None}, "overwrite": True, "message": "m-ai dashboards push"}
     if folder_uid:
         payload["folderUid"] = folder_uid
-    return api.dashboard.update_dashboard(payload)
+    answer = httpx.post(
+        f"{url.rstrip('/')}/api/dashboards/db",
+        json=payload,
+        headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+        timeout=10.0,
+    )
+    if answer.status_code >= 400:
+        try:
+            detail = answer.json().get("message", answer.text)
+        except ValueError:
+            detail = answer.text
+        raise GrafanaRefused(f"HTTP {answer.status_code}: {detail}")
+    return answer.json()
 
 
 @dashboards_app.command("push")
@@ -160,13 +177,18 @@ def dashboards_push(
     folder_uid: str | None = typer.Option(None, help="Grafana folder to put it in."),
 ) -> None:
     """Upload the dashboard to Grafana (overwrites the one with the same uid)."""
+    import httpx
+
     from cluster.observability.dashboards import build_dashboard
+
 
     model = json.loads(file.read_text()) if file else build_dashboard()
     try:
         answer = push_dashboard(url, token, model, folder_uid)
-    except Exception as exc:  # grafana_client raises its own types per status
-        _fail(f"Grafana at {url} refused the dashboard: {type(exc).__name__}: {exc}")
+    except GrafanaRefused as exc:
+        _fail(f"Grafana at {url} refused the dashboard: {exc}")
+    except httpx.HTTPError as exc:
+        _fail(f"Grafana at {url} could not be reached: {exc}")
     typer.echo(json.dumps(answer))
 
 

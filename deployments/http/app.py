@@ -3,6 +3,7 @@ every failure the OpenAI error body (FastAPI's 422 becomes 400 naming the field)
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -60,9 +61,10 @@ def create_http_app(ingress: Any) -> FastAPI:
                 "code": exc.status_code,
             }
         }
-        return JSONResponse(
-            body, status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(app, request.url.path, request))
+        return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
     async def on_any_error(request: Request, exc: Exception) -> Response:
         return error_response(exc, retry_after)
@@ -78,4 +80,29 @@ def create_http_app(ingress: Any) -> FastAPI:
     return app
 
 
-__all__ = ["create_http_app", "API_DESCRIPTION"]
+def allowed_methods(app: FastAPI, path: str, request: Request | None = None) -> list[str]:
+    """Every method the API documents at ``path`` (a 405's ``Allow``), read from the app's
+    OpenAPI spec: FastAPI makes one route per method, and Starlette's own 405 names only the
+    first route whose path matched."""
+    if request is not None:
+        root = request.scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path
+    table = getattr(app.state, "allowed_methods", None)
+    if table is None:
+        table = app.state.allowed_methods = [
+            (re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"),
+             {m.upper() for m in operations})
+            for template, operations in app.openapi()["paths"].items()
+        ]
+    methods: set[str] = set()
+    literal = [(p, d) for p, d in table if "[^/]+" not in p.pattern and p.match(path)]
+    for pattern, documented in literal or table:  # /v1/memories/usage is not /{memory_id}
+        if pattern.match(path):
+            methods |= documented
+    if "GET" in methods:
+        methods.add("HEAD")
+    order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return sorted(methods, key=lambda m: (order.index(m) if m in order else len(order), m))
+
+
+__all__ = ["create_http_app", "API_DESCRIPTION", "allowed_methods"]

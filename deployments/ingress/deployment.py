@@ -25,10 +25,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from actors.tp.supervision import remaining_s
 from cluster.config.memory import MemoryConfig
 from cluster.config.output import OutputConfig
 from cluster.config.serving import ServingConfig
-from cluster.errors import EngineDeadError, InvalidRequestError
+from cluster.errors import EngineDeadError, ModelNotFoundError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error, brief
 from deployments.ingress.auth import DEFAULT_TENANT, ApiKeyAuth
@@ -273,17 +274,22 @@ class Ingress:
         running replica and its deployment is not unhealthy.
 
         It asks the Serve controller, not the replicas: a call to a replica would wait in its
-        request queue behind the generations and time out under load. A dead engine or shard
-        fails the replica's health check (every ``serving.health_check_period_s``), which
-        shows here until Serve has replaced the replica. A live update the replicas refused
-        makes it ``"status": "degraded"`` (still 200) with the reason under the model.
+        request queue behind the generations and time out under load. A dead engine fails the
+        replica's health check (every ``serving.health_check_period_s``), which shows here
+        until Serve has replaced the replica. A replica that lost a rank posts it on the health
+        board at once while it rebuilds its ranks (actors/tp/supervision.py): 503 when every
+        running replica of a model is rebuilding, with the expected rest as ``Retry-After``.
+        A live update the replicas refused makes it ``"status": "degraded"`` (still 200) with
+        the reason under the model.
         """
         from ray import serve
 
         now = time.monotonic()
         if self._status_cache is None or now - self._status_cache[0] > STATUS_CACHE_S:
-            self._status_cache = (now, await asyncio.to_thread(serve.status))
-        applications = self._status_cache[1].applications
+            apps = {handle.app_name for handle in self.models.values()}
+            self._status_cache = (now, await asyncio.to_thread(serve.status),
+                                  await asyncio.to_thread(_posted_failures, apps))
+        applications, posted = self._status_cache[1].applications, self._status_cache[2]
         report: dict[str, Any] = {}
         for name, handle in self.models.items():
             app = applications.get(handle.app_name)
@@ -291,19 +297,44 @@ class Ingress:
             if deployment is None:
                 raise EngineDeadError(f"model {name}: its deployment is not running")
             running = deployment.replica_states.get("RUNNING", 0)
+            draining = deployment.replica_states.get("STOPPING", 0)
             status = str(getattr(deployment.status, "value", deployment.status))
+            if running == 0 and draining:  # shutting down: no replica admits requests
+                grace = self.serving.graceful_shutdown_timeout_s
+                raise EngineDeadError(
+                    f"model {name}: draining ({draining} replicas finish their running requests "
+                    f"within serving.graceful_shutdown_timeout_s={grace:g}); none admits new ones",
+                    retry_after=grace,
+                )
             if running == 0 or status in UNHEALTHY:
                 # Serve's message may hold a replica's stack trace: clients get its summary
                 why = f" ({brief(deployment.message)})" if deployment.message else ""
                 raise EngineDeadError(
                     f"model {name}: {running} running replicas, deployment {status}{why}"
                 )
+            down = posted.get((handle.app_name, handle.deployment_name), [])
+            if len(down) >= running:  # every running replica is rebuilding its ranks
+                raise EngineDeadError(down[0]["reason"], retry_after=remaining_s(down[0]))
             report[name] = {"status": status, "running_replicas": running}
+            if draining:
+                report[name]["draining_replicas"] = draining
+            if down:
+                report[name]["recovering_replicas"] = len(down)
+                report[name]["recovering"] = down[0]["reason"]
             refused = await asyncio.to_thread(read_refusal, handle.app_name, handle.deployment_name)
             if refused:
                 report[name]["live_config_refused"] = refused
         degraded = any("live_config_refused" in m for m in report.values())
         return {"status": "degraded" if degraded else "ok", "models": report}
+
+    async def engine_metrics(self) -> str:
+        """``GET /metrics``: every model replica's engine now, in Prometheus text
+        (deployments/ingress/engine_metrics.py)."""
+        from deployments.ingress.engine_metrics import EngineMetrics
+
+        if getattr(self, "_engine_metrics", None) is None:
+            self._engine_metrics = EngineMetrics(self.models)
+        return await self._engine_metrics.render()
 
     async def diagnostics(self, model: str | None = None, window_s: float = 300.0) -> dict[str, Any]:
         """Where requests spend their time over about ``window_s``: the dominant stage and a
@@ -322,7 +353,7 @@ class Ingress:
     def _model(self, name: str) -> Any:
         handle = self.models.get(name)
         if handle is None:
-            raise InvalidRequestError(
+            raise ModelNotFoundError(  # 404, as OpenAI answers an unknown model
                 f"model={name!r} is not served here; available: {', '.join(sorted(self.models))} "
                 f"(GET /v1/models)",
                 param="model",
@@ -341,6 +372,20 @@ class Ingress:
         # memory keeps who said what: a message's OpenAI `name` is its speaker
         named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in request.messages if m.role != "system"]
         self.memory.remember_turn(context, tenant, request.session_id, count, [*named, turn[-1]])
+
+
+def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(app, deployment) -> the failures its replicas posted on the health board."""
+    from actors.tp.supervision import failures
+
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for app in apps:
+        try:
+            for deployment, posted in failures(app).items():
+                found[(app, deployment)] = posted
+        except Exception:  # the board is an aid: Serve's status still answers
+            log.warning("health board unreadable", exc_info=True)
+    return found
 
 
 __all__ = ["Ingress"]

@@ -69,7 +69,7 @@ class MemoryClient(ShardHandles):
                 if attempt == 0:
                     await asyncio.sleep(0.2)
             except Exception as exc:
-                raise as_mai_error(exc) from None
+                raise as_mai_error(exc, f"the memory shard {shard}") from None
         raise EngineDeadError(f"the memory shard {shard} is unavailable; retry shortly")
 
     # -- the request path ---------------------------------------------------------------------

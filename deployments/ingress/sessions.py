@@ -49,7 +49,7 @@ class SessionClient(ShardHandles):
             except ray.exceptions.RayActorError:  # the actor was replaced: the handle is stale
                 await self._backoff(shard, attempt, "dead")
             except Exception as exc:
-                raise as_mai_error(exc) from None
+                raise as_mai_error(exc, f"the session store shard {shard}") from None
         raise EngineDeadError(f"the session store shard {shard} is unavailable; retry shortly")
 
     async def _backoff(self, shard: int, attempt: int, why: str) -> None:

@@ -37,6 +37,7 @@ from deployments.ingress import openai_adapter as oa
 from deployments.live_config_status import publish_refusal
 from deployments.llm_server.metrics import MetricsRecorder
 from deployments.llm_server.monitor import ReplicaMonitor
+from deployments.llm_server.rank_recovery import RankRecovery
 from deployments.llm_server.request_metrics import RequestTrace
 from deployments.protocol import (
     ChatCompletionChunk,
@@ -77,7 +78,7 @@ def _app_and_deployment() -> tuple[str, str]:
         return "", ""
 
 
-class LLMServer:
+class LLMServer(RankRecovery):
     """Serves one model (see the module docstring)."""
 
     async def __init__(
@@ -100,25 +101,35 @@ class LLMServer:
             self.serving.stream_interval_ms / 1000, self.serving.stream_max_events_per_s
         )
         shard_bundle = replica_bundles(self.serving, model_config)[1]
-        self.shards = ShardGroup.start(
-            model_config,
-            name_prefix=f"m-ai-shard-{_replica_label()}",
-            engine_cls=engine_cls,
-            engine_options=engine_options,
-            num_cpus=shard_bundle["CPU"],
-            num_gpus=shard_bundle.get("GPU", 0.0),
-        )
+        group_options = {
+            "name_prefix": f"m-ai-shard-{_replica_label()}",
+            "engine_cls": engine_cls,
+            "engine_options": engine_options,
+            "num_cpus": shard_bundle["CPU"],
+            "num_gpus": shard_bundle.get("GPU", 0.0),
+        }
+        started = time.monotonic()
+        self.shards = ShardGroup.start(model_config, **group_options)
         await self.shards.wait_loaded(self.serving.shard_start_timeout_s)
+        self._supervise(group_options, time.monotonic() - started)  # rank_recovery.py
         self.tokenizer = await self.shards.rank0.get_tokenizer.remote()
         # Prompts of session requests with a memory recall (actors.memory_context).
         self.assembler = ContextAssembler(self.tokenizer, (memory or MemoryConfig()).context)
         # Metrics and the latency the autoscaling policy reads (record_autoscaling_stats).
         self.latency = LatencyWindow(self.serving.autoscaling.look_back_period_s)
         self.recorder = MetricsRecorder(model=self.name, replica=_replica_label().rsplit("-", 1)[-1])
-        self.monitor = ReplicaMonitor(
-            self.recorder, self.shards, model_config, self.serving.metrics_interval_s, self.latency
-        ).start()
+        self._start_monitor()
         log.info("model replica ready", extra={"model": self.name, "tp_size": model_config.tp_size})
+
+    def _start_monitor(self) -> None:
+        self.monitor = ReplicaMonitor(
+            self.recorder, self.shards, self.config, self.serving.metrics_interval_s, self.latency
+        ).start()
+
+    def _stop_monitor(self) -> None:
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.stop()
 
     # -- live configuration -------------------------------------------------------------------
 
@@ -320,6 +331,10 @@ class LLMServer:
         import ray
 
         request_id = timing.request_id
+        down = self.unavailable()
+        if down is not None:  # the ranks are being rebuilt: say so at once
+            timing.fail(down)
+            raise down
         rank0 = self.shards.rank0
         refs = rank0.generate.remote(prompt_ids, params, request_id, pacing)
         finished = False
@@ -329,7 +344,7 @@ class LLMServer:
                 try:
                     out: RequestOutput = await ref
                 except Exception as exc:
-                    error = as_mai_error(exc)
+                    error = self.unavailable() or as_mai_error(exc)  # a rank that died names itself
                     timing.fail(error)
                     raise error from None
                 timing.on_output(out)
@@ -360,7 +375,10 @@ class LLMServer:
         return {TTFT_KEY: report["ttft"], QUEUE_KEY: report["queue"]}
 
     async def check_health(self) -> None:
-        """Serve's health check: a dead engine or shard raises, and Serve replaces the replica."""
+        """Serve's health check: a dead engine or rank raises, and Serve replaces the replica;
+        not while the replica rebuilds its ranks itself (rank_recovery.py), unless that failed."""
+        if self.check_recovery():
+            return
         await self.shards.check_health(timeout_s=min(10.0, self.serving.health_check_timeout_s))
 
     async def health(self) -> dict[str, Any]:
@@ -400,9 +418,8 @@ class LLMServer:
         }
 
     def __del__(self) -> None:
-        monitor = getattr(self, "monitor", None)
-        if monitor is not None:
-            monitor.stop()
+        self._stop_monitor()
+        self.stop_supervision()
         shards = getattr(self, "shards", None)
         if shards is not None:
             shards.kill()

@@ -127,7 +127,7 @@ def test_a_session_carries_the_conversation_across_three_turns(client, http):
     )
 
     stored = http.get(f"/v1/sessions/{sid}").json()
-    assert stored["turns"] == 6
+    assert stored["turns"] == 3 and stored["message_count"] == 6  # three exchanges
     assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == [
         "my name is Ada",
         "I keep llamas",
@@ -170,7 +170,6 @@ LONG_PROMPT = "llama " * 3000
 
 BAD_INPUTS = [
     # (body, param, words in the message)
-    (ask("hi") | {"model": "gpt-4"}, "model", "not served here"),
     (ask("hi", max_tokens=4000), "max_tokens", "context length"),
     (ask(LONG_PROMPT), "messages", "context length"),
     (ask("hi", temperature="hot"), "temperature", "valid number"),
@@ -209,6 +208,14 @@ def test_bad_chat_input_is_a_400_naming_the_field(http, body, param, words):
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert words in error["message"]
+
+
+def test_an_unknown_model_is_a_404_as_openai_answers_it(http):
+    response = http.post("/v1/chat/completions", json=ask("hi") | {"model": "gpt-4"})
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "not served here" in error["message"] and MODEL in error["message"]
 
 
 def test_bad_streamed_input_is_a_400_too_not_a_broken_stream(http):

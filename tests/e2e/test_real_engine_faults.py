@@ -121,7 +121,20 @@ def test_a_client_that_disconnects_leaves_the_batch_at_once(real_app):
         assert reply.status_code == 200
 
 
+async def first_unhealthy(client: httpx.AsyncClient, timeout_s: float) -> httpx.Response | None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        health = await client.get("/health")
+        if health.status_code != 200:
+            return health
+        await asyncio.sleep(0.05)
+    return None
+
+
 def test_a_killed_tp_shard_fails_the_streams_and_the_replica_is_replaced(real_app):
+    """A rank killed under load: the streams end with a typed error naming the rank (no Ray
+    class names), ``/health`` says so within 2 s with a ``Retry-After`` of the expected
+    rebuild, and the replica serves again on new ranks."""
     before = real_app.llm().describe.remote().result()
 
     async def scenario():
@@ -130,14 +143,22 @@ def test_a_killed_tp_shard_fails_the_streams_and_the_replica_is_replaced(real_ap
             rank1 = ray.get_actor(before["shard_names"][1], namespace=before["namespace"])
             ray.kill(rank1, no_restart=True)
             killed_at = time.monotonic()
+            health = await first_unhealthy(client, 2.0)
+            detected = time.monotonic() - killed_at
             ended = await asyncio.wait_for(asyncio.gather(*streams), 60)
-            return ended, time.monotonic() - killed_at
+            return ended, time.monotonic() - killed_at, health, detected, killed_at
 
-    ended, took = asyncio.run(scenario())
+    ended, took, health, detected, killed_at = asyncio.run(scenario())
     for lines in ended:  # each stream ended, with an error: no request hangs
-        assert_ended_with_error(lines)
+        error = assert_ended_with_error(lines)
+        assert "Error" not in error["message"] and "Actor" not in error["message"], error
     assert took < 45, took
+    assert health is not None, "/health said ok for 2 s after a rank was killed"
+    assert health.status_code == 503 and "rank 1" in health.json()["error"]["message"], health.text
+    assert int(health.headers["Retry-After"]) >= 1
+    print(f"rank kill seen by /health after {detected:.2f}s")
     wait_replaced(real_app, before["shard_names"])
+    print(f"serving again {time.monotonic() - killed_at:.1f}s after the kill")
 
 
 def test_an_engine_step_that_raises_fails_every_request_in_flight(real_app):

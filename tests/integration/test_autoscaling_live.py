@@ -1,6 +1,8 @@
 """The latency policy live: a load on loopback takes the model from 1 replica to 2 and, once
-it stops, back to 1 (short look-back and holds; Serve's controller runs the policy), and the
-simulator's copy of Serve's default policy decides like Serve's own code."""
+it stops, back to 1 (short look-back and holds; Serve's controller runs the policy), each
+change made by the latency policy for its reason (Serve's default policy would scale too, but
+leaves no such decision); and the simulator's copy of Serve's default policy decides like
+Serve's own code."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import time
 
 import pytest
 
+from cluster.autoscaling.policy import last_scaling_decision
 from cluster.autoscaling.simulation import ServeDefaultState, serve_default_decide
 from deployments.protocol import ChatCompletionRequest
 from tests.support.serve_harness import app_config, wait_until
@@ -51,11 +54,16 @@ def test_load_scales_one_to_two_and_back(serve_cluster):
         try:
             wait_until(lambda: running_replicas(app) == 2, timeout_s=60, interval_s=0.5, what="2 replicas")
             scaled_out_after = time.monotonic() - started
+            out = last_scaling_decision(app.name, "llm-" + MODEL)
+            assert out is not None, "the replicas changed, but not by the latency policy"
+            assert (out["from"], out["to"]) == (1, 2) and "objective missed" in out["reason"], out
         finally:
             stop.set()
             for t in threads:
                 t.join(timeout=30)
         wait_until(lambda: running_replicas(app) == 1, timeout_s=60, interval_s=0.5, what="back to 1 replica")
+        back = last_scaling_decision(app.name, "llm-" + MODEL)
+        assert (back["from"], back["to"]) == (2, 1) and "scale in" in back["reason"], back
         print(f"scaled out {scaled_out_after:.1f}s after the load began; back to 1 after "
               f"{time.monotonic() - started - scaled_out_after:.1f}s")
     finally:

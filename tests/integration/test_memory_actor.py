@@ -35,8 +35,12 @@ def memory_actor(serve_cluster, tmp_path):
     ray.kill(actor, no_restart=True)
 
 
-def test_long_term_memory_survives_an_actor_restart(memory_actor):
+def test_long_term_memory_survives_an_actor_restart(memory_actor, tmp_path):
     import ray
+
+    from actors.memory.persistence import MemoryStorage, parse_facts
+
+    storage_root = tmp_path / "memory"  # the fixture's storage_uri
 
     started = time.perf_counter()
     queued = ray.get(memory_actor.absorb_turn.remote("acme", "ann", "s1", 0, turn("My name is Ann.")))
@@ -50,7 +54,11 @@ def test_long_term_memory_survives_an_actor_restart(memory_actor):
     assert {m["text"] for m in before["data"] if m["status"] == "active"} == {
         "The user's name is Ann.", "The user lives in Bergen.", "The user's favourite drink is cocoa.",
         "The user rides a red bicycle."}
-    assert ray.get(memory_actor.flush.remote())["users"] >= 0  # written (or already by the timer)
+    ray.get(memory_actor.flush.remote())
+    stored = MemoryStorage(str(storage_root)).read("acme", "ann")  # on disk before the kill
+    assert stored.facts is not None and stored.episodes is not None
+    assert {r.text for r in parse_facts(stored.facts).records if r.active} == {
+        m["text"] for m in before["data"] if m["status"] == "active"}
 
     pid = ray.get(memory_actor.stats.remote())["pid"]
     ray.kill(memory_actor, no_restart=False)  # Ray restarts it (max_restarts=1)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from cluster.errors import InvalidRequestError, NotFoundError
+from cluster.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
 from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -124,7 +124,7 @@ def test_max_tokens_over_the_context_is_refused_naming_the_field(app):
 
 def test_unknown_model_is_refused(app):
     request = {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}
-    with pytest.raises(InvalidRequestError, match="model='gpt-4' is not served here"):
+    with pytest.raises(ModelNotFoundError, match="model='gpt-4' is not served here"):
         app.handle.chat.remote(request).result()
 
 

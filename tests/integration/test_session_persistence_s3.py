@@ -157,7 +157,7 @@ def test_killed_writer_loses_no_acknowledged_turn(make_uri) -> None:
         # and the shard goes on from there
         sid = next(iter(acked))
         count = await shard.append(sid, "crash", [{"role": "user", "content": "after"}])
-        assert (await SessionShard(root, 0).get(sid, "crash"))["turns"] == count
+        assert (await SessionShard(root, 0).get(sid, "crash"))["message_count"] == count
 
     run(check)
 

@@ -55,7 +55,9 @@ def test_1000_requests_at_the_sustained_rate_are_answered_or_refused_by_design(e
     assert len(outcomes) == 1000
     assert kinds["failed"] == 0, failures.most_common(5)
     assert not any(500 <= s < 600 and s != 503 for s in statuses)
-    assert kinds["ok"] >= 500  # the rate was sustainable: refusals stay the exception
+    # The rate is 80% of what the machine sustains: a refusal is a rare burst of the Poisson
+    # arrivals, at most 2 in 100 (half of them refused would mean the server cannot keep up).
+    assert kinds["ok"] >= 980, (dict(kinds), dict(statuses))
 
 
 def test_overload_with_a_short_queue_is_refused_by_design(serve_cluster):

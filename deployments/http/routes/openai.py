@@ -17,7 +17,7 @@ from deployments.protocol import (
     ModelList,
 )
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 429, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}  # 404: unknown model
 STREAM = {
     "text/event-stream": {
         "schema": {"type": "string"},

@@ -62,3 +62,19 @@ def test_goodput_counts_requests_meeting_every_objective(bench):
     assert bench.rate_figures(math.inf, 8, [fast], 1.0, {})["request_rate"] == "inf"
     with pytest.raises(SystemExit):
         bench.parse_goodput("latency:5")
+
+
+def test_default_goodput_objectives_are_three_times_one_request_alone(bench):
+    assert bench.DEFAULT_GOODPUT == "auto:3" and bench.auto_factor("auto:3") == 3.0
+    assert bench.auto_factor("ttft:100") is None
+    with pytest.raises(SystemExit):
+        bench.auto_factor("auto:0.5")
+    alone = [bench.Result(ok=True, status=200, ttft_s=t, e2e_s=t + 0.2, output_tokens=11)
+             for t in (0.04, 0.05, 0.06)]
+    objectives, medians = bench.single_stream_objectives(alone, 3.0)
+    assert medians["ttft"] == pytest.approx(50) and medians["tpot"] == pytest.approx(20)
+    assert objectives == {"ttft": pytest.approx(150), "tpot": pytest.approx(60)}
+    # a request as fast as one alone meets them; one three times slower to start does not
+    loaded = [bench.Result(ok=True, status=200, ttft_s=0.05, e2e_s=0.25, output_tokens=11),
+              bench.Result(ok=True, status=200, ttft_s=0.2, e2e_s=0.4, output_tokens=11)]
+    assert bench.rate_figures(4.0, None, loaded, 1.0, objectives)["goodput_req_per_s"] == pytest.approx(1)

@@ -47,3 +47,14 @@ def test_check_mode_tells_a_stale_file_from_a_fresh_one(tmp_path: Path, capsys):
     out.write_text(json.dumps(spec, indent=2) + "\n")
     assert main(["--check", "--out", str(out)]) == 1
     assert "0.0.0-stale" in capsys.readouterr().out  # the diff shows what changed
+
+
+def test_the_memory_kinds_of_the_spec_are_the_engine_s():
+    from typing import get_args
+
+    from actors.memory.learning.extraction import KINDS
+    from deployments.protocol import MemoryKind
+
+    assert set(get_args(MemoryKind)) == set(KINDS)
+    spec = build_openapi()["components"]["schemas"]["MemoryCreateRequest"]["properties"]["kind"]
+    assert set(spec["enum"]) == set(KINDS)
