@@ -73,6 +73,11 @@ class EngineDeadError(MAIError):
     error_type = "service_unavailable"
 
 
+class ControlTimeoutError(EngineDeadError):
+    """A tensor-parallel rank waited longer than the control channel's timeout for a step
+    message from rank 0 (or rank 0 for its followers to take one): the replica is restarted."""
+
+
 class CheckpointError(MAIError):
     """A checkpoint is missing, incomplete or corrupted."""
 
