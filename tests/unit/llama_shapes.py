@@ -130,42 +130,53 @@ def _structure(model: torch.nn.Module) -> dict[str, tuple]:
     }
 
 
-def rank_main(rank: int, world: int, port: int, ckpt: str, dtype_name: str, mode: str, results) -> None:
+def rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], mode: str, results) -> None:
+    """Run each (checkpoint, dtype) job of ``mode`` in this rank; put its list of reports."""
     try:
-        results.put((rank, _rank(rank, world, port, Path(ckpt), getattr(torch, dtype_name), mode)))
+        _join(rank, world, port)
+        reports = [_rank(rank, world, Path(ckpt), getattr(torch, dtype), mode) for ckpt, dtype in jobs]
+        results.put((rank, reports))
     except BaseException as exc:  # reported, not lost in a child's stderr
         import traceback
 
-        results.put((rank, {"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"}))
+        results.put((rank, [{"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"}]))
 
 
-def _rank(rank: int, world: int, port: int, ckpt: Path, dtype: torch.dtype, mode: str) -> dict:
-    _join(rank, world, port)
+def compare_loaders(world: int, ckpt: Path, dtype: torch.dtype) -> dict:
+    """The former and the sharded loader's results for this rank, compared (see the docstring)."""
+    from cluster.config import ModelConfig
+    from engine.loader import load_full_then_shard
+    from engine.sharded_loader import load_sharded, shard_bytes
+
+    name = str(dtype).removeprefix("torch.")
+    old = load_full_then_shard(ModelConfig(dtype=name), ckpt, world)
+    new = load_sharded(ckpt, dtype=dtype, device="cpu", tp_size=world)
+    a, b = _state(old), _state(new)
+    with torch.no_grad():
+        la, lb = old(IDS).logits, new(IDS).logits
+    return {
+        "structure_equal": _structure(old) == _structure(new),
+        "names_equal": list(a) == list(b),
+        "unequal": [k for k in a if k not in b or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])],
+        "logits_equal": bool(torch.equal(la, lb)),
+        "classes": sorted({type(m).__name__ for m in new.modules()}),
+        "shard_bytes": shard_bytes(new),
+    }
+
+
+IDS = torch.tensor([[1, 15, 27, 300, 4, 99, 230, 7]])
+
+
+def _rank(rank: int, world: int, ckpt: Path, dtype: torch.dtype, mode: str) -> dict:
     # everything the loaders import, imported before the memory baseline
     import deepspeed.inference.engine  # noqa: F401
     import safetensors.torch  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from cluster.config import ModelConfig
-    from engine.loader import load_full_then_shard
     from engine.sharded_loader import load_sharded, shard_bytes
 
-    ids = torch.tensor([[1, 15, 27, 300, 4, 99, 230, 7]])
     if mode == "compare":
-        name = str(dtype).removeprefix("torch.")
-        old = load_full_then_shard(ModelConfig(dtype=name), ckpt, world)
-        new = load_sharded(ckpt, dtype=dtype, device="cpu", tp_size=world)
-        a, b = _state(old), _state(new)
-        with torch.no_grad():
-            la, lb = old(ids).logits, new(ids).logits
-        return {
-            "structure_equal": _structure(old) == _structure(new),
-            "names_equal": list(a) == list(b),
-            "unequal": [k for k in a if k not in b or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])],
-            "logits_equal": bool(torch.equal(la, lb)),
-            "classes": sorted({type(m).__name__ for m in new.modules()}),
-            "shard_bytes": shard_bytes(new),
-        }
+        return compare_loaders(world, ckpt, dtype)
     import gc
 
     gc.collect()
@@ -175,7 +186,7 @@ def _rank(rank: int, world: int, port: int, ckpt: Path, dtype: torch.dtype, mode
     peak = _status_kib("VmHWM") * 1024
     size = shard_bytes(model)
     with torch.no_grad():
-        logits = model(ids).logits.float()
+        logits = model(IDS).logits.float()
     return {
         "baseline_rss": baseline, "peak_rss": peak, "shard_bytes": size,
         "logits": logits if rank == 0 else None, "slices_equal": _slices_match_autotp(model, ckpt),
