@@ -16,9 +16,10 @@ ranks on one node. Here:
    checkpoint's, else the rank's rows (column-parallel q/k/v/gate/up) or columns
    (row-parallel o/down/lm_head) at the offset the layer's own split gives — the same
    ``split(_partition_sizes, dim)[tp_index]`` AutoTP applies to a loaded tensor, so the
-   result is AutoTP's, element for element (tests compare them). The file is opened per tensor
-   so that the pages of the memory map a rank touched are released tensor by tensor: a rank's
-   peak resident memory stays near its shard's size.
+   result is AutoTP's, element for element (tests compare them). Rows are read 64 MiB at a
+   time, the file opened anew for each chunk so that the pages of the memory map a rank
+   touched are released chunk by chunk: a rank's peak resident memory stays near its shard's
+   size.
 4. Buffers that are not in the checkpoint (the rotary embedding's ``inv_freq``) are computed
    as Hugging Face computes them when it loads a model built on meta, then cast as DeepSpeed
    cast them.
@@ -39,6 +40,8 @@ from cluster.errors import CheckpointError
 from cluster.logging_setup import get_logger
 
 log = get_logger("engine.sharded_loader")
+
+CHUNK_BYTES = 64 << 20  # rows read per open of a safetensors file
 
 
 def checkpoint_index(path: Path) -> dict[str, Path]:
@@ -170,14 +173,35 @@ def fill_from_checkpoint(model: torch.nn.Module, path: Path) -> int:
         )
     read = 0
     for name, param in model.named_parameters():
-        # One open per tensor: closing unmaps the file, so the pages read leave this
-        # process's resident memory before the next tensor (the page cache keeps them).
         with safe_open(index[name], framework="pt") as f:
             part = f.get_slice(name)
-            where = slice_of(_owner(model, name), list(part.get_shape()), list(param.shape), name)
-            data = part[where]
+            shape = list(part.get_shape())
+        where = slice_of(_owner(model, name), shape, list(param.shape), name)
+        read += _copy_in_chunks(index[name], name, param, where)
+    return read
+
+
+def _copy_in_chunks(file: Path, name: str, param: torch.Tensor, where: tuple) -> int:
+    """Copy ``where`` of tensor ``name`` into ``param``, ``CHUNK_BYTES`` of rows at a time.
+
+    Each chunk opens the file anew: closing it unmaps the pages it read, so what a rank holds
+    beyond its shard while loading is one chunk and its pages (not a whole 500 MB embedding
+    twice over); the page cache keeps the pages for the other ranks.
+    """
+    from safetensors import safe_open
+
+    rows = param.shape[0] if param.dim() else 1
+    row_bytes = max(1, param[0].numel() * param.element_size()) if param.dim() else param.element_size()
+    step = max(1, CHUNK_BYTES // row_bytes)
+    first = (where[0].start or 0) if param.dim() else 0
+    read = 0
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        index = ((slice(first + r, first + r + n),) + where[1:]) if param.dim() else where
+        with safe_open(file, framework="pt") as f:
+            data = f.get_slice(name)[index]
         read += data.numel() * data.element_size()
-        param.copy_(data.to(param.dtype))
+        (param[r : r + n] if param.dim() else param).copy_(data.to(param.dtype))
         del data
     return read
 

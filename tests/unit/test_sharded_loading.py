@@ -13,6 +13,7 @@ each rank's peak resident memory is measured against its shard's bytes.
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing as mp
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from engine.worker import free_port
+from tests.conftest import TEST_CACHE_DIR
 from tests.unit import llama_shapes  # noqa: F401  (importable by the rank processes)
 
 torch_dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,7 +87,6 @@ def test_sharded_loading_equals_autotp_exactly(small_checkpoints, tp):
 
 
 def test_a_checkpoint_missing_a_tensor_is_refused_by_name(small_checkpoints, tmp_path):
-    import json
     import shutil
 
     from cluster.errors import CheckpointError
@@ -111,7 +112,7 @@ def test_tp8_equals_autotp_exactly(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_70b_layer_shapes_each_rank_holds_only_its_shard(tmp_path):
+def test_70b_layer_shapes_each_rank_holds_only_its_shard():
     """Llama-2-70B's layer shapes, 2 layers, bfloat16 (4.4 GB): tp=2 and tp=4.
 
     Per rank: peak resident memory during the load, above what the process held before it,
@@ -122,8 +123,13 @@ def test_70b_layer_shapes_each_rank_holds_only_its_shard(tmp_path):
     """
     from engine.sharded_loader import load_sharded
 
-    ckpt = tmp_path / "llama2-70b-shapes-2-layers"
-    total = llama_shapes.write_checkpoint(ckpt, llama_shapes.LLAMA2_70B, layers=2, dtype=torch.bfloat16)
+    # 4.4 GB: kept in the git-ignored test cache and reused by later runs
+    ckpt = TEST_CACHE_DIR / "checkpoints" / "llama2-70b-shapes-2-layers-bf16-v1"
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        total = json.loads(index.read_text())["metadata"]["total_size"]
+    else:
+        total = llama_shapes.write_checkpoint(ckpt, llama_shapes.LLAMA2_70B, layers=2, dtype=torch.bfloat16)
     ids = torch.tensor([[1, 15, 27, 300, 4, 99, 230, 7]])
     whole = load_sharded(ckpt, dtype=torch.bfloat16, device="cpu", tp_size=1)
     with torch.no_grad():
