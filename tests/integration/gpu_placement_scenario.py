@@ -31,10 +31,17 @@ def main(out: str) -> None:
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    ray.init(
-        address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
-        _temp_dir=temp_dir, log_to_driver=False,
-    )
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: a loaded machine may need more
+        try:
+            ray.init(
+                address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+                _temp_dir=temp_dir, log_to_driver=False,
+            )
+            break
+        except Exception as exc:
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
     try:
         pg = placement_group(
             [{"CPU": 0.1}, {"CPU": 0.25, "GPU": 1}, {"CPU": 0.25, "GPU": 1}], strategy="STRICT_PACK"
