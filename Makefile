@@ -7,7 +7,10 @@ export PYTHONPATH := $(CURDIR)
 export DS_ACCELERATOR := cpu
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: help venv tools run chat test test-slow test-load test-all lint bench checkpoint clean
+IMAGE   ?= m-ai:0.1.0
+
+.PHONY: help venv tools run chat test test-slow test-load test-all lint bench checkpoint clean \
+	image image-cpu gpu-check
 
 help:
 	@echo "make run        serve the tiny model on 127.0.0.1:8000 (local Ray + Serve), short answers"
@@ -18,6 +21,9 @@ help:
 	@echo "make test-load  load, soak and leak tests"
 	@echo "make bench      the benchmarks (JSON under out/)"
 	@echo "make lint       ruff"
+	@echo "make image      the GPU image (Dockerfile) as IMAGE=$(IMAGE), then the CPU one as IMAGE-cpu"
+	@echo "make image-cpu  the CPU image only (Dockerfile.cpu)"
+	@echo "make gpu-check  tests/gpu and decode throughput on this machine's GPU (JSON under out/)"
 
 venv: $(STAMP)
 
@@ -71,3 +77,19 @@ bench: venv
 
 clean:
 	rm -rf .venv .cache out
+
+# Images: docker must reach a daemon; where it cannot, say so and build nothing.
+DOCKER_OK = docker info >/dev/null 2>&1 || { echo "make $@: no Docker daemon here (docker info fails): nothing built; run it where Docker runs"; exit 2; }
+
+image:
+	@$(DOCKER_OK)
+	docker build -t $(IMAGE) -f Dockerfile .
+	docker build -t $(IMAGE)-cpu -f Dockerfile.cpu .
+
+image-cpu:
+	@$(DOCKER_OK)
+	docker build -t $(IMAGE)-cpu -f Dockerfile.cpu .
+
+# On a machine with one CUDA GPU: installs what it needs, runs tests/gpu, writes out/gpu_check.json.
+gpu-check:
+	bash scripts/gpu_check.sh

@@ -90,6 +90,11 @@ class EngineDeadError(MAIError):
         self.retry_after = retry_after
 
 
+class ControlTimeoutError(EngineDeadError):
+    """A tensor-parallel rank waited longer than the control channel's timeout for a step
+    message from rank 0 (or rank 0 for its followers to take one): the replica is restarted."""
+
+
 class CheckpointError(MAIError):
     """A checkpoint is missing, incomplete or corrupted."""
 

@@ -236,7 +236,7 @@ class SessionCreateRequest(_Request):
     )
 
 
-# The kinds of engine.memory_extraction.KINDS (tests/unit/test_openapi_spec.py keeps them equal).
+# The kinds of engine.memory_extraction.KINDS (tests/unit/deployments/http/test_openapi_spec.py keeps them equal).
 MemoryKind = Literal["identity", "preference", "decision", "commitment", "attribute"]
 
 

@@ -30,6 +30,18 @@ log = get_logger("actors.tp.rank")
 REAL_ENGINE = "engine.engine:LLMEngine"
 
 
+def ray_gpu_ids() -> list[int | str]:
+    """The GPUs Ray gave this process (empty outside Ray or without ``num_gpus``)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return []
+        return list(ray.get_gpu_ids())
+    except Exception:  # not inside a Ray worker
+        return []
+
+
 def resolve_engine_cls(engine_cls: str | type | None) -> type:
     """An engine class from itself or from a ``"module:Class"`` path (None: the real engine)."""
     if engine_cls is None:
@@ -82,7 +94,8 @@ class ShardActor:
             from engine.rank.worker import TPWorker
 
             self.worker = TPWorker(
-                cfg, self.rank, self.world_size, self.master_addr, self.master_port
+                cfg, self.rank, self.world_size, self.master_addr, self.master_port,
+                gpu_ids=ray_gpu_ids(),
             )
             await asyncio.to_thread(self.worker.load)
             if self.rank == 0:
@@ -186,7 +199,25 @@ class ShardActor:
             info["placement_group_id"] = ctx.get_placement_group_id()
         except Exception:  # not inside Ray
             pass
+        info.update(self.device_plan())
         return info
+
+    def device_plan(self) -> dict[str, Any]:
+        """The GPU Ray gave this rank and the CUDA index it uses (``engine.rank.devices``); on the
+        CPU the index is None. Computed from the environment, without touching CUDA."""
+        from engine.rank.devices import choose_device
+
+        kind = "cuda" if self.config.device == "cuda" else self.config.resolved_device()
+        ids = ray_gpu_ids()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        choice = choose_device(kind, self.rank, ray_gpu_ids=ids, cuda_visible_devices=visible)
+        return {
+            "ray_gpu_ids": [str(i) for i in ids],
+            "cuda_visible_devices": visible,
+            "cuda_index": choice.index,
+            "local_rank": choice.local_rank,
+            "gpu_id": choice.gpu_id,
+        }
 
     def shutdown(self) -> None:
         if self.engine is not None:

@@ -69,7 +69,15 @@ class ModelConfig(_Frozen):
         1, ge=1, le=256, description="torch threads per CPU shard; more than one per core slows decode."
     )
     replace_with_kernel_inject: bool = Field(
-        False, description="DeepSpeed fused kernels; CUDA only (static batches, see docs/engine.md)."
+        False,
+        description="Must stay false: DeepSpeed's fused kernels keep the KV cache in their own static "
+        "workspace, which cannot coexist with the engine's cache (see docs/engine.md).",
+    )
+    cuda_graphs: bool = Field(
+        False,
+        description="Replay decode-only steps from CUDA graphs captured per batch-size and key-length "
+        "bucket (CUDA only; ignored on the CPU). Off by default until `make gpu-check` has passed on "
+        "your GPUs (docs/deployment.md).",
     )
     context_length: int = Field(
         2048, ge=16, description="Tokens of prompt plus output one sequence may hold."
@@ -177,9 +185,12 @@ class ModelConfig(_Frozen):
             )
         if self.device == "cpu" and self.dtype == "float16":
             raise ValueError("dtype='float16' with device='cpu': CPUs run float32 or bfloat16; set dtype")
-        if self.device == "cpu" and self.replace_with_kernel_inject:
+        if self.replace_with_kernel_inject:
             raise ValueError(
-                "replace_with_kernel_inject=True with device='cpu': fused kernels need CUDA; set it False"
+                "replace_with_kernel_inject=True is not supported: DeepSpeed's fused kernels keep the "
+                "KV cache in their own static workspace, which cannot coexist with the engine's cache "
+                "(iteration-level batching, prefix caching); leave replace_with_kernel_inject false "
+                "(DeepSpeed AutoTP shards the model without it)"
             )
         return self
 

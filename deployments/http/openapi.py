@@ -5,7 +5,7 @@
 
 The app is built without an ingress behind it (``create_http_app(None)``): routes, request and
 response models and error bodies are all the spec needs. docs/api.md explains the API; this
-file is what clients generate code from. tests/unit/test_openapi_spec.py fails when the
+file is what clients generate code from. tests/unit/deployments/http/test_openapi_spec.py fails when the
 committed spec no longer matches the code.
 """
 

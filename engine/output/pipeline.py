@@ -19,7 +19,7 @@ tenant's policy: allow, redact, block) -> the post-process stage's segment trans
 then format detection, parsing and validation of the whole text, summary and metrics, and
 the optional template. ``process(raw)`` is the same machine fed the whole text at once,
 and every stream-time step is independent of how the text is split, so both give the same
-result (tests/unit/test_output_pipeline.py checks it on random splits).
+result (tests/unit/engine/output/test_output_pipeline.py checks it on random splits).
 
 Content safety is not a replaceable stage: replacing ``sanitize`` or ``post_process`` with
 a plugin never turns the tenant's policy off. Its checks are plugins.

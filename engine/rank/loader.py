@@ -1,7 +1,11 @@
 """Load a Llama 2 checkpoint (Hugging Face layout) and shard or quantize it.
 
-Weights are read by transformers from safetensors (memory-mapped, the model built on the meta
-device first), so several shards on one host share the page cache. Tensor parallelism and
+Unquantized weights are loaded sharded (``engine.rank.sharded_loader``): the model is built on the
+meta device, DeepSpeed AutoTP cuts its shapes, and each rank reads only its own slices from
+the safetensors files, so a rank holds its shard, never the whole model.
+``load_full_then_shard`` is the former way (``from_pretrained`` of the whole model, then
+AutoTP); it stays as the reference the sharded result is tested against. Quantized weights
+go through ``from_pretrained`` (bitsandbytes quantizes while loading). Tensor parallelism and
 quantization are applied after construction: the model code stays model code.
 
 - ``resolve_checkpoint`` turns ``config.checkpoint`` (directory, store version, cached
@@ -109,12 +113,6 @@ def check_quantizable(config: ModelConfig, hf: dict) -> None:
     """Refuse what bitsandbytes cannot run, with the reason and the fix."""
     if config.quantization is None:
         return
-    if config.replace_with_kernel_inject:
-        raise ConfigError(
-            f"quantization={config.quantization!r} with replace_with_kernel_inject=True: DeepSpeed's fused "
-            "kernels take float16 weights, not bitsandbytes ones; set replace_with_kernel_inject=False",
-            param="quantization",
-        )
     if config.quantization == "4bit":
         widths = {
             "hidden_size": hf["hidden_size"],
@@ -213,6 +211,16 @@ def load_model(config: ModelConfig, path: Path, *, tp_size: int = 1) -> torch.nn
 
 
 def _load_now(config: ModelConfig, path: Path, tp_size: int) -> torch.nn.Module:
+    if config.quantization is None:
+        from engine.rank.sharded_loader import load_sharded
+
+        dtype = TORCH_DTYPES[config.resolved_dtype()]
+        return load_sharded(path, dtype=dtype, device=config.resolved_device(), tp_size=tp_size)
+    return load_full_then_shard(config, path, tp_size)
+
+
+def load_full_then_shard(config: ModelConfig, path: Path, tp_size: int) -> torch.nn.Module:
+    """The whole model through ``from_pretrained``, then DeepSpeed AutoTP (or bitsandbytes)."""
     from transformers import LlamaForCausalLM
 
     dtype = TORCH_DTYPES[config.resolved_dtype()]
@@ -228,26 +236,13 @@ def _load_now(config: ModelConfig, path: Path, tp_size: int) -> torch.nn.Module:
     else:
         model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
-    if quantization is None and (tp_size > 1 or config.replace_with_kernel_inject or device == "cuda"):
+    if quantization is None and (tp_size > 1 or device == "cuda"):
         import deepspeed
 
         engine = deepspeed.init_inference(
-            model,
-            tensor_parallel={"tp_size": tp_size},
-            dtype=dtype,
-            replace_with_kernel_inject=config.replace_with_kernel_inject,
+            model, tensor_parallel={"tp_size": tp_size}, dtype=dtype, replace_with_kernel_inject=False
         )
         model = engine.module
-        layer = model.model.layers[0]
-        if not hasattr(layer, "self_attn"):
-            # Injected fused layers keep their own KV cache for static batches; the
-            # continuous-batching runner needs the decoder layers' own projections.
-            raise ConfigError(
-                "replace_with_kernel_inject=True replaced the decoder layers with fused kernels "
-                "that keep their own static-batch KV cache; iteration-level batching needs "
-                "replace_with_kernel_inject=False (AutoTP)",
-                param="replace_with_kernel_inject",
-            )
     elif quantization is None and device != "cpu":
         model.to(device)
     log.info(

@@ -72,6 +72,11 @@ class ModelRunner:
 
     # -- cache maintenance ------------------------------------------------------------------
 
+    def mark_written(self, n: int) -> None:
+        """Positions below ``n`` may now hold KV (a step replayed from a CUDA graph ran no
+        Python here; ``engine.rank.cuda_graphs``)."""
+        self._written = max(self._written, n)
+
     def copy_kv(self, copies: Sequence[tuple[int, int, int]]) -> None:
         """Copy the first ``tokens`` positions of slot ``src`` into slot ``dst`` (prefix cache)."""
         for src, dst, tokens in copies:

@@ -3,12 +3,16 @@
 A plain class with no Ray inside (the shard actor wraps it). Rank 0 runs the engine core and
 calls ``execute`` each step, which broadcasts the step's inputs before running them; the other
 ranks sit in ``serve_forever`` receiving the same inputs and running the same forward.
-No Ray call is made per step: torch.distributed carries everything.
+No Ray call is made per step: torch.distributed carries everything — the step messages on a
+gloo control channel, the forward's all-reduces on the default group (gloo on the CPU, NCCL
+on CUDA; ``engine.rank.control_channel``). Each rank picks its CUDA device from Ray's GPU ids and
+``CUDA_VISIBLE_DEVICES`` before joining (``engine.rank.devices``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,6 +22,9 @@ from cluster.config import ModelConfig
 from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
 from engine.rank import step_messages as msg
+from engine.rank.control_channel import ControlChannel, nccl_error_env
+from engine.rank.cuda_graphs import DecodeGraphs, use_cuda_graphs
+from engine.rank.devices import DeviceChoice, current_device_choice
 from engine.rank.loader import (
     TORCH_DTYPES,
     disable_deepspeed_shm_allreduce,
@@ -28,8 +35,9 @@ from engine.rank.model_runner import ModelRunner
 
 log = get_logger("engine.rank.worker")
 
-# Followers wait at most this long for the next step; rank 0 sends a heartbeat when idle
-# well within it, so a silent rank 0 (or a dead peer) surfaces as an error, not a hang.
+# Followers wait at most this long for the next step on the control channel; rank 0 sends a
+# heartbeat when idle well within it, so a silent rank 0 (or a dead peer) surfaces as an
+# error, not a hang. The forward's all-reduces (default group) have the same timeout.
 COLLECTIVE_TIMEOUT_S = 60.0
 HEARTBEAT_S = 10.0
 
@@ -46,15 +54,25 @@ class TPWorker:
         master_addr: str = "127.0.0.1",
         master_port: int | None = None,
         checkpoint_dir: str | Path | None = None,
+        *,
+        gpu_ids: Sequence[int | str] | None = None,
+        control_timeout_s: float = COLLECTIVE_TIMEOUT_S,
     ) -> None:
+        """``gpu_ids``: what ``ray.get_gpu_ids()`` returned in this rank's actor (None outside
+        Ray); ``engine.rank.devices.choose_device`` turns it into this rank's CUDA index."""
         self.config = config
         self.rank = rank
         self.world_size = world_size or config.tp_size
         self.master_addr = master_addr
         self.master_port = master_port
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.gpu_ids = list(gpu_ids) if gpu_ids else []
+        self.control_timeout_s = control_timeout_s
         self.runner: ModelRunner | None = None
         self.device = torch.device("cpu")
+        self.device_choice: DeviceChoice | None = None
+        self.control: ControlChannel | None = None
+        self.graphs: DecodeGraphs | None = None
         self._distributed = False
         self._alive = False
 
@@ -67,27 +85,42 @@ class TPWorker:
         if device == "cpu":
             torch.set_num_threads(cfg.cpu_threads_per_shard)
         path = self.checkpoint_dir or resolve_checkpoint(cfg)
+        # The device first: NCCL binds its communicator to the current CUDA device, and
+        # DeepSpeed places this rank on cuda:LOCAL_RANK.
+        self.device_choice = choice = current_device_choice(device, self.rank, self.gpu_ids)
+        os.environ["LOCAL_RANK"] = str(choice.local_rank)
+        if choice.index is not None:
+            torch.cuda.set_device(choice.index)
+            self.device = torch.device("cuda", choice.index)
         if self.world_size > 1:
             self._init_distributed(device)
-        if device == "cuda":
-            local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
-            torch.cuda.set_device(local_rank)
-            self.device = torch.device("cuda", local_rank)
         model = load_model(cfg, path, tp_size=self.world_size)
+        graphs = use_cuda_graphs(self.device, cfg.cuda_graphs)
+        # running sequences' slots, then the prefix cache's (then the graphs' padding slot)
+        slots = cfg.max_num_seqs + cfg.prefix_cache_slots
         self.runner = ModelRunner(
             model,
-            # running sequences' slots, then the prefix cache's
-            num_slots=cfg.max_num_seqs + cfg.prefix_cache_slots,
+            num_slots=slots + 1 if graphs else slots,
             max_len=cfg.context_length,
             tp_size=self.world_size,
             dtype=TORCH_DTYPES[cfg.resolved_dtype()],
             device=self.device,
         )
+        if graphs:
+            runner = self.runner
+            self.graphs = DecodeGraphs(
+                lambda t, p, s, kv_len: runner.forward(t, p, s, (), kv_len=kv_len, dense=False),
+                max_batch=cfg.max_num_seqs, max_len=cfg.context_length, pad_slot=slots,
+                device=self.device,
+            )
         self.checkpoint_path = path
         self._alive = True
         log.info(
             "shard ready",
-            extra={"rank": self.rank, "world_size": self.world_size, "kv_cache_mib": self.runner.kv_cache_bytes >> 20},
+            extra={
+                "rank": self.rank, "world_size": self.world_size, "device": str(self.device),
+                "gpu_id": choice.gpu_id, "kv_cache_mib": self.runner.kv_cache_bytes >> 20,
+            },
         )
 
     def _init_distributed(self, device: str) -> None:
@@ -95,13 +128,16 @@ class TPWorker:
             raise ValueError("master_port is required when world_size > 1")
         env = {
             "RANK": str(self.rank),
-            "LOCAL_RANK": str(self.rank),
+            "LOCAL_RANK": str(self.device_choice.local_rank),
             "WORLD_SIZE": str(self.world_size),
             # DeepSpeed's CPU all-reduce reads LOCAL_SIZE; without it every rank segfaults.
             "LOCAL_SIZE": str(self.world_size),
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.master_port),
         }
+        if device == "cuda":
+            # a timed-out NCCL collective raises (EngineDeadError) instead of aborting the process
+            env.update(nccl_error_env())
         os.environ.update(env)
         if device == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -115,12 +151,14 @@ class TPWorker:
             world_size=self.world_size,
         )
         self._distributed = True
+        # Step messages are CPU tensors: their own gloo group, whatever the forward's backend.
+        self.control = ControlChannel.create(self.rank, self.control_timeout_s)
 
     def shutdown(self) -> None:
         """Rank 0: tell the followers to exit. Every rank: leave the process group."""
         if self._distributed and self.rank == 0 and self._alive:
             try:
-                self._broadcast(*msg.encode(msg.OP_SHUTDOWN))
+                self.control.send(*msg.encode(msg.OP_SHUTDOWN))
             except Exception:  # a dead follower must not block shutting down the rest
                 log.warning("could not tell followers to stop", exc_info=True)
         self._alive = False
@@ -143,11 +181,7 @@ class TPWorker:
         Chunks that do not complete a prompt still return a row (ignored by the caller).
         """
         if self._distributed:
-            try:
-                self._broadcast(*msg.encode(msg.OP_STEP, plan))
-            except Exception as exc:
-                self._alive = False
-                raise EngineDeadError(f"a tensor-parallel shard stopped answering: {exc}") from exc
+            self._send(msg.OP_STEP, plan)
             try:
                 return self._run(plan)
             except RuntimeError as exc:  # an all-reduce inside the forward lost a peer
@@ -162,29 +196,25 @@ class TPWorker:
     def heartbeat(self) -> None:
         """Rank 0 when idle: prove liveness to the followers (and learn if one died)."""
         if self._distributed:
-            try:
-                self._broadcast(*msg.encode(msg.OP_HEARTBEAT))
-            except Exception as exc:
-                self._alive = False
-                raise EngineDeadError(f"a tensor-parallel shard stopped answering: {exc}") from exc
+            self._send(msg.OP_HEARTBEAT)
 
-    def _broadcast(self, header: torch.Tensor, payload: torch.Tensor) -> None:
-        torch.distributed.broadcast(header, src=0)
-        if payload.numel():
-            torch.distributed.broadcast(payload, src=0)
+    def _send(self, op: int, plan: msg.StepPlan | None = None) -> None:
+        try:
+            self.control.send(*msg.encode(op, plan))
+        except EngineDeadError:  # ControlTimeoutError included: already says what happened
+            self._alive = False
+            raise
+        except Exception as exc:
+            self._alive = False
+            raise EngineDeadError(f"a tensor-parallel shard stopped answering: {exc}") from exc
 
     # -- ranks > 0 --------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
         """Follow rank 0's steps until it says stop (or the group breaks)."""
-        header = torch.empty(msg.HEADER_LEN, dtype=torch.long)
         try:
             while True:
-                torch.distributed.broadcast(header, src=0)
-                n = msg.payload_len(header)
-                payload = torch.empty(n, dtype=torch.long)
-                if n:
-                    torch.distributed.broadcast(payload, src=0)
+                header, payload = self.control.receive(msg.HEADER_LEN, msg.payload_len)
                 op, plan = msg.decode(header, payload)
                 if op == msg.OP_SHUTDOWN:
                     break
@@ -208,6 +238,11 @@ class TPWorker:
             return None
         if not plan.decode_tokens:
             return runner.forward(None, None, None, plan.prefill)
+        if self.graphs is not None and not plan.prefill:
+            logits = self.graphs.run(plan.decode_tokens, plan.decode_positions, plan.decode_slots)
+            if logits is not None:
+                runner.mark_written(max(plan.decode_positions) + 1)
+                return logits
         dev, slots = self.device, plan.decode_slots
         return runner.forward(
             torch.tensor(plan.decode_tokens, device=dev),

@@ -37,6 +37,11 @@ from cluster.errors import ConfigError
         (dict(name="bad name!"), "name", ["bad name!"]),
         (dict(checkpoint="ftp://x/y"), "checkpoint", ["ftp", "s3"]),
         (dict(tp_sise=2), "tp_sise", ["tp_sise"]),
+        (
+            dict(model_size="7B", device="cuda", replace_with_kernel_inject=True),
+            "replace_with_kernel_inject",
+            ["replace_with_kernel_inject=True", "static workspace", "leave replace_with_kernel_inject false"],
+        ),
     ],
 )
 def test_bad_values_name_the_field_the_value_and_the_fix(fields, param, words):
