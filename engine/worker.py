@@ -82,9 +82,8 @@ class TPWorker:
         model = load_model(cfg, path, tp_size=self.world_size)
         self.runner = ModelRunner(
             model,
-            # running sequences' slots, then the prefix cache's
-            num_slots=cfg.max_num_seqs + cfg.prefix_cache_slots,
-            max_len=cfg.context_length,
+            num_blocks=cfg.resolved_kv_cache_blocks(),
+            block_size=cfg.kv_block_size,
             tp_size=self.world_size,
             dtype=TORCH_DTYPES[cfg.resolved_dtype()],
             device=self.device,
@@ -203,24 +202,7 @@ class TPWorker:
     # -- every rank -------------------------------------------------------------------------
 
     def _run(self, plan: msg.StepPlan) -> torch.Tensor | None:
-        runner = self.runner
-        if plan.kv_saves:
-            runner.copy_kv(plan.kv_saves)
-        if plan.slot_moves:
-            runner.move_slots(plan.slot_moves)
-        if plan.kv_loads:
-            runner.copy_kv(plan.kv_loads)
         if not plan.decode_tokens and not plan.prefill:
             return None
-        if not plan.decode_tokens:
-            return runner.forward(None, None, None, plan.prefill)
-        dev, slots = self.device, plan.decode_slots
-        return runner.forward(
-            torch.tensor(plan.decode_tokens, device=dev),
-            torch.tensor(plan.decode_positions, device=dev),
-            torch.tensor(slots, device=dev),
-            plan.prefill,
-            # known here from the lists: no device sync in the runner
-            kv_len=max(plan.decode_positions) + 1,
-            dense=all(slot == i for i, slot in enumerate(slots)),
-        )
+        tokens = torch.tensor(plan.decode_tokens, device=self.device) if plan.decode_tokens else None
+        return self.runner.forward(tokens, plan.decode_positions, plan.decode_tables, plan.prefill)
