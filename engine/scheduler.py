@@ -384,7 +384,7 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         seq.num_computed_tokens = seq.num_cached_tokens = start
         self._running[seq.request_id] = seq
-        if not seq.output_token_ids:
+        if pool.enable_caching and not seq.output_token_ids:
             self.prefix_queries += len(seq.prompt_token_ids)
             self.prefix_hits += start
         step.add_chunk(seq, start, length)
