@@ -49,8 +49,9 @@ class ModelConfig(_Frozen):
     name: str | None = Field(
         None, description="Name clients use in the `model` field; defaults to e.g. `llama-2-7b-chat`."
     )
-    model_size: Literal["7B", "13B", "70B", "tiny"] = Field(
-        "tiny", description="Llama 2 size; `tiny` is the project's own small CPU checkpoint."
+    model_size: Literal["7B", "13B", "70B", "tiny", "small"] = Field(
+        "tiny", description="Llama 2 size; `tiny` is the project's own small CPU checkpoint, `small` "
+        "a ~91M-parameter one for benchmarks (needs `checkpoint`, see engine/small_checkpoint.py)."
     )
     model_variant: Literal["base", "chat"] = Field(
         "chat", description="`chat` models use the Llama 2 chat template ([INST], <<SYS>>)."
@@ -223,8 +224,9 @@ class ModelConfig(_Frozen):
         """The ``model`` name clients send."""
         if self.name:
             return self.name
-        if self.model_size == "tiny":
-            return "m-ai-tiny" if self.model_variant == "chat" else "m-ai-tiny-base"
+        if self.model_size in ("tiny", "small"):
+            base = f"m-ai-{self.model_size}"
+            return base if self.model_variant == "chat" else f"{base}-base"
         suffix = "-chat" if self.model_variant == "chat" else ""
         return f"llama-2-{self.model_size.lower()}{suffix}"
 
