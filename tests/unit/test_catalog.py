@@ -100,7 +100,7 @@ def test_base_and_chat_variants_name_their_models_as_the_config_does(key):
     spec = model_spec(size, variant)
     assert spec.name == ModelConfig(model_size=size, model_variant=variant).served_name
     assert spec.uses_chat_template == (variant == "chat")
-    if size == "tiny":
+    if size in ("tiny", "small"):
         assert spec.hf_repo is None and not spec.gated
     else:
         assert spec.gated and spec.hf_repo.startswith("meta-llama/Llama-2-")
