@@ -161,7 +161,7 @@ class BlockPool:
             self._free[b] = True
             self._num_free += 1
         self._evictable.clear()
-        for key, b in list(self._cached.items()):
+        for b in self._cached.values():
             self._key[b] = None
         self._cached.clear()
 

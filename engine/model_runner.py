@@ -148,7 +148,7 @@ class ModelRunner:
                 qd = q[:batch].transpose(1, 2)  # [B, H, 1, hd]
                 for b, src in enumerate(reads):
                     outs.append(self._attend(qd[b : b + 1], *self._kv(kc, vc, src), None))
-            for first, n, start, src, mask in spans:
+            for first, n, _start, src, mask in spans:
                 rows = slice(first, first + n)
                 qc = q[rows, 0].transpose(0, 1)[None]  # [1, H, T, hd]
                 if src is None:

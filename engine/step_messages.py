@@ -45,7 +45,7 @@ def encode(op: int, plan: StepPlan | None = None) -> tuple[torch.Tensor, torch.T
     values += plan.decode_tokens
     values += plan.decode_positions
     n_prefill_tokens = 0
-    for ids, start, table in plan.prefill:
+    for ids, start, _table in plan.prefill:
         values += (start, len(ids))
         n_prefill_tokens += len(ids)
     for ids, _, _ in plan.prefill:
