@@ -102,7 +102,10 @@ def run_vllm(model_dir: str, threads: int) -> dict:
 
 def _launch(python: str, args: list[str], timeout: float) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
-    proc = subprocess.run([python, __file__, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        proc = subprocess.run([python, __file__, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within --timeout={timeout:g} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -118,7 +121,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per engine; medians reported")
     ap.add_argument("--cases", default="tiny:1,tiny:2,small:2",
                     help="model:threads pairs to run, comma-separated")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds one run may take")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds one run may take (start-up included)")
     ap.add_argument("--worker", choices=["mai", "vllm"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
@@ -160,6 +163,12 @@ def main() -> None:
                 runs[engine].append(res)
                 if "error" in res:
                     print(f"  {engine} failed: {res['error'][-300:]}", file=sys.stderr, flush=True)
+                else:
+                    print(f"  {engine}: {res['tokens_per_s']:.1f} tokens/s ({res['seconds']:.1f} s, load "
+                          f"{res['load_average']:.1f})", file=sys.stderr, flush=True)
+                r["cases"][case] = {"runs": runs}  # partial results survive an interrupted run
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(r, indent=2))
         entry = {"runs": runs}
         for engine, rs in runs.items():
             ok = [x["tokens_per_s"] for x in rs if "tokens_per_s" in x]

@@ -1,7 +1,7 @@
 """The paged KV cache against Hugging Face ``generate`` (fp32, greedy), token for token: a
 batch whose requests join at different steps in a pool too small for all of them at once, so
 sequences are preempted and recomputed mid-decode, with block sizes that split prompts
-unevenly."""
+unevenly, and with tensor parallelism (the block tables travel to the other rank)."""
 
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ def hf_tokens(model, prompt_ids, n):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("block_size", [16, 5])
-def test_preempted_and_resumed_sequences_match_hugging_face(tiny_checkpoint, hf_model, block_size):
+@pytest.mark.parametrize("block_size, tp_size", [(16, 1), (5, 1), (16, 2)])
+def test_preempted_and_resumed_sequences_match_hugging_face(tiny_checkpoint, hf_model, block_size, tp_size):
     # 4 sequences of up to ~70 tokens in 120 KV positions: they cannot all run at once
     blocks = 120 // block_size
     config = make_config(tiny_checkpoint, kv_block_size=block_size, kv_cache_blocks=blocks,
-                         max_num_seqs=4, kv_watermark=0.0)
+                         max_num_seqs=4, kv_watermark=0.0, tp_size=tp_size)
     n_out = 40
     with LLMEngine.from_config(config) as engine:
         prompts = [engine.tokenizer.encode(t) for t in TEXTS]
