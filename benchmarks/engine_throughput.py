@@ -20,9 +20,13 @@ thread each, greedy decoding:
 The machine's other load makes single runs drift by several percent, so forward_loop@C and
 engine@C, the pair the efficiency target compares, are measured ``--repeats`` times,
 alternating, and the median of each is reported (every run is in the JSON). Before each
-engine run a few requests with other prompts go through the engine, so that its prefix cache
-holds nothing of the measured prompts (a previous run's prompts would otherwise skip their
-prefill, which no baseline can do).
+engine run its prefix cache is emptied (a previous run's prompts would otherwise skip their
+prefill, which no baseline can do). The HF baselines run as many times (medians).
+
+The "small" model (~91M parameters, hidden 768, 12 layers, random weights from a seed) adds
+``small_decode_flops_fraction``: the runner's decode step at batch 32 (256-token contexts), in
+FLOP/s, over the FLOP/s of a 2048^3 fp32 matmul measured in the same run (``--small-only``
+runs just that part, ``--skip-small`` leaves it out).
 
 For reading the efficiency, not a target: ``sustained_32`` runs the same closed loop of 32
 (and the raw loop) over 256 requests, where the drain weighs a quarter as much.
