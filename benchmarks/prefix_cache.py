@@ -2,8 +2,8 @@
 
 Both engines (same tiny model, one torch thread each) serve the same conversations, built as
 the server builds them: the Llama 2 chat template over the whole history, so every turn's
-prompt repeats the conversation so far. With the prefix cache the engine copies the KV of the
-previous turn and prefills only what is new.
+prompt repeats the conversation so far. With prefix caching the engine shares the KV blocks of
+the previous turns (no copy) and prefills only what is new.
 
 Writes JSON (``--out``) with ``ttft_speedup`` (median 10th-turn TTFT off / on) and a PNG of the
 TTFT per turn.
@@ -66,8 +66,8 @@ def main() -> None:
                 context_length=2048, max_tokens=256, max_num_seqs=8)
     results = {}
     prompt_tokens = []
-    for label, slots in (("off", 0), ("on", 8)):
-        engine = LLMEngine.from_config(ModelConfig(**base, prefix_cache_slots=slots))
+    for label, caching in (("off", False), ("on", True)):
+        engine = LLMEngine.from_config(ModelConfig(**base, enable_prefix_caching=caching))
         try:
             conversation(engine, 999)  # warm-up
             per_turn = [[] for _ in range(TURNS)]

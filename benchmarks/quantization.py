@@ -84,19 +84,19 @@ def measure(path: Path, precision: str, args, inputs: torch.Tensor, reference: t
     sizes = model_weight_bytes(model)
     with torch.inference_mode():
         logits = model(inputs).logits.float()
-    runner = ModelRunner(model, num_slots=args.batch, max_len=args.context, dtype=getattr(torch, dtype))
+    per_seq = -(-args.context // 16)
+    runner = ModelRunner(model, num_blocks=args.batch * per_seq, block_size=16, dtype=getattr(torch, dtype))
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(args.batch)]
     prompts = [inputs[i % inputs.shape[0]].tolist()[: args.prompt_len] for i in range(args.batch)]
-    chunks = [(p, 0, slot) for slot, p in enumerate(prompts)]
-    slots = torch.arange(args.batch)
-    positions = torch.full((args.batch,), args.prompt_len)
+    chunks = [(p, 0, tables[i]) for i, p in enumerate(prompts)]
     prefill_s = decode_s = float("inf")
     for _ in range(1 + args.repeats):  # the first round warms up and is not counted
         started = time.perf_counter()
-        tokens = runner.prefill(chunks).argmax(-1)  # rewrites the same slots each round
+        tokens = runner.prefill(chunks).argmax(-1)  # rewrites the same blocks each round
         prefill = time.perf_counter() - started
         started = time.perf_counter()
         for step in range(args.decode_steps):
-            tokens = runner.decode(tokens, positions + step, slots).argmax(-1)
+            tokens = runner.decode(tokens, [args.prompt_len + step] * args.batch, tables).argmax(-1)
         decode = time.perf_counter() - started
         if _:
             prefill_s, decode_s = min(prefill_s, prefill), min(decode_s, decode)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-ModelSize = Literal["7B", "13B", "70B", "tiny"]
+ModelSize = Literal["7B", "13B", "70B", "tiny", "small"]
 ModelVariant = Literal["base", "chat"]
 Quantization = Literal["8bit", "4bit"]
 
@@ -155,6 +155,9 @@ LLAMA2_ARCHITECTURES: dict[str, LlamaArchitecture] = {
     # Small enough for CPU tests; every width a multiple of 128 (4-bit kernels need 64);
     # grouped-query attention like 70B so that the general attention path is the tested one.
     "tiny": LlamaArchitecture("m-ai-tiny-llama", 256, 768, 4, 4, 2, 4096, max_position_embeddings=2048),
+    # ~91M parameters with the tiny tokenizer: big enough that a CPU decode step is compute,
+    # not Python (benchmarks); random weights like the tiny one (engine.small_checkpoint).
+    "small": LlamaArchitecture("m-ai-small-llama", 768, 2048, 12, 12, 12, 4096, max_position_embeddings=2048),
 }
 
 
@@ -178,9 +181,9 @@ def _specs() -> dict[tuple[str, str], ModelSpec]:
     specs: dict[tuple[str, str], ModelSpec] = {}
     for size, arch in LLAMA2_ARCHITECTURES.items():
         for variant in ("base", "chat"):
-            if size == "tiny":
-                name = "m-ai-tiny" if variant == "chat" else "m-ai-tiny-base"
-                repo, gated = None, False  # made here by `m-ai checkpoint make-tiny`
+            if size in ("tiny", "small"):
+                name = f"m-ai-{size}" if variant == "chat" else f"m-ai-{size}-base"
+                repo, gated = None, False  # made here (engine.tiny_checkpoint, small_checkpoint)
             else:
                 suffix = "-chat" if variant == "chat" else ""
                 name = f"llama-2-{size.lower()}{suffix}"

@@ -29,6 +29,7 @@ log = get_logger("cluster.planner")
 
 GPU_MEMORY_UTILIZATION = 0.90  # the rest is left to the allocator's fragmentation and NCCL
 CUDA_RESERVE_BYTES = 1 * GIB  # CUDA context, cuBLAS workspace
+MAX_POOL_SEQUENCES = 4  # the KV pool holds at most this many full contexts per running slot
 CPU_MEMORY_UTILIZATION = 0.80  # the OS, Ray's own processes, the page cache of the weights
 CPU_PROCESS_RESERVE_BYTES = GIB // 2  # Python, torch and DeepSpeed in each shard process
 MAX_CPU_TP = 8  # beyond this the gloo all-reduce per layer dominates a decode step
@@ -95,6 +96,7 @@ class PlanRequest:
     context_length: int = 4096
     max_num_seqs: int = 32
     max_batched_tokens: int = 2048
+    kv_block_size: int = 16
     allow_fallback: bool = True  # bfloat16 on CPU, a smaller batch, then 8-bit/4-bit weights
 
 
@@ -120,6 +122,15 @@ class DevicePlan:
     usable_bytes_per_shard: int
     fallbacks: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    kv_block_size: int = 16
+
+    @property
+    def kv_cache_blocks(self) -> int:
+        """Blocks of the paged KV pool per shard: the KV budget, capped at 4 x max_num_seqs
+        full-length sequences (the rest of the prefix cache would rarely be hit)."""
+        budget = self.kv_budget_bytes_per_shard // (self.kv_bytes_per_token_per_shard * self.kv_block_size)
+        cap = MAX_POOL_SEQUENCES * self.max_num_seqs * -(-self.context_length // self.kv_block_size)
+        return max(1, min(budget, cap))
 
     @property
     def replicas(self) -> int:
@@ -140,6 +151,8 @@ class DevicePlan:
             "context_length": self.context_length,
             "max_num_seqs": self.max_num_seqs,
             "max_batched_tokens": max(self.max_batched_tokens, self.max_num_seqs),
+            "kv_block_size": self.kv_block_size,
+            "kv_cache_blocks": self.kv_cache_blocks,
         }
 
 
@@ -302,6 +315,7 @@ def plan_deployment(machine: Machine, req: PlanRequest) -> DevicePlan:
         usable_bytes_per_shard=chosen.usable,
         fallbacks=tuple(fallbacks),
         notes=tuple(notes),
+        kv_block_size=req.kv_block_size,
     )
 
 
@@ -412,6 +426,7 @@ def render_plan(plan: DevicePlan) -> str:
         ("weights per shard", _gib(plan.weight_bytes_per_shard)),
         ("KV cache per shard" if plan.device == "cuda" else "KV cache (host)", _gib(plan.kv_budget_bytes_per_shard)),
         ("KV tokens per replica", f"{plan.kv_tokens_per_replica:,}"),
+        ("KV cache blocks", f"{plan.kv_cache_blocks:,} of {plan.kv_block_size} tokens"),
         ("max_num_seqs", str(plan.max_num_seqs)),
         ("context_length", str(plan.context_length)),
         ("reserved per shard", _gib(plan.reserved_bytes_per_shard)),
@@ -432,6 +447,7 @@ def plan_for_config(config, machine: Machine | None = None) -> DevicePlan:
         model_size=config.model_size, model_variant=config.model_variant, dtype=config.dtype,
         quantization=config.quantization, context_length=config.context_length,
         max_num_seqs=config.max_num_seqs, max_batched_tokens=config.max_batched_tokens,
+        kv_block_size=config.kv_block_size,
     ))
 
 

@@ -26,7 +26,6 @@ from cluster.errors import CapacityError, EngineDeadError, InvalidRequestError, 
 from cluster.logging_setup import get_logger
 from engine.decoding.sampling import Sampler, make_generator
 from engine.decoding.stop import StopStringMatcher
-from engine.rank.prefix_cache import PrefixCache
 from engine.rank.step_messages import StepPlan
 from engine.rank.worker import HEARTBEAT_S, TPWorker
 from engine.scheduler import Scheduler, Sequence
@@ -50,7 +49,6 @@ class _Request:
     first_token_time: float | None = None
     stopped_by_string: bool = False
     grammar: Any = None  # engine.structured.GrammarState of a constrained request
-    cache_load: tuple[int, int] | None = None  # (prefix cache slot, tokens) still to copy in
 
 
 class EngineCore:
@@ -65,13 +63,14 @@ class EngineCore:
             max_batched_tokens=config.max_batched_tokens,
             max_model_len=config.context_length,
             max_queued_requests=config.max_queued_requests,
+            block_size=config.kv_block_size,
+            num_kv_blocks=config.resolved_kv_cache_blocks(),
+            enable_prefix_caching=config.enable_prefix_caching,
+            watermark=config.kv_watermark,
         )
         self.sampler = Sampler()
         # The streaming detokenizer's table of plain pieces: built here, not in the first step.
         getattr(tokenizer, "plain_piece_texts", None)
-        # Cache slots follow the running sequences' slots in the runner's KV cache.
-        self.prefix_cache = PrefixCache(config.max_num_seqs, config.prefix_cache_slots)
-        self._pending_saves: list[tuple[int, int, int]] = []
         self._requests: dict[str, _Request] = {}
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
@@ -143,14 +142,19 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
+        pool = s.pool
         return EngineStats(
             running=s.num_running,
             waiting=s.num_waiting + self._pending,
             max_num_seqs=self.config.max_num_seqs,
-            kv_slots_used=s.num_slots_used,
+            kv_slots_used=s.num_running,
             kv_slots_total=self.config.max_num_seqs,
-            prefix_cache_hit_rate=self.prefix_cache.stats.hit_rate,
-            prefix_cache_hit_tokens=self.prefix_cache.stats.hit_tokens,
+            kv_blocks_used=pool.num_in_use,
+            kv_blocks_total=pool.num_blocks,
+            prefix_cache_hit_rate=s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
+            prefix_cache_hit_tokens=s.prefix_hits,
+            prefix_cache_queries=s.prefix_queries,
+            num_preemptions=s.num_preemptions,
             steps=self._steps,
             generated_tokens=self._generated,
             alive=self._dead is None and self.worker.alive,
@@ -201,14 +205,9 @@ class EngineCore:
 
     def _admit(self, rid, prompt_ids, params, sink, arrival, grammar=None) -> None:
         seq = Sequence(request_id=rid, prompt_token_ids=list(prompt_ids), max_tokens=params.max_tokens)
-        hit = self.prefix_cache.lookup(seq.prompt_token_ids)
-        if hit is not None:
-            seq.num_cached_tokens = hit[1]
         try:
             self.scheduler.add(seq)
         except MAIError as exc:
-            if hit is not None:
-                self.prefix_cache.release(hit[0])
             _call_sink(sink, RequestOutput(rid, finish_reason="error", error=exc.message, prompt_tokens=len(prompt_ids)))
             return
         self._requests[rid] = _Request(
@@ -220,7 +219,6 @@ class EngineCore:
             generator=make_generator(params.seed) if params.seed is not None else None,
             arrival=arrival,
             grammar=self._structured.new_state(grammar) if grammar is not None else None,
-            cache_load=hit,
         )
         if grammar is not None:
             self._num_constrained += 1
@@ -230,8 +228,6 @@ class EngineCore:
         self.scheduler.abort(rid)
         if req is not None:
             self._forget_grammar(req)
-            if req.cache_load is not None:
-                self.prefix_cache.release(req.cache_load[0])
             _call_sink(req.sink, self._final(req, "abort"))
 
     def _forget_grammar(self, req: _Request) -> None:
@@ -242,25 +238,11 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty:
             return
-        loads = []
-        for chunk in out.prefill:
-            req = self._requests.get(chunk.seq.request_id)
-            if req is not None and req.cache_load is not None:
-                cache_slot, n = req.cache_load
-                loads.append((cache_slot, chunk.seq.slot, n))
-                self.prefix_cache.release(cache_slot)
-                req.cache_load = None
-        saves, self._pending_saves = self._pending_saves, []
         plan = StepPlan(
-            kv_saves=saves,
-            kv_loads=loads,
-            slot_moves=out.slot_moves,
             decode_tokens=[s.last_token_id for s in out.decode],
             decode_positions=[s.num_tokens - 1 for s in out.decode],
-            decode_slots=[s.slot for s in out.decode],
-            prefill=[
-                (c.seq.prompt_token_ids[c.start : c.start + c.length], c.start, c.seq.slot) for c in out.prefill
-            ],
+            decode_tables=[s.block_table for s in out.decode],
+            prefill=[(c.token_ids, c.start, c.seq.block_table) for c in out.prefill],
         )
         logits = self.worker.execute(plan)
         self._steps += 1
@@ -290,16 +272,15 @@ class EngineCore:
         ).tolist()
         if grammars is not None:
             self._structured.accept(grammars, tokens)
-        slots = [s.slot for s in seqs]  # update() may free the slots of finished sequences
         self.scheduler.update(out, {s.request_id: t for s, t in zip(seqs, tokens)})
         self._generated += len(tokens)
-        self._emit(reqs, tokens, slots)
+        self._emit(reqs, tokens)
 
-    def _emit(self, reqs: list[_Request], tokens: list[int], slots: list[int]) -> None:
+    def _emit(self, reqs: list[_Request], tokens: list[int]) -> None:
         now = time.monotonic()
         eos = self.tokenizer.eos_token_id
         deliveries: dict = {}
-        for req, token, slot in zip(reqs, tokens, slots):
+        for req, token in zip(reqs, tokens):
             seq, p = req.seq, req.params
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -344,26 +325,12 @@ class EngineCore:
                 if not seq.is_finished:
                     self.scheduler.finish(seq.request_id, finish)
                 self._requests.pop(seq.request_id, None)
-                if finish != "error":
-                    self._save_prefix(seq, slot)
                 self._forget_grammar(req)
                 out = self._final(req, finish, token_ids=[] if drop_token else [token], text=text)
                 if finish == "error":
                     out.error = f"the grammar of response_format refused token {token}"
             _deliver_later(deliveries, req.sink, out)
         _flush(deliveries)
-
-    def _save_prefix(self, seq: Sequence, slot: int) -> None:
-        """Keep a finished sequence's KV (all but its newest token) for the prefix cache.
-
-        The copy runs at the start of the next step, before the slot moves that reuse ``slot``.
-        """
-        if not self.prefix_cache.enabled:
-            return
-        computed = seq.num_computed_tokens
-        cache_slot = self.prefix_cache.store(seq.all_token_ids[:computed])
-        if cache_slot is not None:
-            self._pending_saves.append((slot, cache_slot, computed))
 
     def _final(self, req: _Request, reason: str, token_ids=None, text: str = "") -> RequestOutput:
         if not req.stopped_by_string and reason != "error":

@@ -3,17 +3,17 @@
 Interface (documented; the engine core and the tests rely on it)
 ---------------------------------------------------------------
 - ``Sequence`` is the scheduler's view of one request: prompt, output so far, how many tokens
-  already have their KV in the cache (``num_computed_tokens``) and the KV slot it owns.
+  already have their KV in the cache (``num_computed_tokens``) and its KV block table.
 - ``Scheduler.add(seq)`` queues a request; ``abort(request_id)`` cancels it (from any
   thread); ``finish(request_id, reason)`` is the engine saying it is done (stop token, stop
-  string). Both free the slot at once: the next ``schedule()`` can reuse it.
-- One engine step is ``out = schedule()``, then the runner applies ``out.slot_moves`` to the
-  KV cache, runs the forward for ``out.decode`` and ``out.prefill``, samples, and calls
-  ``update(out, sampled)`` with ``{request_id: token}`` for every decode sequence and every
-  prefill chunk whose ``completes_prompt`` is true. ``update`` appends the tokens and
-  finishes a sequence with reason ``"length"`` when it reaches ``max_tokens`` (``add``
-  refuses prompt + max_tokens > max_model_len, so that is also the context limit); every
-  other stop decision is the engine's (it then calls ``finish``; a sequence already
+  string). Both give its blocks back at once: the next ``schedule()`` can reuse them.
+- One engine step is ``out = schedule()``, then the runner runs the forward for
+  ``out.decode`` and ``out.prefill`` (each sequence's ``block_table`` says where its KV is),
+  samples, and calls ``update(out, sampled)`` with ``{request_id: token}`` for every decode
+  sequence and every prefill chunk whose ``completes_prompt`` is true. ``update`` appends the
+  tokens and finishes a sequence with reason ``"length"`` when it reaches ``max_tokens``
+  (``add`` refuses prompt + max_tokens > max_model_len, so that is also the context limit);
+  every other stop decision is the engine's (it then calls ``finish``; a sequence already
   finished is left as it is, and the engine may still report its own reason).
   A sequence whose sampled token is missing is left as it was and runs that position again
   at the next step. Invariant of a running sequence: ``num_computed_tokens <= num_tokens - 1``
@@ -25,123 +25,45 @@ Policy
 Each step first schedules every running sequence that is decoding (one token each, so
 decoding never stalls), then spends what is left of ``max_batched_tokens`` on prefill:
 partially prefilled running sequences first, then waiting requests in arrival order (FCFS)
-while a slot is free and budget remains. A prompt longer than the remaining budget is
-prefilled in chunks over several steps (chunked prefill), so a long prompt delays the
-running sequences by at most one budget's worth of tokens per step.
+while fewer than ``max_num_seqs`` run, budget remains and the KV pool has the blocks of the
+first chunk plus a watermark (``watermark`` of the pool stays free for running sequences to
+grow into). A prompt longer than the remaining budget is prefilled in chunks over several
+steps (chunked prefill), so a long prompt delays the running sequences by at most one
+budget's worth of tokens per step.
 
-KV slots stay dense (``engine.rank.kv_slots``): running sequences own slots ``0..n-1``, and
-``out.num_slots_used`` is that ``n`` for the step, so the runner may attend over
-``cache[:n]``. ``out.decode`` is in slot order; when every running sequence decodes,
-``out.decode[i].slot == i``. Freeing a slot in the middle moves the last slot into the
-hole. Moves accumulated between two steps are returned, reduced to their net effect, in the
-next ``out.slot_moves``: each ``(src, dst)`` reads a slot that no sequence kept and writes
-a slot in use, so they are correct applied in order (in fact in any order), and each moved
-sequence is copied once even if its slot was refilled in between. A ``src`` may already
-belong to a sequence admitted in this same step, which is why the moves must be applied
-before the forward writes that sequence's KV.
+KV blocks (``engine.block_pool``): a sequence gets blocks as its tokens are scheduled. On
+admission its prompt's full blocks are looked up in the prefix cache and shared when found
+(at least one token is always computed: its logits give the next token). When a running
+sequence needs a block and none is left, the most recently admitted running sequence is
+*preempted*: its blocks go back to the pool (the full ones stay cached) and it returns to the
+front of the queue with its prompt and output so far. When it runs again it prefills all of
+those tokens except the newest (mostly from the prefix cache) and then decodes the newest,
+so its output continues with no token repeated or lost and its client notices nothing.
 
 Thread-safety: one ``threading.Lock`` guards all state; every public method takes it (the
 critical sections are short). The engine loop thread calls ``schedule``/``update``/
 ``finish``; ``add``/``abort`` may come from any thread. A running sequence aborted while a
 step is in flight (between ``schedule`` and ``update``) is marked finished at once, but its
-slot is released only at the end of ``update``, so the slots the runner is using for that
-step never change under it; ``update`` ignores finished sequences.
+blocks are released only at the end of ``update``, so the blocks the runner is writing for
+that step are never handed to another sequence under it; ``update`` ignores finished
+sequences.
 """
 
 from __future__ import annotations
 
-import enum
 import threading
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from cluster.errors import CapacityError, ConfigError, InvalidRequestError
-from engine.rank.kv_slots import SlotAllocator
+from engine.block_pool import NO_PARENT, BlockPool, block_key
+from engine.sequence import PrefillChunk, SchedulerOutput, Sequence, SequenceStatus
 
-
-class SequenceStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)  # identity equality: sequences are compared and hashed as objects
-class Sequence:
-    """The scheduler's view of one request."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    max_tokens: int
-    output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
-    # Prompt tokens whose KV the engine copies in from the prefix cache on admission: the
-    # first prefill chunk starts after them.
-    num_cached_tokens: int = 0
-    slot: int | None = None
-    status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: str | None = None
-    arrival_time: float = field(default_factory=time.monotonic)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt + output (a new list: prefer ``last_token_id`` on hot paths)."""
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
-
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < len(self.prompt_token_ids)
-
-    @property
-    def num_remaining_prompt_tokens(self) -> int:
-        return max(0, len(self.prompt_token_ids) - self.num_computed_tokens)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
-
-@dataclass
-class PrefillChunk:
-    """Run ``all_token_ids[start:start+length]`` (all prompt tokens) at those positions."""
-
-    seq: Sequence
-    start: int
-    length: int
-
-    @property
-    def completes_prompt(self) -> bool:
-        """The step samples the first output token from this chunk's last position."""
-        return self.start + self.length == len(self.seq.prompt_token_ids)
-
-
-@dataclass
-class SchedulerOutput:
-    slot_moves: list[tuple[int, int]]  # apply (src, dst) KV copies BEFORE this step's forward
-    decode: list[Sequence]  # each runs its last token at position num_tokens - 1; slot order
-    prefill: list[PrefillChunk]
-    num_batched_tokens: int
-    num_slots_used: int = 0  # n: the running sequences own slots 0..n-1 during this step
-
-    @property
-    def is_empty(self) -> bool:
-        return not (self.decode or self.prefill or self.slot_moves)
+__all__ = ["PrefillChunk", "Scheduler", "SchedulerOutput", "Sequence", "SequenceStatus"]
 
 
 class Scheduler:
-    """Iteration-level scheduler with chunked prefill; see the module docstring."""
+    """Iteration-level scheduler with chunked prefill and a paged KV cache; see the module
+    docstring. ``num_kv_blocks`` defaults to room for ``max_num_seqs`` full-length sequences."""
 
     def __init__(
         self,
@@ -151,6 +73,10 @@ class Scheduler:
         max_queued_requests: int,
         *,
         retry_after_s: float = 1.0,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        watermark: float = 0.01,
     ) -> None:
         if max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs={max_num_seqs} must be >= 1", param="max_num_seqs")
@@ -171,18 +97,26 @@ class Scheduler:
                 f"max_queued_requests={max_queued_requests} must be >= 0",
                 param="max_queued_requests",
             )
+        if not 0.0 <= watermark < 1.0:
+            raise ConfigError(f"watermark={watermark} must be in [0, 1)", param="kv_watermark")
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.max_model_len = max_model_len
         self.max_queued_requests = max_queued_requests
         self.retry_after_s = retry_after_s
+        self.block_size = block_size
+        if num_kv_blocks is None:
+            num_kv_blocks = max_num_seqs * -(-max_model_len // block_size)
+        self.pool = BlockPool(num_kv_blocks, block_size, enable_caching=enable_prefix_caching)
+        self.watermark_blocks = int(watermark * num_kv_blocks)
+        # vLLM's counters: prompt tokens looked up / found in the prefix cache, preemptions
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.num_preemptions = 0
 
         self._lock = threading.Lock()
-        self._slots = SlotAllocator(max_num_seqs)
-        self._slot_owner: list[Sequence | None] = [None] * max_num_seqs
         self._waiting: OrderedDict[str, Sequence] = OrderedDict()  # FCFS, O(1) removal
-        self._running: dict[str, Sequence] = {}
-        self._pending_moves: list[tuple[int, int]] = []
+        self._running: dict[str, Sequence] = {}  # admission order: preempted from the end
         self._step_in_flight = False
         self._deferred_release: list[Sequence] = []  # finished while a step was in flight
 
@@ -197,16 +131,16 @@ class Scheduler:
         return len(self._waiting)
 
     @property
-    def num_slots_used(self) -> int:
-        return self._slots.used
-
-    @property
     def has_work(self) -> bool:
         return bool(self._running or self._waiting)
 
     def get(self, request_id: str) -> Sequence | None:
         with self._lock:
             return self._running.get(request_id) or self._waiting.get(request_id)
+
+    def clear_prefix_cache(self) -> None:
+        with self._lock:
+            self.pool.clear_cache()
 
     # ------------------------------------------------------------------ requests
 
@@ -220,19 +154,18 @@ class Scheduler:
                     f"request_id={rid!r} is already in the engine; use a unique request id",
                     param="request_id",
                 )
-            # Requests that will get a free slot at the next step do not count as queued.
-            free_slots = self.max_num_seqs - self._slots.used
-            if len(self._waiting) >= self.max_queued_requests + max(0, free_slots):
+            # Requests that can start at the next step do not count as queued.
+            room = self.max_num_seqs - len(self._running)
+            if len(self._waiting) >= self.max_queued_requests + max(0, room):
                 raise CapacityError(
                     f"the request queue is full ({len(self._waiting)} waiting, "
                     f"max_queued_requests={self.max_queued_requests}, "
-                    f"{self._slots.used}/{self.max_num_seqs} sequences running); "
+                    f"{len(self._running)}/{self.max_num_seqs} sequences running); "
                     f"retry after {self.retry_after_s:g} s or add replicas",
                     retry_after=self.retry_after_s,
                 )
             seq.status = SequenceStatus.WAITING
             seq.finish_reason = None
-            seq.slot = None
             self._waiting[rid] = seq
 
     def _validate(self, seq: Sequence) -> None:
@@ -245,13 +178,7 @@ class Scheduler:
             raise InvalidRequestError(
                 f"max_tokens={seq.max_tokens} must be >= 1", param="max_tokens"
             )
-        if not 0 <= seq.num_cached_tokens < prompt_len:
-            raise InvalidRequestError(
-                f"num_cached_tokens={seq.num_cached_tokens} must leave at least one of the "
-                f"{prompt_len} prompt tokens to compute",
-                param="prompt",
-            )
-        if seq.num_computed_tokens != 0 or seq.output_token_ids:
+        if seq.num_computed_tokens != 0 or seq.output_token_ids or seq.block_table:
             raise InvalidRequestError(
                 f"request_id={seq.request_id!r} already has computed or output tokens; "
                 f"add a fresh Sequence",
@@ -270,6 +197,14 @@ class Scheduler:
                 f"{self.max_model_len}; {fix}",
                 param="max_tokens" if room >= 1 else "prompt",
             )
+        blocks = -(-(prompt_len + seq.max_tokens) // self.block_size)
+        if blocks > self.pool.num_blocks:
+            raise InvalidRequestError(
+                f"the prompt has {prompt_len} tokens and max_tokens={seq.max_tokens}: that needs "
+                f"{blocks} KV blocks of {self.block_size} tokens and the cache has "
+                f"{self.pool.num_blocks}; lower max_tokens or raise kv_cache_blocks",
+                param="max_tokens",
+            )
 
     def abort(self, request_id: str) -> Sequence | None:
         """Cancel a waiting or running request (reason ``"abort"``); None if unknown/done."""
@@ -281,7 +216,7 @@ class Scheduler:
             return seq
 
     def finish(self, request_id: str, reason: str) -> None:
-        """The engine decided ``request_id`` is done; frees its slot. Unknown ids are ignored."""
+        """The engine decided ``request_id`` is done; frees its blocks. Unknown ids are ignored."""
         with self._lock:
             seq = self._running.get(request_id) or self._waiting.get(request_id)
             if seq is not None:
@@ -296,51 +231,94 @@ class Scheduler:
                 # The previous output was dropped without update(): nothing of it ran, so
                 # its sequences are simply scheduled again; settle what was deferred.
                 self._release_deferred_locked()
-            moves = self._take_moves_locked()
-            used = self._slots.used
-            owners = self._slot_owner
-            decode: list[Sequence] = []
-            partial: list[Sequence] = []
-            for i in range(used):
-                seq = owners[i]
-                if seq.num_computed_tokens < len(seq.prompt_token_ids):
-                    partial.append(seq)
-                else:
-                    decode.append(seq)
-
-            budget = self.max_batched_tokens - len(decode)
-            prefill: list[PrefillChunk] = []
-            # At most one sequence is ever partially prefilled (only the last chunk of a step
-            # can be cut by the budget), so this loop is short.
-            for seq in partial:
-                if budget <= 0:
+            running = list(self._running.values())
+            step = _Step(self.max_batched_tokens)
+            for seq in list(running):  # decoding sequences first: one token each
+                if seq.status is SequenceStatus.RUNNING and not seq.is_prefilling:
+                    if self._reserve_locked(seq, seq.num_tokens, running, step):
+                        step.decode.append(seq)
+                        step.budget -= 1
+            # Partially prefilled ones next. Only the last chunk of a step can be cut by the
+            # budget, so at most one sequence is partial unless preemption made more.
+            for seq in list(running):
+                if step.budget <= 0:
                     break
-                length = min(len(seq.prompt_token_ids) - seq.num_computed_tokens, budget)
-                prefill.append(PrefillChunk(seq, seq.num_computed_tokens, length))
-                budget -= length
-            waiting = self._waiting
-            while budget > 0 and waiting and self._slots.free > 0:
-                _, seq = waiting.popitem(last=False)
-                slot = self._slots.allocate()
-                owners[slot] = seq
-                seq.slot = slot
-                seq.status = SequenceStatus.RUNNING
-                self._running[seq.request_id] = seq
-                start = seq.num_cached_tokens
-                seq.num_computed_tokens = start
-                length = min(len(seq.prompt_token_ids) - start, budget)
-                prefill.append(PrefillChunk(seq, start, length))
-                budget -= length
-
+                if seq.status is not SequenceStatus.RUNNING or not seq.is_prefilling:
+                    continue
+                start = seq.num_computed_tokens
+                length = min(seq.prefill_target - start, step.budget)
+                if self._reserve_locked(seq, start + length, running, step):
+                    step.add_chunk(seq, start, length)
+            while step.budget > 0 and self._waiting and len(self._running) < self.max_num_seqs:
+                if not self._admit_locked(next(iter(self._waiting.values())), step):
+                    break
             out = SchedulerOutput(
-                slot_moves=moves,
-                decode=decode,
-                prefill=prefill,
-                num_batched_tokens=self.max_batched_tokens - budget,
-                num_slots_used=self._slots.used,
+                decode=step.decode,
+                prefill=step.prefill,
+                num_batched_tokens=self.max_batched_tokens - step.budget,
+                preempted=step.preempted,
             )
             self._step_in_flight = True
             return out
+
+    def _admit_locked(self, seq: Sequence, step: _Step) -> bool:
+        """Start the first waiting sequence if the pool has its first chunk's blocks."""
+        bs, pool = self.block_size, self.pool
+        target = seq.prefill_target
+        hits: list[int] = []
+        if pool.enable_caching:
+            # full blocks only, and never the last token's: it is computed to sample from
+            hits = pool.lookup(self._keys_locked(seq, (target - 1) // bs))
+        start = len(hits) * bs
+        length = min(target - start, step.budget)
+        need = -(-(start + length) // bs) - len(hits)
+        spare = pool.num_available - pool.cost(hits) - need
+        if spare < (self.watermark_blocks if self._running else 0):
+            return False
+        del self._waiting[seq.request_id]
+        pool.take(hits)
+        seq.block_table = list(hits)
+        seq.num_registered_blocks = len(hits)
+        for _ in range(need):
+            seq.block_table.append(pool.allocate(seq.block_table[-1] if seq.block_table else None))
+        seq.status = SequenceStatus.RUNNING
+        seq.num_computed_tokens = seq.num_cached_tokens = start
+        self._running[seq.request_id] = seq
+        if pool.enable_caching and not seq.output_token_ids:
+            self.prefix_queries += len(seq.prompt_token_ids)
+            self.prefix_hits += start
+        step.add_chunk(seq, start, length)
+        return True
+
+    def _reserve_locked(self, seq: Sequence, num_tokens: int, running: list, step: _Step) -> bool:
+        """Blocks for ``seq``'s positions below ``num_tokens``, preempting the most recently
+        admitted running sequences while the pool is empty; False if ``seq`` itself went."""
+        table, pool = seq.block_table, self.pool
+        while len(table) * self.block_size < num_tokens:
+            block = pool.allocate(table[-1] if table else None)
+            if block is not None:
+                table.append(block)
+                continue
+            victim = running.pop()
+            self._preempt_locked(victim, step)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt_locked(self, seq: Sequence, step: _Step) -> None:
+        """Back to the front of the queue with its tokens; its blocks go back to the pool."""
+        step.unschedule(seq)
+        del self._running[seq.request_id]
+        self.pool.release(seq.block_table)
+        seq.block_table = []
+        seq.num_registered_blocks = 0
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._waiting[seq.request_id] = seq
+        self._waiting.move_to_end(seq.request_id, last=False)
+        step.preempted.append(seq)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
         """Record the step's results; see the module docstring. Finished sequences are skipped.
@@ -348,6 +326,8 @@ class Scheduler:
         ``sampled`` values must be Python ints (``tensor.tolist()``), not tensor elements.
         """
         running = SequenceStatus.RUNNING
+        bs = self.block_size
+        caching = self.pool.enable_caching
         with self._lock:
             get = sampled.get
             for seq in output.decode:
@@ -357,6 +337,8 @@ class Scheduler:
                 seq.num_computed_tokens += 1
                 out_ids = seq.output_token_ids
                 out_ids.append(token)
+                if caching and seq.num_computed_tokens // bs > seq.num_registered_blocks:
+                    self._register_locked(seq)
                 # add() checked prompt + max_tokens <= max_model_len, so max_tokens is the
                 # only length limit left to test on this hot path.
                 if len(out_ids) >= seq.max_tokens:
@@ -368,6 +350,8 @@ class Scheduler:
                 end = chunk.start + chunk.length
                 if not chunk.completes_prompt:
                     seq.num_computed_tokens = end
+                    if caching:
+                        self._register_locked(seq)
                     continue
                 token = sampled.get(seq.request_id)
                 if token is None:
@@ -376,11 +360,32 @@ class Scheduler:
                     continue
                 seq.num_computed_tokens = end
                 seq.output_token_ids.append(token)
+                if caching:
+                    self._register_locked(seq)
                 if len(seq.output_token_ids) >= seq.max_tokens:
                     self._finish_locked(seq, "length")
             self._release_deferred_locked()
 
     # ------------------------------------------------------------------ internals (lock held)
+
+    def _keys_locked(self, seq: Sequence, n: int) -> list[int]:
+        """The prefix-cache keys of ``seq``'s first ``n`` full blocks (computed once each)."""
+        keys, bs = seq.block_keys, self.block_size
+        for i in range(len(keys), n):
+            keys.append(block_key(keys[-1] if keys else NO_PARENT, seq.token_ids(i * bs, i * bs + bs)))
+        return keys[:n] if len(keys) > n else keys
+
+    def _register_locked(self, seq: Sequence) -> None:
+        """Put ``seq``'s newly completed full blocks into the prefix cache."""
+        full = seq.num_computed_tokens // self.block_size
+        done = seq.num_registered_blocks
+        if full <= done:
+            return
+        keys = self._keys_locked(seq, full)
+        table = seq.block_table
+        for i in range(done, full):
+            self.pool.register(table[i], keys[i])
+        seq.num_registered_blocks = full
 
     def _finish_locked(self, seq: Sequence, reason: str) -> None:
         if seq.status is SequenceStatus.WAITING:
@@ -390,7 +395,7 @@ class Scheduler:
             if self._step_in_flight:
                 self._deferred_release.append(seq)
             else:
-                self._free_slot_locked(seq)
+                self._free_blocks_locked(seq)
         else:
             return
         seq.status = SequenceStatus.FINISHED
@@ -400,37 +405,36 @@ class Scheduler:
         self._step_in_flight = False
         if not self._deferred_release:
             return
-        # Highest slot first: a released slot is then never a later move's source.
-        for seq in sorted(self._deferred_release, key=lambda s: s.slot, reverse=True):
-            self._free_slot_locked(seq)
+        for seq in self._deferred_release:
+            self._free_blocks_locked(seq)
         self._deferred_release.clear()
 
-    def _free_slot_locked(self, seq: Sequence) -> None:
-        slot = seq.slot
-        assert slot is not None and self._slot_owner[slot] is seq
-        move = self._slots.release(slot)
-        self._slot_owner[slot] = None
-        seq.slot = None
-        if move is not None:
-            src, dst = move
-            moved = self._slot_owner[src]
-            self._slot_owner[src] = None
-            self._slot_owner[dst] = moved
-            moved.slot = dst
-            self._pending_moves.append(move)
+    def _free_blocks_locked(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_table)
+        seq.block_table = []
 
-    def _take_moves_locked(self) -> list[tuple[int, int]]:
-        """The net effect of the moves queued since the last step.
 
-        Between two steps slots are only released, never allocated, so every source is a
-        slot that ends up unused; following the chain gives each destination's original
-        slot, and the reduced moves neither read nor write each other's slots.
-        """
-        if not self._pending_moves:
-            return []
-        origin: dict[int, int] = {}
-        for src, dst in self._pending_moves:
-            origin[dst] = origin.pop(src, src)
-        self._pending_moves = []
-        used = self._slots.used
-        return sorted((src, dst) for dst, src in origin.items() if dst < used)
+class _Step:
+    """The step being planned: its decode rows, prefill chunks, budget left and preemptions."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.decode: list[Sequence] = []
+        self.prefill: list[PrefillChunk] = []
+        self.preempted: list[Sequence] = []
+
+    def add_chunk(self, seq: Sequence, start: int, length: int) -> None:
+        done = start + length == len(seq.prompt_token_ids) and not seq.output_token_ids
+        self.prefill.append(PrefillChunk(seq, start, length, done))
+        self.budget -= length
+
+    def unschedule(self, seq: Sequence) -> None:
+        """A preempted sequence leaves the step if it was already in it."""
+        if seq in self.decode:
+            self.decode.remove(seq)
+            self.budget += 1
+        for chunk in self.prefill:
+            if chunk.seq is seq:
+                self.prefill.remove(chunk)
+                self.budget += chunk.length
+                break

@@ -141,8 +141,12 @@ class EngineStats:
     kv_slots_total: int
     steps: int
     generated_tokens: int
-    prefix_cache_hit_rate: float = 0.0
+    prefix_cache_hit_rate: float = 0.0  # of prompt tokens looked up
     prefix_cache_hit_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    kv_blocks_used: int = 0  # paged KV cache blocks held by running sequences
+    kv_blocks_total: int = 0
+    num_preemptions: int = 0
     alive: bool = True
 
 

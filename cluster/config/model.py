@@ -34,8 +34,9 @@ class ModelConfig(_Frozen):
     name: str | None = Field(
         None, description="Name clients use in the `model` field; defaults to e.g. `llama-2-7b-chat`."
     )
-    model_size: Literal["7B", "13B", "70B", "tiny"] = Field(
-        "tiny", description="Llama 2 size; `tiny` is the project's own small CPU checkpoint."
+    model_size: Literal["7B", "13B", "70B", "tiny", "small"] = Field(
+        "tiny", description="Llama 2 size; `tiny` is the project's own small CPU checkpoint, `small` "
+        "a ~91M-parameter one for benchmarks (needs `checkpoint`, see engine/tiny/small_checkpoint.py)."
     )
     model_variant: Literal["base", "chat"] = Field(
         "chat", description="`chat` models use the Llama 2 chat template ([INST], <<SYS>>)."
@@ -73,12 +74,6 @@ class ModelConfig(_Frozen):
         description="Must stay false: DeepSpeed's fused kernels keep the KV cache in their own static "
         "workspace, which cannot coexist with the engine's cache (see docs/engine.md).",
     )
-    cuda_graphs: bool = Field(
-        False,
-        description="Replay decode-only steps from CUDA graphs captured per batch-size and key-length "
-        "bucket (CUDA only; ignored on the CPU). Off by default until `make gpu-check` has passed on "
-        "your GPUs (docs/deployment.md).",
-    )
     context_length: int = Field(
         2048, ge=16, description="Tokens of prompt plus output one sequence may hold."
     )
@@ -86,12 +81,24 @@ class ModelConfig(_Frozen):
     max_batched_tokens: int = Field(
         2048, ge=1, description="Tokens processed in one engine step (decode + prefill chunks)."
     )
-    prefix_cache_slots: int = Field(
-        4,
-        ge=0,
-        le=4096,
-        description="Extra KV slots keeping the prefixes of finished sequences (conversations, shared "
-        "system prompts) for reuse; each costs one sequence's KV memory; 0 disables prefix caching.",
+    kv_block_size: int = Field(
+        16, ge=1, le=1024,
+        description="Tokens per KV-cache block (the paged cache's unit of allocation and of prefix sharing).",
+    )
+    kv_cache_blocks: int | None = Field(
+        None, ge=1,
+        description="Blocks in the KV-cache pool of each shard; None keeps room for max_num_seqs + 4 "
+        "full-length sequences. `m-ai plan` sizes it from the device's free memory.",
+    )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Keep full KV blocks after their requests end, keyed by their token prefix, and "
+        "share them with later prompts that start the same way (conversations, system prompts).",
+    )
+    kv_watermark: float = Field(
+        0.01, ge=0.0, lt=1.0,
+        description="Fraction of the KV blocks a new request may not take, left for running "
+        "sequences to grow into (fewer preemptions).",
     )
     max_queued_requests: int = Field(
         1024, ge=0, description="Requests waiting beyond the running batch before new ones are refused."
@@ -102,6 +109,12 @@ class ModelConfig(_Frozen):
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="1.0 disables it.")
     max_tokens: int = Field(256, ge=1, description="Default output tokens per request.")
     seed: int | None = Field(None, description="Default sampling seed; None draws one per request.")
+
+    def resolved_kv_cache_blocks(self) -> int:
+        """The KV pool's blocks per shard: ``kv_cache_blocks``, or max_num_seqs + 4 sequences."""
+        if self.kv_cache_blocks is not None:
+            return self.kv_cache_blocks
+        return (self.max_num_seqs + 4) * -(-self.context_length // self.kv_block_size)
 
     @field_validator("name")
     @classmethod
@@ -201,8 +214,9 @@ class ModelConfig(_Frozen):
         """The ``model`` name clients send."""
         if self.name:
             return self.name
-        if self.model_size == "tiny":
-            return "m-ai-tiny" if self.model_variant == "chat" else "m-ai-tiny-base"
+        if self.model_size in ("tiny", "small"):
+            base = f"m-ai-{self.model_size}"
+            return base if self.model_variant == "chat" else f"{base}-base"
         suffix = "-chat" if self.model_variant == "chat" else ""
         return f"llama-2-{self.model_size.lower()}{suffix}"
 

@@ -82,8 +82,8 @@ RECOMMENDATIONS = {
         "shards (serving.session_store_shards) or keep fewer turns of history per request."
     ),
     "prefill": (
-        "Prompt processing dominates: keep prefix caching on and give it more slots "
-        "(prefix_cache_slots) so repeated system prompts and earlier turns are reused, raise "
+        "Prompt processing dominates: keep prefix caching on and give the KV pool more blocks "
+        "(enable_prefix_caching, kv_cache_blocks) so repeated system prompts and earlier turns are reused, raise "
         "max_batched_tokens so long prompts prefill in fewer steps, or shorten system prompts."
     ),
     "decode": (
@@ -194,7 +194,7 @@ def diagnose(stats: Mapping[str, StageStats], figures: EngineFigures | None = No
     if dominant == "prefill" and figures.prefix_cache_hit_rate is not None:
         findings.append(f"prefix cache hit rate {figures.prefix_cache_hit_rate:.0%}")
         if figures.prefix_cache_hit_rate < 0.2:
-            recommendation += " The prefix cache rarely hits: check that prefix_cache_slots > 0 and that prompts share their beginnings."
+            recommendation += " The prefix cache rarely hits: check that enable_prefix_caching is on, that kv_cache_blocks leaves room for cached blocks and that prompts share their beginnings."
     if figures.requests_waiting:
         findings.append(f"{figures.requests_waiting:g} requests waiting in the engines")
     return Diagnosis(dominant, requests, means, share, recommendation, findings)

@@ -3,8 +3,8 @@
 Started by each LLMServer replica as an asyncio task. Every ``interval_s`` it asks the rank-0
 shard for the engine's stats (an actor call: it does not wait in Serve's request queue) and
 samples the CPU and memory of the replica process and of each shard actor, and sets the
-gauges: requests running and waiting, mean batch size over the interval, KV slot use, prefix
-cache hit rate, per-process CPU / RSS / GPU memory, KV cache bytes per shard, and the latency
+gauges: requests running and waiting, mean batch size over the interval, KV block use, prefix
+cache hit rate (and the hit, query and preemption counters), per-process CPU / RSS / GPU memory, KV cache bytes per shard, and the latency
 this replica reports to the autoscaler.
 """
 
@@ -39,6 +39,7 @@ class ReplicaMonitor:
         self.sampler = ProcessSampler()
         self._pids: dict[str, int] = {"replica": os.getpid()}
         self._last: tuple[int, int] | None = None  # (steps, generated tokens)
+        self._counted = {"prefix_cache_queries_total": 0, "prefix_cache_hits_total": 0, "num_preemptions_total": 0}
         self._task: asyncio.Task | None = None
 
     def start(self) -> ReplicaMonitor:
@@ -70,8 +71,18 @@ class ReplicaMonitor:
         stats = await self.shards.rank0.stats.remote()
         rec.set("num_requests_running", stats.running)
         rec.set("num_requests_waiting", stats.waiting)
-        rec.set("kv_cache_usage_perc", stats.kv_slots_used / max(1, stats.kv_slots_total))
+        if stats.kv_blocks_total:
+            rec.set("kv_cache_usage_perc", stats.kv_blocks_used / stats.kv_blocks_total)
+        else:  # an engine without a paged cache (the fake one): its sequence slots
+            rec.set("kv_cache_usage_perc", stats.kv_slots_used / max(1, stats.kv_slots_total))
         rec.set("prefix_cache_hit_rate", stats.prefix_cache_hit_rate)
+        totals = {"prefix_cache_queries_total": stats.prefix_cache_queries,
+                  "prefix_cache_hits_total": stats.prefix_cache_hit_tokens,
+                  "num_preemptions_total": stats.num_preemptions}
+        for name, total in totals.items():  # the engine's counters since start, as increments
+            if total > self._counted[name]:
+                rec.inc(name, total - self._counted[name])
+            self._counted[name] = total
         if self._last is not None:
             steps = stats.steps - self._last[0]
             tokens = stats.generated_tokens - self._last[1]

@@ -81,8 +81,8 @@ def kv_cache_bytes(config: Any) -> int:
 
     arch = architecture(config.model_size)
     dtype = config.dtype if config.dtype != "auto" else ("float16" if config.device == "cuda" else "float32")
-    slots = config.max_num_seqs + getattr(config, "prefix_cache_slots", 0)
-    return arch.kv_cache_bytes_per_token(dtype) * slots * config.context_length // config.tp_size
+    tokens = config.resolved_kv_cache_blocks() * config.kv_block_size
+    return arch.kv_cache_bytes_per_token(dtype) * tokens // config.tp_size
 
 
 __all__ = ["ProcessSampler", "ProcessUsage", "kv_cache_bytes"]

@@ -1,4 +1,4 @@
-"""The forward pass of one tensor-parallel shard over a slot-based KV cache.
+"""The forward pass of one tensor-parallel shard over a block-paged KV cache.
 
 The model stays Hugging Face's ``LlamaForCausalLM`` (possibly with its linear layers replaced
 by DeepSpeed AutoTP's sharded ones, or by bitsandbytes' quantized ones): this runner uses its
@@ -7,15 +7,21 @@ attention over sequences of different lengths. Every tensor-parallel rank runs t
 calls with the same inputs; the sharded linears do the all-reduces.
 
 A step is one pass through the layers: its decode tokens and prompt chunks share the norms
-and projections, and only attention runs per group. Per layer, q/k/v run as one matmul and
+and projections, and only attention runs per sequence. Per layer, q/k/v run as one matmul and
 gate/up as another (``engine.rank.fused_projections``: each rank concatenates its own shards, so
 tensor parallelism is unchanged), and rotary embedding is applied to queries and keys
 together. The arithmetic of every element is Hugging Face's own, so greedy outputs stay token
 for token equal to ``generate``.
 
-KV cache layout, per layer: ``[num_slots, kv_heads_local, max_len, head_dim]``. The scheduler
-keeps running sequences in dense slots 0..n-1, so a decode step over all of them attends a
-*view* ``cache[:n, :, :L]``, with no gather and no concatenation per step.
+KV cache layout, per layer: a pool ``[kv_heads_local, num_blocks * block_size, head_dim]``;
+block ``b`` holds positions ``b * block_size ..`` of the pool's token axis. A sequence's block
+table (``engine.block_pool``, built by the scheduler) says which blocks hold its positions.
+Each step writes its new keys and values with one ``index_copy_`` per layer, then each
+sequence attends exactly its own ``length`` keys: a *view* of the pool when its blocks are
+consecutive (the pool places them so whenever it can), else its blocks gathered. No mask is
+padded to the longest row, and each call is a plain SDPA over one sequence, which CUDA runs
+with its flash or memory-efficient kernels (a prompt chunk that continues cached KV passes
+its own causal mask, as long as the chunk).
 """
 
 from __future__ import annotations
@@ -27,16 +33,18 @@ import torch.nn.functional as F
 
 from engine.rank.fused_projections import LayerProjections, build_projections, rms_norm
 
+Chunk = tuple[Sequence[int], int, Sequence[int]]  # token ids, start position, block table
+
 
 class ModelRunner:
-    """Runs decode steps and prefill chunks for a set of KV slots."""
+    """Runs decode steps and prefill chunks over a pool of KV blocks."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         *,
-        num_slots: int,
-        max_len: int,
+        num_blocks: int,
+        block_size: int = 16,
         tp_size: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -52,176 +60,133 @@ class ModelRunner:
         self.num_heads = cfg.num_attention_heads // tp_size
         self.num_kv_heads = cfg.num_key_value_heads // tp_size
         self.scale = self.head_dim**-0.5
-        self.num_slots = num_slots
-        self.max_len = max_len
+        self.num_blocks = num_blocks
+        self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype
-        shape = (num_slots, self.num_kv_heads, max_len, self.head_dim)
+        shape = (self.num_kv_heads, num_blocks * block_size, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         # Built now, or on the first forward for a lazily loaded model (weights still on meta).
         self._projections: list[LayerProjections] | None = None
         if self.embed.weight.device.type != "meta":
             self._layer_projections()
-        # No slot holds KV at or past this position: slot moves copy only the positions below.
-        self._written = 0
 
     @property
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
 
-    # -- cache maintenance ------------------------------------------------------------------
-
-    def mark_written(self, n: int) -> None:
-        """Positions below ``n`` may now hold KV (a step replayed from a CUDA graph ran no
-        Python here; ``engine.rank.cuda_graphs``)."""
-        self._written = max(self._written, n)
-
-    def copy_kv(self, copies: Sequence[tuple[int, int, int]]) -> None:
-        """Copy the first ``tokens`` positions of slot ``src`` into slot ``dst`` (prefix cache)."""
-        for src, dst, tokens in copies:
-            self._written = max(self._written, tokens)
-            for k, v in zip(self.k_cache, self.v_cache):
-                k[dst, :, :tokens].copy_(k[src, :, :tokens])
-                v[dst, :, :tokens].copy_(v[src, :, :tokens])
-
-    def move_slots(self, moves: Sequence[tuple[int, int]]) -> None:
-        """Apply the scheduler's slot compaction moves (src -> dst), in order."""
-        n = self._written
-        for src, dst in moves:
-            for k, v in zip(self.k_cache, self.v_cache):
-                k[dst, :, :n].copy_(k[src, :, :n])
-                v[dst, :, :n].copy_(v[src, :, :n])
-
     # -- forward ----------------------------------------------------------------------------
 
     def decode(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        *,
-        kv_len: int | None = None,
-        dense: bool | None = None,
+        self, tokens: torch.Tensor, positions: Sequence[int], tables: Sequence[Sequence[int]]
     ) -> torch.Tensor:
         """One token for each of B sequences: ``forward`` without prompt chunks."""
-        return self.forward(tokens, positions, slots, (), kv_len=kv_len, dense=dense)
+        return self.forward(tokens, positions, tables, ())
 
-    def prefill(self, chunks: Sequence[tuple[Sequence[int], int, int]]) -> torch.Tensor:
+    def prefill(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """Prompt chunks alone: ``forward`` without decode rows."""
-        return self.forward(None, None, None, chunks)
+        return self.forward(None, (), (), chunks)
 
     @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor | None,
-        positions: torch.Tensor | None,
-        slots: torch.Tensor | None,
-        chunks: Sequence[tuple[Sequence[int], int, int]],
-        *,
-        kv_len: int | None = None,
-        dense: bool | None = None,
+        positions: Sequence[int],
+        tables: Sequence[Sequence[int]],
+        chunks: Sequence[Chunk],
     ) -> torch.Tensor:
         """One engine step: B decode tokens and prompt chunks, in one pass through the layers.
 
-        Decode: tokens, positions, slots are int64 ``[B]`` (or None for none); ``positions[b]``
-        is where ``tokens[b]`` goes, so sequence b attends keys ``0..positions[b]``.
-        ``kv_len`` (``max(positions) + 1``) and ``dense`` (``slots == 0..B-1``) may be passed by
-        a caller that knows them, which saves two device syncs.
+        Decode: ``tokens`` int64 ``[B]`` (or None for none), ``positions[b]`` where
+        ``tokens[b]`` goes and ``tables[b]`` its sequence's block table, so sequence b attends
+        keys ``0..positions[b]``.
 
-        Chunks: ``(token_ids, start_position, slot)``. A chunk that starts a prompt attends
-        causally to itself; one that continues a prompt (chunked prefill, prefix cache) also
-        attends to the KV its slot already holds.
+        Chunks: ``(token_ids, start_position, block_table)``. A chunk that starts a prompt
+        attends causally to itself; one that continues a prompt (chunked prefill, prefix cache,
+        recompute after preemption) also attends to the KV its blocks already hold.
 
         Every token of the step goes through the norms and projections together, as one
-        ``[N, 1, hidden]`` batch (a step that joins a new prompt to the running batch pays for
-        one pass, not two); only attention runs per group. Returns logits ``[B + chunks, vocab]``:
-        decode rows, then each chunk's last token.
+        ``[N, 1, hidden]`` batch; only attention runs per sequence. Returns logits
+        ``[B + chunks, vocab]``: decode rows, then each chunk's last token.
         """
         batch = 0 if tokens is None else tokens.shape[0]
+        bs = self.block_size
         ids = [tokens] if batch else []
-        pos = [positions] if batch else []
-        spans = []  # (first row, length, start position, slot) of each chunk
+        slots = [t[p // bs] * bs + p % bs for p, t in zip(positions, tables)]
+        pos = [torch.tensor(positions, dtype=torch.long, device=self.device)] if batch else []
+        reads = [self._kv_source(t, p + 1) for p, t in zip(positions, tables)]
+        spans = []  # (first row, length, start, kv source or None, mask or None) per chunk
         row = batch
         if chunks:
             prompt_ids: list[int] = []
-            for chunk_ids, start, slot in chunks:
+            for chunk_ids, start, table in chunks:
                 n = len(chunk_ids)
                 prompt_ids += chunk_ids
                 pos.append(self._arange(start + n)[start:])
-                spans.append((row, n, start, slot))
-                self._written = max(self._written, start + n)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+                if start:
+                    spans.append((row, n, start, self._kv_source(table, start + n),
+                                  self._continuation_mask(start, n)))
+                else:
+                    spans.append((row, n, 0, None, None))
                 row += n
             ids.append(torch.tensor(prompt_ids, dtype=torch.long, device=self.device))
         x = self.embed(ids[0] if len(ids) == 1 else torch.cat(ids))[:, None]  # [N, 1, hidden]
         pos_all = pos[0] if len(pos) == 1 else torch.cat(pos)
+        slot_index = torch.tensor(slots, dtype=torch.long, device=self.device)
         layers = self._layer_projections()
         cos, sin = self._rotary_tables(x, pos_all[:, None])
-        decode = self._decode_inputs(positions, slots, kv_len, dense, x.dtype) if batch else None
-        masks = [self._continuation_mask(start, n) if start else None for _, n, start, _ in spans]
         nq, hd = self.num_heads, self.head_dim
         for i, (layer, proj) in enumerate(zip(self.layers, layers)):
             q, k, v = proj.qkv_heads(rms_norm(layer.input_layernorm, x), cos, sin)  # [N, 1, H, hd]
             kc, vc = self.k_cache[i], self.v_cache[i]
+            kc.index_copy_(1, slot_index, k[:, 0].transpose(0, 1))
+            vc.index_copy_(1, slot_index, v[:, 0].transpose(0, 1))
             outs = []
-            if decode is not None:
-                outs.append(self._attend_decode(q[:batch], k[:batch], v[:batch], kc, vc, decode))
-            for (first, n, start, slot), mask in zip(spans, masks):
+            if batch:
+                qd = q[:batch].transpose(1, 2)  # [B, H, 1, hd]
+                for b, src in enumerate(reads):
+                    outs.append(self._attend(qd[b : b + 1], *self._kv(kc, vc, src), None))
+            for first, n, _start, src, mask in spans:
                 rows = slice(first, first + n)
-                outs.append(
-                    self._attend_chunk(q[rows], k[rows], v[rows], kc, vc, start, slot, mask)
-                )
+                qc = q[rows, 0].transpose(0, 1)[None]  # [1, H, T, hd]
+                if src is None:
+                    kk = k[rows, 0].transpose(0, 1)[None]
+                    vv = v[rows, 0].transpose(0, 1)[None]
+                    out = self._attend(qc, kk, vv, None, causal=True)
+                else:
+                    out = self._attend(qc, *self._kv(kc, vc, src), mask)
+                outs.append(out[0].transpose(0, 1).reshape(n, 1, nq, hd))
+            if batch:
+                outs[:batch] = [torch.cat(outs[:batch]).view(batch, 1, nq, hd)]
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + proj.o(out.view(-1, 1, nq * hd))
             x = x + proj.mlp(rms_norm(layer.post_attention_layernorm, x))
         if spans:  # decode rows and each chunk's last token
-            last = list(range(batch)) + [first + n - 1 for first, n, _, _ in spans]
+            last = list(range(batch)) + [first + n - 1 for first, n, *_ in spans]
             x = x[torch.as_tensor(last, device=self.device)]
         return self._logits(x)
 
-    def _decode_inputs(self, positions, slots, kv_len, dense, dtype) -> tuple:
-        """What every layer's decode attention shares: the additive mask, the rows of the
-        flattened caches that receive the step's keys and values, and the key range."""
-        batch = positions.shape[0]
-        if dense is None:
-            dense = bool((slots == self._arange(batch)).all())
-        if kv_len is None:
-            kv_len = int(positions.max().item()) + 1
-        self._written = max(self._written, kv_len)
-        unseen = self._arange(kv_len)[None, :] > positions[:, None]  # [B, L]
-        mask = torch.zeros(batch, 1, 1, kv_len, dtype=dtype, device=self.device)
-        mask.masked_fill_(unseen[:, None, None, :], float("-inf"))
-        # cache row of (slot, head, position) in the cache viewed as [slots * heads * len, hd]
-        heads = self._arange(self.num_kv_heads)
-        rows = (slots[:, None] * self.num_kv_heads + heads[None, :]) * self.max_len
-        rows = rows + positions[:, None]
-        return mask, rows.view(-1), kv_len, None if dense else slots
+    def _kv_source(self, table: Sequence[int], length: int) -> tuple:
+        """Where a sequence's first ``length`` keys are: one run of the pool, or its blocks."""
+        bs = self.block_size
+        n = -(-length // bs)
+        first = table[0]
+        if table[n - 1] - first == n - 1 and list(table[:n]) == list(range(first, first + n)):
+            return (first * bs, length, None)
+        index = torch.tensor(table[:n], dtype=torch.long, device=self.device)
+        return (0, length, index)
 
-    def _attend_decode(self, q, k, v, kc, vc, decode) -> torch.Tensor:
-        """``[B, 1, H, hd]`` new tokens -> attention output ``[B, heads * hd]``."""
-        mask, rows, kv_len, gather = decode
-        batch, hd = q.shape[0], self.head_dim
-        kc.view(-1, hd).index_copy_(0, rows, k.reshape(-1, hd))
-        vc.view(-1, hd).index_copy_(0, rows, v.reshape(-1, hd))
-        if gather is None:  # dense slots: a view, no copy
-            keys, values = kc[:batch, :, :kv_len], vc[:batch, :, :kv_len]
-        else:
-            keys, values = kc[gather, :, :kv_len], vc[gather, :, :kv_len]
-        out = self._attend(q.transpose(1, 2), keys, values, mask)  # [B, H, 1, hd]
-        return out.reshape(batch, -1)
-
-    def _attend_chunk(self, q, k, v, kc, vc, start, slot, mask) -> torch.Tensor:
-        """``[T, 1, H, hd]`` prompt tokens at ``start..start+T-1`` -> ``[T, heads * hd]``."""
-        n, end = q.shape[0], start + q.shape[0]
-        q, k, v = (t[:, 0].transpose(0, 1)[None] for t in (q, k, v))  # [1, H, T, hd]
-        kc[slot, :, start:end] = k[0]
-        vc[slot, :, start:end] = v[0]
-        if start == 0:
-            out = self._attend(q, k, v, None, causal=True)
-        else:
-            keys, values = kc[slot : slot + 1, :, :end], vc[slot : slot + 1, :, :end]
-            out = self._attend(q, keys, values, mask)
-        return out[0].transpose(0, 1).reshape(n, -1)
+    def _kv(self, kc: torch.Tensor, vc: torch.Tensor, src: tuple):
+        """``[1, kv_heads, length, hd]`` keys and values: a view, or the blocks gathered."""
+        start, length, index = src
+        if index is None:
+            return kc[None, :, start : start + length], vc[None, :, start : start + length]
+        heads, hd, bs = self.num_kv_heads, self.head_dim, self.block_size
+        keys = kc.view(heads, -1, bs, hd).index_select(1, index).view(1, heads, -1, hd)
+        values = vc.view(heads, -1, bs, hd).index_select(1, index).view(1, heads, -1, hd)
+        return keys[:, :, :length], values[:, :, :length]
 
     def _continuation_mask(self, start: int, n: int) -> torch.Tensor:
         """Query at position start+t sees keys 0..start+t."""
@@ -263,7 +228,7 @@ class ModelRunner:
     def _arange(self, n: int) -> torch.Tensor:
         cached = getattr(self, "_arange_cache", None)
         if cached is None or cached.numel() < n:
-            cached = torch.arange(max(n, self.max_len), device=self.device)
+            cached = torch.arange(max(n, 4096), device=self.device)
             self._arange_cache = cached
         return cached[:n]
 

@@ -23,7 +23,6 @@ from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
 from engine.rank import step_messages as msg
 from engine.rank.control_channel import ControlChannel, nccl_error_env
-from engine.rank.cuda_graphs import DecodeGraphs, use_cuda_graphs
 from engine.rank.devices import DeviceChoice, current_device_choice
 from engine.rank.loader import (
     TORCH_DTYPES,
@@ -72,7 +71,6 @@ class TPWorker:
         self.device = torch.device("cpu")
         self.device_choice: DeviceChoice | None = None
         self.control: ControlChannel | None = None
-        self.graphs: DecodeGraphs | None = None
         self._distributed = False
         self._alive = False
 
@@ -95,24 +93,14 @@ class TPWorker:
         if self.world_size > 1:
             self._init_distributed(device)
         model = load_model(cfg, path, tp_size=self.world_size)
-        graphs = use_cuda_graphs(self.device, cfg.cuda_graphs)
-        # running sequences' slots, then the prefix cache's (then the graphs' padding slot)
-        slots = cfg.max_num_seqs + cfg.prefix_cache_slots
         self.runner = ModelRunner(
             model,
-            num_slots=slots + 1 if graphs else slots,
-            max_len=cfg.context_length,
+            num_blocks=cfg.resolved_kv_cache_blocks(),
+            block_size=cfg.kv_block_size,
             tp_size=self.world_size,
             dtype=TORCH_DTYPES[cfg.resolved_dtype()],
             device=self.device,
         )
-        if graphs:
-            runner = self.runner
-            self.graphs = DecodeGraphs(
-                lambda t, p, s, kv_len: runner.forward(t, p, s, (), kv_len=kv_len, dense=False),
-                max_batch=cfg.max_num_seqs, max_len=cfg.context_length, pad_slot=slots,
-                device=self.device,
-            )
         self.checkpoint_path = path
         self._alive = True
         log.info(
@@ -164,7 +152,14 @@ class TPWorker:
         self._alive = False
         if self._distributed:
             try:
-                torch.distributed.destroy_process_group()
+                # Through DeepSpeed, which also drops the groups it cached (AutoTP's): a later
+                # engine in this process must not find a destroyed group there.
+                import deepspeed.comm as ds_comm
+                from deepspeed.inference.engine import InferenceEngine
+
+                ds_comm.destroy_process_group()
+                # init_inference caches its tensor-parallel group on the class
+                InferenceEngine.inference_mp_group = None
             except Exception:
                 pass
             self._distributed = False
@@ -227,29 +222,7 @@ class TPWorker:
     # -- every rank -------------------------------------------------------------------------
 
     def _run(self, plan: msg.StepPlan) -> torch.Tensor | None:
-        runner = self.runner
-        if plan.kv_saves:
-            runner.copy_kv(plan.kv_saves)
-        if plan.slot_moves:
-            runner.move_slots(plan.slot_moves)
-        if plan.kv_loads:
-            runner.copy_kv(plan.kv_loads)
         if not plan.decode_tokens and not plan.prefill:
             return None
-        if not plan.decode_tokens:
-            return runner.forward(None, None, None, plan.prefill)
-        if self.graphs is not None and not plan.prefill:
-            logits = self.graphs.run(plan.decode_tokens, plan.decode_positions, plan.decode_slots)
-            if logits is not None:
-                runner.mark_written(max(plan.decode_positions) + 1)
-                return logits
-        dev, slots = self.device, plan.decode_slots
-        return runner.forward(
-            torch.tensor(plan.decode_tokens, device=dev),
-            torch.tensor(plan.decode_positions, device=dev),
-            torch.tensor(slots, device=dev),
-            plan.prefill,
-            # known here from the lists: no device sync in the runner
-            kv_len=max(plan.decode_positions) + 1,
-            dense=all(slot == i for i, slot in enumerate(slots)),
-        )
+        tokens = torch.tensor(plan.decode_tokens, device=self.device) if plan.decode_tokens else None
+        return self.runner.forward(tokens, plan.decode_positions, plan.decode_tables, plan.prefill)

@@ -174,8 +174,9 @@ def _write_tokenizer_files(out_dir: Path, model_bytes: bytes) -> None:
     hf_tokenizer.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
 
 
-def random_state_dict(seed: int = 0) -> dict:
-    """Seeded random weights of the tiny Llama, named as ``LlamaForCausalLM`` names them.
+def random_state_dict(seed: int = 0, size: str = TINY_SIZE) -> dict:
+    """Seeded random weights of the tiny Llama (or another catalog size), named as
+    ``LlamaForCausalLM`` names them.
 
     Tensors are drawn in sorted-name order from one generator, so the result depends only on
     the seed (and torch's CPU generator), not on how transformers initialises modules.
@@ -183,7 +184,7 @@ def random_state_dict(seed: int = 0) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**architecture(TINY_SIZE).hf_config_dict())
+    config = LlamaConfig(**architecture(size).hf_config_dict())
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
     generator = torch.Generator().manual_seed(seed)

@@ -86,8 +86,8 @@ def test_kv_cache_bytes_per_token_is_what_the_model_runner_allocates():
     arch = architecture("tiny")
     model = LlamaForCausalLM(LlamaConfig(**arch.hf_config_dict())).eval()
     for dtype in ("float32", "bfloat16"):
-        runner = ModelRunner(model, num_slots=3, max_len=64, dtype=getattr(torch, dtype))
-        assert runner.kv_cache_bytes == 3 * 64 * arch.kv_cache_bytes_per_token(dtype)
+        runner = ModelRunner(model, num_blocks=12, block_size=16, dtype=getattr(torch, dtype))
+        assert runner.kv_cache_bytes == 12 * 16 * arch.kv_cache_bytes_per_token(dtype)
 
 
 def test_seventy_b_keeps_a_smaller_kv_cache_than_thirteen_b_thanks_to_gqa():
@@ -100,7 +100,7 @@ def test_base_and_chat_variants_name_their_models_as_the_config_does(key):
     spec = model_spec(size, variant)
     assert spec.name == ModelConfig(model_size=size, model_variant=variant).served_name
     assert spec.uses_chat_template == (variant == "chat")
-    if size == "tiny":
+    if size in ("tiny", "small"):
         assert spec.hf_repo is None and not spec.gated
     else:
         assert spec.gated and spec.hf_repo.startswith("meta-llama/Llama-2-")

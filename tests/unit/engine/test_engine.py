@@ -7,14 +7,11 @@ import threading
 import time
 
 import pytest
-import torch
 
 from cluster.errors import InvalidRequestError
 from engine.engine import LLMEngine
 from engine.types import SamplingParams
-from tests.support.engine_fixtures import make_config
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
+from tests.support.engine_fixtures import GREEDY, hf_greedy, make_config
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +32,6 @@ def prompts(engine):
         "A",
     ]
     return [engine.tokenizer.encode(t) for t in texts]
-
-
-def hf_greedy(checkpoint, prompt_ids, n):
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                         min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
 
 
 def test_greedy_matches_hugging_face_generate(engine, prompts, tiny_checkpoint):

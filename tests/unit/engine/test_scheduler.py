@@ -1,8 +1,9 @@
-"""The iteration-level scheduler and the dense KV slots, with fake capacity and no model.
+"""The iteration-level scheduler and its paged KV blocks, with fake capacity and no model.
 
-``FakeRunner`` stands in for the model runner: it keeps a fake KV cache (one row of token ids
-per slot), applies the slot moves, checks that every scheduled sequence finds exactly its own
-earlier tokens in its slot (what attention would read), and writes the step's tokens there.
+``FakeRunner`` stands in for the model runner: it keeps a fake KV pool (the token id whose KV
+sits at each position of each block), checks that every scheduled sequence finds exactly its
+own earlier tokens through its block table (what attention would read), and writes the step's
+tokens there. Shared (prefix-cached) blocks must never be written with other tokens.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import time
 
 import pytest
 
-from cluster.errors import CapacityError, ConfigError, InvalidRequestError, MAIError
-from engine.rank.kv_slots import SlotAllocator
+from cluster.errors import CapacityError, ConfigError, InvalidRequestError
+from engine.block_pool import BlockPool
 from engine.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus
 
 
@@ -23,41 +24,44 @@ def make_seq(rid: str, prompt_len: int, max_tokens: int = 8, first: int = 0) -> 
 
 
 class FakeRunner:
-    """A fake KV cache: ``cache[slot][pos]`` holds the token whose KV sits there."""
+    """A fake KV pool: ``kv[block * block_size + offset]`` is the token whose KV sits there."""
 
     def __init__(self, sched: Scheduler, rng: random.Random | None = None) -> None:
         self.sched = sched
         self.rng = rng or random.Random(0)
-        self.cache = [[None] * sched.max_model_len for _ in range(sched.max_num_seqs)]
+        self.bs = sched.block_size
+        self.kv = [None] * (sched.pool.num_blocks * self.bs)
+
+    def read(self, seq: Sequence, n: int) -> list:
+        bs, table = self.bs, seq.block_table
+        return [self.kv[table[p // bs] * bs + p % bs] for p in range(n)]
+
+    def write(self, seq: Sequence, start: int, tokens: list[int]) -> None:
+        bs, table = self.bs, seq.block_table
+        for p, token in enumerate(tokens, start):
+            block = table[p // bs]
+            slot = block * bs + p % bs
+            if self.sched.pool.ref_count(block) > 1:  # shared: only the same token may land
+                assert self.kv[slot] == token, (seq.request_id, p)
+            self.kv[slot] = token
 
     def forward(self, out: SchedulerOutput) -> dict[str, int]:
-        used = out.num_slots_used
-        for src, dst in out.slot_moves:
-            assert src > dst and dst < used, (src, dst, used)
-            self.cache[dst] = list(self.cache[src])
         assert out.num_batched_tokens == len(out.decode) + sum(c.length for c in out.prefill)
         assert out.num_batched_tokens <= self.sched.max_batched_tokens
-        # After the moves every slot holder finds all its computed tokens in its slot.
         with self.sched._lock:
-            check_dense(self.sched)
-            for seq in self.sched._slot_owner[:used]:
-                n = seq.num_computed_tokens
-                assert self.cache[seq.slot][:n] == seq.all_token_ids[:n], seq.request_id
-        slots = [s.slot for s in out.decode] + [c.seq.slot for c in out.prefill]
-        assert len(set(slots)) == len(slots) and all(0 <= s < used for s in slots)
-        assert [s.slot for s in out.decode] == sorted(s.slot for s in out.decode)
+            check_blocks(self.sched)
         sampled = {}
         for seq in out.decode:
             tokens, pos = seq.all_token_ids, seq.num_tokens - 1
             assert seq.num_computed_tokens == pos
-            assert self.cache[seq.slot][:pos] == tokens[:pos], seq.request_id
-            self.cache[seq.slot][pos] = tokens[pos]
+            assert self.read(seq, pos) == tokens[:pos], seq.request_id
+            self.write(seq, pos, [tokens[pos]])
             sampled[seq.request_id] = self.rng.randrange(32000)
         for chunk in out.prefill:
             seq, start, end = chunk.seq, chunk.start, chunk.start + chunk.length
-            assert start == seq.num_computed_tokens and end <= seq.num_prompt_tokens
-            assert self.cache[seq.slot][:start] == seq.prompt_token_ids[:start]
-            self.cache[seq.slot][start:end] = seq.prompt_token_ids[start:end]
+            assert start == seq.num_computed_tokens and end <= seq.prefill_target
+            assert self.read(seq, start) == seq.all_token_ids[:start], seq.request_id
+            self.write(seq, start, chunk.token_ids)
             if chunk.completes_prompt:
                 sampled[seq.request_id] = self.rng.randrange(32000)
         return sampled
@@ -68,46 +72,60 @@ class FakeRunner:
         return out
 
 
-def check_dense(sched: Scheduler) -> None:
-    """Slots 0..n-1 are owned, each owner knows its slot, and every running sequence has one.
+def check_blocks(sched: Scheduler) -> None:
+    """Reference counts equal the tables holding each block; running sequences hold blocks for
+    their computed tokens; waiting ones hold none; nothing is both free and held.
 
-    During a step a sequence aborted by another thread keeps its slot until ``update``.
+    During a step a sequence aborted by another thread keeps its blocks until ``update``.
     """
-    used, owners = sched.num_slots_used, sched._slot_owner
-    assert all(owners[i] is not None and owners[i].slot == i for i in range(used))
-    assert all(owner is None for owner in owners[used:])
-    running = list(sched._running.values())
-    assert all(seq.slot is not None and owners[seq.slot] is seq for seq in running)
-    if not sched._step_in_flight:
-        assert len(running) == used
+    pool = sched.pool
+    holders = list(sched._running.values()) + list(sched._deferred_release)
+    refs = [0] * pool.num_blocks
+    for seq in holders:
+        assert len(set(seq.block_table)) == len(seq.block_table)
+        assert len(seq.block_table) * sched.block_size >= seq.num_computed_tokens
+        for b in seq.block_table:
+            refs[b] += 1
+    assert refs == [pool.ref_count(b) for b in range(pool.num_blocks)]
+    assert pool.num_in_use == sum(r > 0 for r in refs)
+    assert all(not seq.block_table for seq in sched._waiting.values())
+    assert all(not pool._free[b] for b in range(pool.num_blocks) if refs[b])
+    assert pool.num_available + pool.num_in_use == pool.num_blocks
+    assert len(sched._running) <= sched.max_num_seqs
 
 
-# ---------------------------------------------------------------------- slot allocator
+# ---------------------------------------------------------------------- block pool
 
 
-def test_slot_allocator_is_dense_and_reports_moves():
-    alloc = SlotAllocator(4)
-    assert [alloc.allocate() for _ in range(4)] == [0, 1, 2, 3]
-    with pytest.raises(CapacityError):
-        alloc.allocate()
-    assert alloc.release(1) == (3, 1)  # last slot fills the hole
-    assert alloc.release(2) is None  # 2 is now the last used slot
-    assert (alloc.used, alloc.free, alloc.num_slots) == (2, 2, 4)
-    assert alloc.allocate() == 2
-    with pytest.raises(MAIError):
-        alloc.release(3)
+def test_block_pool_counts_references_and_keeps_cached_blocks_until_needed():
+    pool = BlockPool(4, 2)
+    a, b = pool.allocate(), pool.allocate(after=0)
+    assert (a, b) == (0, 1) and pool.num_in_use == 2 and pool.usage == 0.5
+    pool.register(a, 111)
+    pool.take([a])  # a second sequence shares block a
+    pool.release([a, b])
+    assert pool.ref_count(a) == 1 and pool.num_available == 3
+    pool.release([a])  # cached: kept with its KV, evictable
+    assert pool.lookup([111, 222]) == [a] and pool.num_available == 4 and pool.num_in_use == 0
+    assert pool.cost([a]) == 1
+    got = [pool.allocate() for _ in range(3)]
+    assert a not in got  # never-keyed blocks go first
+    assert pool.allocate() == a and pool.lookup([111]) == []  # then the cached one is evicted
+    assert pool.allocate() is None and pool.evictions == 1
     with pytest.raises(ConfigError):
-        SlotAllocator(0)
+        BlockPool(0, 16)
 
 
 # ---------------------------------------------------------------------- property test
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_add_finish_abort_keeps_slots_dense_and_kv_in_place(seed):
+def test_random_add_finish_abort_preempt_keeps_blocks_and_kv_consistent(seed):
     rng = random.Random(seed)
+    # 20 blocks of 4 tokens for up to 6 sequences of up to 64: preemption happens often
     sched = Scheduler(
-        max_num_seqs=6, max_batched_tokens=24, max_model_len=64, max_queued_requests=50
+        max_num_seqs=6, max_batched_tokens=24, max_model_len=64, max_queued_requests=50,
+        block_size=4, num_kv_blocks=20,
     )
     runner = FakeRunner(sched, rng)
     next_id = 0
@@ -117,8 +135,9 @@ def test_random_add_finish_abort_keeps_slots_dense_and_kv_in_place(seed):
         nonlocal next_id
         for _ in range(rng.randrange(3)):
             prompt = rng.randrange(1, 40)
+            # few distinct starts, so prompts share prefixes
             seq = make_seq(
-                f"r{next_id}", prompt, rng.randrange(1, 64 - prompt + 1), rng.randrange(1000)
+                f"r{next_id}", prompt, rng.randrange(1, 64 - prompt + 1), rng.choice([0, 500])
             )
             next_id += 1
             try:
@@ -143,25 +162,9 @@ def test_random_add_finish_abort_keeps_slots_dense_and_kv_in_place(seed):
             finished_by_length += seq.finish_reason == "length"
         if rng.random() < 0.3:  # the engine's stop decisions after the step
             drop_some(lambda rid: sched.finish(rid, "stop"))
-        check_dense(sched)
+        check_blocks(sched)
     assert next_id > 100 and finished_by_length > 10
-
-
-def test_moves_are_reduced_to_one_copy_per_moved_sequence():
-    sched = Scheduler(
-        max_num_seqs=4, max_batched_tokens=64, max_model_len=64, max_queued_requests=4
-    )
-    runner = FakeRunner(sched)
-    for i in range(4):
-        sched.add(make_seq(f"s{i}", 3, 20, first=10 * i))
-    runner.step()
-    runner.step()
-    sched.finish("s1", "stop")  # s3 moves 3 -> 1
-    sched.finish("s3", "stop")  # s3 (now in 1) is gone too: s2 moves 2 -> 1
-    assert sched.get("s2").slot == 1
-    out = runner.step()
-    assert out.slot_moves == [(2, 1)]
-    check_dense(sched)
+    assert sched.num_preemptions > 5 and sched.prefix_hits > 0
 
 
 # ---------------------------------------------------------------------- policy
@@ -226,7 +229,7 @@ def test_limits_max_num_seqs_and_token_budget():
     out = sched.schedule()
     assert [s.request_id for s in out.decode] == ["s0"]
     assert [(c.seq.request_id, c.start, c.length) for c in out.prefill] == [("s1", 6, 4)]
-    assert sched.num_running == 2 and sched.num_waiting == 1  # no slot for s2
+    assert sched.num_running == 2 and sched.num_waiting == 1  # no room for s2
 
 
 def test_queue_full_raises_capacity_error_with_retry_after():
@@ -288,16 +291,16 @@ def test_abort_waiting_and_running():
         and c.finish_reason == "abort"
         and sched.num_waiting == 0
     )
-    a = sched.abort("a")  # running, slot 0: b moves from slot 1 at once
-    assert a.finish_reason == "abort" and a.slot is None and sched.num_slots_used == 1
-    assert sched.get("b").slot == 0 and sched.get("a") is None
+    a = sched.abort("a")  # running: its block goes back at once
+    assert a.finish_reason == "abort" and a.block_table == [] and sched.pool.num_in_use == 1
+    assert sched.get("a") is None
     assert sched.abort("a") is None and sched.abort("nope") is None
     out = runner.step()
-    assert out.slot_moves == [(1, 0)] and [s.request_id for s in out.decode] == ["b"]
-    check_dense(sched)
+    assert [s.request_id for s in out.decode] == ["b"]
+    check_blocks(sched)
 
 
-def test_abort_during_a_step_keeps_the_step_slots_until_update():
+def test_abort_during_a_step_keeps_the_step_blocks_until_update():
     sched = Scheduler(
         max_num_seqs=3, max_batched_tokens=64, max_model_len=64, max_queued_requests=4
     )
@@ -307,16 +310,17 @@ def test_abort_during_a_step_keeps_the_step_slots_until_update():
     runner.step()
     out = sched.schedule()
     sampled = runner.forward(out)
+    held = list(sched.get("a").block_table)
     a = sched.abort("a")
-    assert a.is_finished and a.slot == 0 and sched.get("c").slot == 2  # nothing moved yet
+    assert a.is_finished and a.block_table == held and sched.pool.ref_count(held[0]) == 1
     sched.update(out, sampled)
     assert a.output_token_ids == [a.output_token_ids[0]]  # the in-flight token was dropped
-    assert a.slot is None and sched.get("c").slot == 0
-    assert runner.step().slot_moves == [(2, 0)]
-    check_dense(sched)
+    assert a.block_table == [] and sched.pool.ref_count(held[0]) == 0
+    runner.step()
+    check_blocks(sched)
 
 
-def test_length_finish_frees_the_slot():
+def test_length_finish_frees_the_blocks():
     sched = Scheduler(max_num_seqs=2, max_batched_tokens=64, max_model_len=8, max_queued_requests=4)
     runner = FakeRunner(sched)
     seq = make_seq("a", 5, 3)  # 5 + 3 == max_model_len
@@ -325,7 +329,7 @@ def test_length_finish_frees_the_slot():
         assert not seq.is_finished
         runner.step()
     assert seq.finish_reason == "length" and len(seq.output_token_ids) == 3
-    assert seq.num_tokens == 8 and sched.num_slots_used == 0 and not sched.has_work
+    assert seq.num_tokens == 8 and sched.pool.num_in_use == 0 and not sched.has_work
     assert sched.schedule().is_empty
     short = make_seq("b", 2, 3)  # max_tokens reached well inside max_model_len
     sched.add(short)
@@ -406,9 +410,107 @@ def test_concurrent_add_and_abort_from_other_threads():
             time.sleep(0.0002)
             admitted += sum(c.start == 0 for c in out.prefill)
             with sched._lock:  # a consistent snapshot for the check
-                check_dense(sched)
+                check_blocks(sched)
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert admitted > 20
+
+
+# ---------------------------------------------------------------------- paged cache policy
+
+
+def test_a_prompt_sharing_full_blocks_with_a_finished_one_reuses_them():
+    sched = Scheduler(max_num_seqs=2, max_batched_tokens=64, max_model_len=64,
+                      max_queued_requests=4, block_size=4, num_kv_blocks=16)
+    runner = FakeRunner(sched)
+    first = make_seq("turn1", 10, 3)
+    sched.add(first)
+    while sched.has_work:
+        runner.step()
+    blocks = first.block_keys and list(sched.pool.lookup(first.block_keys))
+    assert len(blocks) == 3  # 12 tokens computed of 13: three full blocks cached
+    # the next turn: the whole earlier conversation, then new tokens
+    second = Sequence("turn2", first.all_token_ids + [900, 901, 902], 2)
+    sched.add(second)
+    out = runner.step()
+    assert [(c.start, c.length) for c in out.prefill] == [(12, 4)]
+    assert second.block_table[:3] == blocks and second.num_cached_tokens == 12
+    assert sched.prefix_hits == 12 and sched.prefix_queries == 10 + 16
+    other = make_seq("cold", 10, 2, first=300)
+    sched.add(other)
+    assert runner.step().prefill[0].start == 0  # nothing shared
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    sched = Scheduler(max_num_seqs=2, max_batched_tokens=64, max_model_len=64,
+                      max_queued_requests=4, block_size=4, num_kv_blocks=16)
+    runner = FakeRunner(sched)
+    for rid in ("a", "b"):
+        sched.add(make_seq(rid, 8, 1))
+        while sched.has_work:
+            out = runner.step()
+    assert [(c.start, c.length, c.completes_prompt) for c in out.prefill] == [(4, 4, True)]
+
+
+def test_preempted_sequence_resumes_without_losing_or_repeating_tokens():
+    # 6 blocks of 4: two sequences of 4 prompt tokens growing to 16 tokens cannot both fit
+    sched = Scheduler(max_num_seqs=2, max_batched_tokens=32, max_model_len=64,
+                      max_queued_requests=4, block_size=4, num_kv_blocks=6, watermark=0.0)
+    runner = FakeRunner(sched)
+    a, b = make_seq("a", 4, 12), make_seq("b", 4, 12, first=100)
+    sched.add(a)
+    sched.add(b)
+    outputs = {"a": [], "b": []}
+    preempted = []
+    while sched.has_work:
+        out = runner.step()
+        preempted += [s.request_id for s in out.preempted]
+        for seq in (a, b):
+            outputs[seq.request_id] = list(seq.output_token_ids)
+        check_blocks(sched)
+    assert preempted == ["b"] and b.num_preemptions == 1 and sched.num_preemptions == 1
+    assert len(a.output_token_ids) == 12 and len(b.output_token_ids) == 12
+    assert a.finish_reason == b.finish_reason == "length"
+
+
+def test_recompute_after_preemption_prefills_all_but_the_newest_token():
+    sched = Scheduler(max_num_seqs=2, max_batched_tokens=32, max_model_len=64,
+                      max_queued_requests=4, block_size=4, num_kv_blocks=6, watermark=0.0,
+                      enable_prefix_caching=False)
+    runner = FakeRunner(sched)
+    a, b = make_seq("a", 4, 12), make_seq("b", 4, 12, first=100)
+    sched.add(a)
+    sched.add(b)
+    while not b.num_preemptions:
+        runner.step()
+    produced = len(b.output_token_ids)
+    out = None
+    while b.status is not SequenceStatus.RUNNING or b.is_prefilling:
+        out = runner.step()
+        assert len(b.output_token_ids) == produced  # nothing sampled while recomputing
+    chunks = [c for c in out.prefill if c.seq is b]
+    assert chunks and not chunks[-1].completes_prompt
+    assert b.num_computed_tokens == b.num_tokens - 1
+    runner.step()
+    assert len(b.output_token_ids) == produced + 1
+
+
+def test_admission_waits_for_free_blocks_above_the_watermark():
+    sched = Scheduler(max_num_seqs=4, max_batched_tokens=64, max_model_len=64,
+                      max_queued_requests=4, block_size=4, num_kv_blocks=10, watermark=0.2)
+    runner = FakeRunner(sched)
+    sched.add(make_seq("a", 23, 4))  # 6 blocks, also for its first output token
+    runner.step()
+    sched.add(make_seq("b", 8, 4, first=100))  # 2 more would leave 2 = the watermark: ok
+    sched.add(make_seq("c", 4, 4, first=200))  # 1 more would leave 1 < 2: waits
+    out = runner.step()
+    assert [c.seq.request_id for c in out.prefill] == ["b"] and sched.num_waiting == 1
+
+
+def test_a_request_larger_than_the_whole_pool_is_refused():
+    sched = Scheduler(max_num_seqs=2, max_batched_tokens=64, max_model_len=1000,
+                      max_queued_requests=4, block_size=16, num_kv_blocks=4)
+    with pytest.raises(InvalidRequestError, match="kv_cache_blocks"):
+        sched.add(make_seq("x", 60, 10))

@@ -17,8 +17,8 @@ from cluster.net import free_port
 from engine.rank import step_messages as msg
 
 PLAN = msg.StepPlan(
-    slot_moves=[(3, 0)], decode_tokens=[11, 12], decode_positions=[5, 9], decode_slots=[0, 1],
-    prefill=[([1, 2, 3], 0, 2)], kv_saves=[(4, 5, 6)],
+    decode_tokens=[11, 12], decode_positions=[5, 9], decode_tables=[[0], [1, 2]],
+    prefill=[([1, 2, 3], 0, [3])],
 )
 
 
