@@ -95,4 +95,5 @@ def test_the_session_block_continued_the_session(docs_app, shell):
     # the last curl's answer: the session with its messages (curl adds no newline)
     last = result.stdout.rindex('{"id":"sess-')
     session, _ = json.JSONDecoder().raw_decode(result.stdout[last:])
-    assert session["turns"] == 1 and session["messages"][-2]["content"] == "My name is Ada."
+    assert session["turns"] >= 1 and session["messages"][-2]["content"] == "My name is Ada."
+    assert session["messages"][-1]["role"] == "assistant"

@@ -66,11 +66,14 @@ LIBRARY_WORDS = (
     "Field required", "Input should be a valid", "Extra inputs are not permitted",
     "List should have at most", "items after validation", "Not Found", "Method Not Allowed",
     "ActorDiedError", "The deployment failed to start", "times in a row.", "TypeError",
+    "invalid device ordinal",
 )
 
 
 def pieces(message: str) -> list[str]:
-    return [p.strip() for p in PLACEHOLDER.split(message) if p and len(p.strip()) >= MIN_PIECE]
+    # punctuation next to a placeholder may belong to the code's interpolated part
+    stripped = (p.strip(" :;,.()'\"") for p in PLACEHOLDER.split(message) if p)
+    return [p for p in stripped if len(p) >= MIN_PIECE]
 
 
 def matches(piece: str, code: str, literal_share: float = 0.5) -> bool:
