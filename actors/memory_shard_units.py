@@ -6,8 +6,8 @@ Mixed into ``MemoryShard`` (which provides ``users``, ``clock``, ``config``, ``c
 - ``_absorb_units`` turns the messages of an absorbed turn into units at once (lexical index
   and resolved dates included: the next request can find them by their words);
 - ``_embed_units`` runs in the shard's background worker before each job: it embeds the
-  units still without a vector, in batches across users (a batch is far cheaper per text than
-  one forward per turn);
+  units still without a vector, in batches (a batch pads little: texts are sorted by length);
+  a one-sentence message's vector also goes to the summarizer's sentence cache;
 - ``_recall_units`` ranks a user's units for a request (actors/memory_retrieval.py), leaving
   out the current session's turns that the request already gets verbatim, and messages whose
   every fact has been superseded since (they would bring an outdated value back);
