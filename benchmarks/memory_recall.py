@@ -379,7 +379,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the embedder")
     ap.add_argument("--precision", choices=MINILM_PRECISIONS, default="auto",
                     help="the embedder's weight precision (memory.embedder.options.precision)")
-    ap.add_argument("--skip-recall", action="store_true")
+    ap.add_argument("--skip-recall", action="store_true", help="no recall part (neither split)")
+    ap.add_argument("--skip-rules", action="store_true", help="only the independently phrased split")
     ap.add_argument("--skip-rebuild", action="store_true", help="do not time reloading without the graph")
     args = ap.parse_args()
 
@@ -395,11 +396,12 @@ def main() -> None:
                                 "tokenizer": tokenizer.name,
                                 # other work on the machine shows in the latency percentiles
                                 "loadavg_start": [round(x, 2) for x in os.getloadavg()]}}
-    if embedder.precision != "fp32":
+    if embedder.precision != "fp32" and not args.skip_rules:
         result["embedder_check"] = precision_check(embedder, args.turns, args.seed)
         log(f"embedder check: {result['embedder_check']}")
     if not args.skip_recall:
-        result.update(asyncio.run(recall_part(embedder, tokenizer, args.users, args.turns, args.seed)))
+        if not args.skip_rules:
+            result.update(asyncio.run(recall_part(embedder, tokenizer, args.users, args.turns, args.seed)))
         result.update(asyncio.run(independent_part(embedder, tokenizer, args.users, args.seed)))
     root = Path(tempfile.mkdtemp(prefix="m-ai-memory-bench-"))
     try:

@@ -6,8 +6,8 @@ Mixed into ``MemoryShard`` (which provides ``users``, ``clock``, ``config``, ``c
 - ``_absorb_units`` turns the messages of an absorbed turn into units at once (lexical index
   and resolved dates included: the next request can find them by their words);
 - ``_embed_units`` runs in the shard's background worker before each job: it embeds the
-  units still without a vector, in batches across users (a batch is far cheaper per text than
-  one forward per turn);
+  units still without a vector, in batches (a batch pads little: texts are sorted by length);
+  a one-sentence message's vector also goes to the summarizer's sentence cache;
 - ``_recall_units`` ranks a user's units for a request (actors/memory/recall/retrieval.py), leaving
   out the current session's turns that the request already gets verbatim, and messages whose
   every fact has been superseded since (they would bring an outdated value back);
@@ -21,13 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from actors.memory.episodic import ROLE_LABEL
+from actors.memory.learning.extraction import split_sentences
 from actors.memory.recall.dates import resolve_mentions
 from actors.memory.recall.retrieval import MODES, RecalledUnit, rank_units
 from actors.memory.units import MemoryUnit
 from cluster.errors import InvalidRequestError
 
-EMBED_BATCH = 128
+SENTENCE_CACHE = 16_384  # as the shard's own sentence cache (actors/memory/shard.py)
 
+EMBED_BATCH = 128
 
 class UnitMemory:
     """Memory units in a shard (see the module docstring)."""
@@ -65,11 +68,25 @@ class UnitMemory:
                     continue
                 vectors = await self._embed([u.line for u in batch])  # type: ignore[attr-defined]
                 units.set_vectors(batch, vectors)
+                self._share_with_summaries(batch, vectors)
                 memory.dirty = True
                 done += len(batch)
         if done:
             self._schedule_flush()  # type: ignore[attr-defined]
         return done
+
+    def _share_with_summaries(self, batch: list[MemoryUnit], vectors: np.ndarray) -> None:
+        """A one-sentence message is also a summary candidate ("User: <sentence>"): its unit
+        vector is lent to the summarizer's sentence cache, so it is not embedded twice."""
+        cache = self._sentence_vectors  # type: ignore[attr-defined]
+        for unit, vector in zip(batch, vectors):
+            sentences = split_sentences(unit.text)
+            if len(sentences) == 1:
+                key = f"{ROLE_LABEL.get(unit.role, 'User')}: {sentences[0]}"
+                cache[key] = vector.astype(np.float16)
+                cache.move_to_end(key)
+        while len(cache) > SENTENCE_CACHE:
+            cache.popitem(last=False)
 
     def _recall_units(
         self, memory: Any, session: Any, query: str, vector: np.ndarray | None, mode: str | None = None

@@ -83,7 +83,9 @@ class UnitRetrievalConfig(_Frozen):
         "neighbours of hits; fused: dense + BM25 only; dense or lexical: one retriever alone.",
     )
     candidates: int = Field(100, ge=1, le=10_000, description="Units each retriever returns before fusion.")
-    rrf_k: float = Field(60.0, gt=0.0, description="Reciprocal rank fusion constant (1 / (k + rank)).")
+    rrf_k: float = Field(
+        20.0, gt=0.0, description="Reciprocal rank fusion constant (1 / (k + rank)); lower favours the top ranks."
+    )
     speaker_weight: float = Field(
         0.5, ge=0.0, description="Score boost of units said by a person the question names."
     )

@@ -130,7 +130,7 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(rf"\b(?:in|within) {_NUMBER} (days?|weeks?|months?|years?)\b"), "ahead"),
     (re.compile(r"\b(last|past|next|this|this past|this coming) (week|weekend|month|year)\b"), "unit"),
     (re.compile(rf"\b(last|next|this|this past|this coming|on) {_WEEKDAY}\b"), "weekday"),
-    (re.compile(rf"\b(last|next|this|in|this past) {_MONTH}\b"), "month"),
+    (re.compile(rf"\b(last|next|this|this past) {_MONTH}\b"), "month"),
 ]
 
 
@@ -188,19 +188,14 @@ def _resolve(kind: str, groups: tuple[str, ...], day: date) -> tuple[str, float,
             ahead = (weekday - day.weekday()) % 7 or 7
             target = day + timedelta(days=ahead)
             return (f"the {capital} after {anchor}", *_span(target, 1))
-        if which == "on":  # "on Friday": the nearest past one in a narrated past
-            back = (day.weekday() - weekday) % 7 or 7
-        else:
-            back = (day.weekday() - weekday) % 7 or 7
+        back = (day.weekday() - weekday) % 7 or 7  # last / on / this past: the nearest past one
         target = day - timedelta(days=back)
         return (f"the {capital} before {anchor}", *_span(target, 1))
     if kind == "month":
         which, name = groups[0], groups[1]
         month = MONTHS[name]
-        if which == "last" or (which in ("in", "this past") and month > day.month):
+        if which in ("last", "this past"):
             year = day.year - 1 if month >= day.month else day.year
-            if which == "in":
-                year = day.year - 1
         elif which == "next":
             year = day.year + 1 if month <= day.month else day.year
         else:
@@ -219,8 +214,6 @@ def resolve_mentions(text: str, at: float) -> list[TimeMention]:
         for match in pattern.finditer(lowered):
             if any(s < match.end() and match.start() < e for s, e, _ in found):
                 continue
-            if kind == "month" and match.group(1) == "in":
-                continue  # "in May" as written is already absolute enough
             resolved = _resolve(kind, match.groups(), day)
             if resolved is None:
                 continue

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.memory.recall.dates import as_day, day_label, question_time
-from actors.memory.recall.lexical import terms
+from actors.memory.recall.lexical import stem, terms
 from actors.memory.units import MemoryUnit, UserUnits, entities_of
 from cluster.config.memory import UnitRetrievalConfig
 
@@ -78,7 +78,11 @@ def rank_units(
     if mode in ("dense", "fused", "hybrid") and vector is not None and len(units.dense):
         lists.append([key for key, _ in units.dense.search(vector, config.candidates)])
     if mode in ("lexical", "fused", "hybrid"):
-        lists.append([key for key, _ in units.lexical.search(query, config.candidates)])
+        words = terms(query)
+        if mode == "hybrid":  # who is asked about is the speaker signal's part, not the words'
+            speakers = {stem(part) for name in units.speakers for part in name.split()}
+            words = [w for w in words if w not in speakers] or words
+        lists.append([key for key, _ in units.lexical.search(words, config.candidates)])
     scores = _rrf(lists, config.rrf_k)
     if mode == "hybrid" and scores:
         _apply_signals(units, query, scores, config)
@@ -104,9 +108,11 @@ def rank_units(
 
 
 def _apply_signals(units: UserUnits, query: str, scores: dict[int, float], config: UnitRetrievalConfig) -> None:
-    words = set(terms(query)) | {w.lower() for w in query.replace("'s", " ").split()}
+    words = set(terms(query)) | {w.lower().strip("?,.!") for w in query.replace("'s", " ").split()}
     named = {name for name in units.speakers if name in words or name.split()[0] in words}
-    wanted = entities_of(" " + query) | named  # the leading space: a first word counts too
+    # other entities than the speakers (a speaker's name mostly marks who is addressed)
+    speakers = {part for name in units.speakers for part in name.split()}
+    wanted = entities_of(" " + query) - speakers  # the leading space: a first word counts too
     when = question_time(query)
     for key in scores:
         unit = units.units[key]
