@@ -15,7 +15,7 @@ MODEL = "m-ai-tiny"
 
 @pytest.fixture(scope="module")
 def app(serve_cluster):
-    deployed = serve_cluster.deploy(app_config(), prefix="metrics", engine_options={"tokens_per_s": 40.0})
+    deployed = serve_cluster.deploy(app_config(), prefix="metrics", engine_options={"tokens_per_s": 40.0, "repeat": True})
     yield deployed
     deployed.delete()
 
