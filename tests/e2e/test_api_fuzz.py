@@ -54,8 +54,8 @@ def over_context(response: httpx.Response) -> bool:
     prompt + ``max_tokens`` past the model's context length (the window depends on the model
     and on the prompt's tokens), prompt token ids outside the model's vocabulary, a
     ``json_schema.schema`` that is no JSON Schema the grammar compiler takes, or
-    ``max_tokens`` and ``max_completion_tokens`` both given and different (a rule between two
-    nullable fields). Only such an answer is exempt from ``positive_data_acceptance``; every
+    ``max_tokens`` and ``max_completion_tokens`` both given and different, or
+    ``stream_options`` without ``stream: true`` (rules between two fields). Only such an answer is exempt from ``positive_data_acceptance``; every
     other check still runs on it."""
     if response.status_code != 400:
         return False
@@ -66,6 +66,7 @@ def over_context(response: httpx.Response) -> bool:
         or (param == "prompt" and "outside the vocabulary" in message)
         or param.startswith("response_format.json_schema")
         or (param == "max_tokens" and "max_completion_tokens differ" in message)
+        or (param == "stream_options" and "only allowed with stream=true" in message)
     )
 
 
