@@ -43,6 +43,9 @@ def _integral(value: Any) -> Any:
 
 # An integer field of a request: strict (no "5" strings), but 5.0 is 5, as the spec says.
 JsonInt = Annotated[int, BeforeValidator(_integral)]
+# Bounds go before the validator, or the spec gets pydantic's "ge" instead of "minimum".
+PositiveJsonInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+NonNegativeJsonInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
 
 # OpenAI's response_format, as the spec states it (the server reads it as a dict:
 # engine.structured.parse_response_format).
@@ -116,12 +119,12 @@ class SamplingFields(_Request):
         None, ge=0.0, le=2.0, description="0 is greedy; None: the model's default."
     )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: JsonInt | None = Field(None, ge=0, description="Extension; 0 disables it.")
+    top_k: NonNegativeJsonInt | None = Field(None, description="Extension; 0 disables it.")
     repetition_penalty: float | None = Field(
         None, gt=0.0, le=10.0, description="Extension; 1.0 disables it."
     )
-    max_tokens: JsonInt | None = Field(
-        None, ge=1, description="None: the model's default, within the context."
+    max_tokens: PositiveJsonInt | None = Field(
+        None, description="None: the model's default, within the context."
     )
     stop: (
         Annotated[str, Field(min_length=1)]
@@ -188,7 +191,7 @@ class ChatCompletionRequest(SamplingFields):
         max_length=MAX_MESSAGES,
         description=f"With session_id: only the new turn(s). At most {MAX_MESSAGES}.",
     )
-    max_completion_tokens: JsonInt | None = Field(None, ge=1, description="Newer name of max_tokens.")
+    max_completion_tokens: PositiveJsonInt | None = Field(None, description="Newer name of max_tokens.")
     session_id: str | None = Field(
         None,
         max_length=128,
@@ -207,7 +210,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: (
         Annotated[str, Field(min_length=1)]
-        | Annotated[list[Annotated[JsonInt, Field(ge=0)]], Field(min_length=1)]
+        | Annotated[list[NonNegativeJsonInt], Field(min_length=1)]
         # one text: maxItems in the spec, the validator's message for more
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, json_schema_extra={"maxItems": 1})]
     ) = Field(description="Text, token ids, or a list of one text (never empty).")

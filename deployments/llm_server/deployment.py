@@ -418,6 +418,14 @@ class LLMServer(RankRecovery):
         }
 
     def __del__(self) -> None:
+        """Serve calls it when the replica stops, after the drain (``serving.
+        graceful_shutdown_timeout_s``): what still runs ends with a typed 503 saying so."""
+        grace = getattr(getattr(self, "serving", None), "graceful_shutdown_timeout_s", 0)
+        self.stopped = (
+            f"model {getattr(self, 'name', '?')}: the replica stopped (scale-down, redeploy or "
+            f"shutdown) before this request finished (drain serving.graceful_shutdown_timeout_s="
+            f"{grace:g}); retry"
+        )
         self._stop_monitor()
         self.stop_supervision()
         shards = getattr(self, "shards", None)

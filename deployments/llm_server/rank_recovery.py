@@ -59,7 +59,11 @@ class RankRecovery:
         self._supervisor.watch(self.shards.actors)
 
     def unavailable(self) -> EngineDeadError | None:
-        """The error for a request while the ranks are rebuilt (None: the replica serves)."""
+        """The error for a request while the ranks are rebuilt or after the replica stopped
+        (None: the replica serves)."""
+        stopped = getattr(self, "stopped", None)
+        if stopped:
+            return EngineDeadError(stopped)
         if self.rebuild_failed:
             return EngineDeadError(self.rebuild_failed)
         if self.failure is None:

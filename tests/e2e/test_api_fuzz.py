@@ -52,9 +52,11 @@ def api_schema(fuzz_app):
 def over_context(response: httpx.Response) -> bool:
     """A 400 for what no OpenAPI schema can state, refused as OpenAI and vLLM refuse it:
     prompt + ``max_tokens`` past the model's context length (the window depends on the model
-    and on the prompt's tokens), prompt token ids outside the model's vocabulary, or a
-    ``json_schema.schema`` that is no JSON Schema the grammar compiler takes. Only such an
-    answer is exempt from ``positive_data_acceptance``; every other check still runs on it."""
+    and on the prompt's tokens), prompt token ids outside the model's vocabulary, a
+    ``json_schema.schema`` that is no JSON Schema the grammar compiler takes, or
+    ``max_tokens`` and ``max_completion_tokens`` both given and different, or
+    ``stream_options`` without ``stream: true`` (rules between two fields). Only such an answer is exempt from ``positive_data_acceptance``; every
+    other check still runs on it."""
     if response.status_code != 400:
         return False
     error = response.json().get("error", {})
@@ -63,6 +65,8 @@ def over_context(response: httpx.Response) -> bool:
         (param in ("max_tokens", "messages", "prompt") and "context length" in message)
         or (param == "prompt" and "outside the vocabulary" in message)
         or param.startswith("response_format.json_schema")
+        or (param == "max_tokens" and "max_completion_tokens differ" in message)
+        or (param == "stream_options" and "only allowed with stream=true" in message)
     )
 
 

@@ -106,7 +106,7 @@ def test_a_full_queue_answers_429_with_retry_after(one_slot_app):
     wait_until(lambda: ray.get(engine.stats.remote()).running == 0, timeout_s=5, what="slots freed")
 
 
-def test_a_dead_engine_answers_503_until_serve_replaces_the_replica(serve_cluster):
+def test_a_dead_engine_answers_503_until_its_ranks_are_restarted(serve_cluster):
     # Health checks every 3 s: time to see the dead replica before Serve replaces it.
     app = serve_cluster.deploy(
         app_config(health_check_period_s=3.0),
@@ -131,11 +131,13 @@ def test_a_dead_engine_answers_503_until_serve_replaces_the_replica(serve_cluste
             # The stream that was running when the engine died ends with an error event.
             assert rest[-1] == "data: [DONE]"
             assert '"type":"service_unavailable"' in rest[-2].replace(" ", "")
-            assert died.status_code == 503 and died.headers["Retry-After"] == "1"
+            assert died.status_code == 503 and int(died.headers["Retry-After"]) >= 1
             assert died.json()["error"]["type"] == "service_unavailable"
             assert "died" in died.json()["error"]["message"]
             after = client.post("/v1/chat/completions", json=ask())
-            assert after.status_code == 503 and "died" in after.json()["error"]["message"]
+            # the replica restarts its rank group at once: a 503 saying why, or already served
+            assert (after.status_code == 503 and "died" in after.json()["error"]["message"]) or (
+                after.status_code == 200), after.text
 
             unhealthy = wait_until(
                 lambda: (r := client.get("/health")).status_code == 503 and r,
@@ -149,7 +151,7 @@ def test_a_dead_engine_answers_503_until_serve_replaces_the_replica(serve_cluste
                 lambda: client.get("/health").status_code == 200,
                 timeout_s=60,
                 interval_s=0.5,
-                what="replica replaced",
+                what="ranks restarted",
             )
             assert client.post("/v1/chat/completions", json=ask(max_tokens=4)).status_code == 200
     finally:

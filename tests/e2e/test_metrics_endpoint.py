@@ -15,7 +15,8 @@ MODEL = "m-ai-tiny"
 
 @pytest.fixture(scope="module")
 def app(serve_cluster):
-    deployed = serve_cluster.deploy(app_config(), prefix="metrics", engine_options={"tokens_per_s": 40.0})
+    config = app_config(models=[{"tp_size": 1, "max_num_seqs": 4, "context_length": 512, "temperature": 0.0}])
+    deployed = serve_cluster.deploy(config, prefix="metrics", engine_cls=None)  # the real engine
     yield deployed
     deployed.delete()
 
@@ -32,7 +33,7 @@ def test_a_running_stream_shows_at_once_and_leaves_at_once(app):
         assert idle.status_code == 200 and idle.headers["content-type"].startswith("text/plain")
         assert "# TYPE vllm:num_requests_running gauge" in idle.text
         assert gauge(idle.text, "vllm:num_requests_running") == 0
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "stream": True}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "stream": True}
         with http.stream("POST", "/v1/chat/completions", json=body) as stream:
             # a chunk with text: the engine runs the request now
             next(line for line in stream.iter_lines() if '"content":"' in line and '"content":""' not in line)

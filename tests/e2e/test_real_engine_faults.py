@@ -151,7 +151,7 @@ def test_a_killed_tp_shard_fails_the_streams_and_the_replica_is_replaced(real_ap
     ended, took, health, detected, killed_at = asyncio.run(scenario())
     for lines in ended:  # each stream ended, with an error: no request hangs
         error = assert_ended_with_error(lines)
-        assert "Error" not in error["message"] and "Actor" not in error["message"], error
+        assert not any(n in error["message"] for n in ("ActorDiedError", "RayActorError", "ActorUnavailable")), error
     assert took < 45, took
     assert health is not None, "/health said ok for 2 s after a rank was killed"
     assert health.status_code == 503 and "rank 1" in health.json()["error"]["message"], health.text

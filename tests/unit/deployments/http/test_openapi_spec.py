@@ -58,3 +58,11 @@ def test_the_memory_kinds_of_the_spec_are_the_engine_s():
     assert set(get_args(MemoryKind)) == set(KINDS)
     spec = build_openapi()["components"]["schemas"]["MemoryCreateRequest"]["properties"]["kind"]
     assert set(spec["enum"]) == set(KINDS)
+
+
+def test_the_spec_uses_json_schema_keywords_only():
+    """pydantic writes its own ``ge``/``le`` where a bound sits after a validator: clients and
+    fuzzers then ignore the bound (a schema-valid -1 the server refuses)."""
+    text = json.dumps(build_openapi())
+    for keyword in ('"ge":', '"le":', '"gt":', '"lt":'):
+        assert keyword not in text, keyword
