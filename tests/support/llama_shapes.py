@@ -140,6 +140,9 @@ def rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], mod
         import traceback
 
         results.put((rank, [{"error": f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"}]))
+    # flush the report before the process (and its process groups) goes away
+    results.close()
+    results.join_thread()
 
 
 def compare_loaders(world: int, ckpt: Path, dtype: torch.dtype) -> dict:
@@ -189,7 +192,9 @@ def _rank(rank: int, world: int, ckpt: Path, dtype: torch.dtype, mode: str) -> d
         logits = model(IDS).logits.float()
     return {
         "baseline_rss": baseline, "peak_rss": peak, "shard_bytes": size,
-        "logits": logits if rank == 0 else None, "slices_equal": _slices_match_autotp(model, ckpt),
+        # a numpy copy: a torch tensor would cross by a file descriptor of this process,
+        # gone once it exits
+        "logits": logits.numpy() if rank == 0 else None, "slices_equal": _slices_match_autotp(model, ckpt),
     }
 
 
