@@ -1,12 +1,11 @@
-"""Decode throughput on one CUDA GPU, CUDA graphs off and on, at batch 1 and batch 32.
+"""Decode throughput on one CUDA GPU (paged KV cache, eager), at batch 1 and batch 32.
 
 The "small" model of the GPU tests (Llama-2-7B layer shapes, 4 layers, float16, random
 weights; ``tests/gpu/conftest.py``) through the engine: B requests of the same prompt length
 submitted together, each decoding ``--new-tokens`` tokens (ignore_eos), greedy. Decode
 tokens/s = tokens generated / wall time from the first to the last token, so prefill is left
-out. Each (graphs, batch) point is run ``--repeats`` times after one warm-up (which also
-captures the graphs) and the median kept; graphs off and on run in the same process, one
-after the other, so the ratio compares like with like. Writes JSON (``--out``).
+out. Each batch is run ``--repeats`` times after one warm-up and the median kept. Writes
+JSON (``--out``).
 
 Needs CUDA; without it, writes ``{"cuda": false}`` and exits with status 3.
 """
@@ -77,27 +76,21 @@ def main() -> None:
         "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "repeats": args.repeats,
         "decode_tokens_per_s": {},
     }
-    for graphs in (False, True):
-        config = ModelConfig(
-            model_size="tiny", checkpoint=str(checkpoint), device="cuda", dtype="float16",
-            max_num_seqs=max(batches), max_batched_tokens=max(2048, max(batches) * args.prompt_len),
-            context_length=1024, max_tokens=args.new_tokens, cuda_graphs=graphs,
-        )
-        with LLMEngine.from_config(config) as engine:
-            for batch in batches:
-                decode_rate(engine, batch, 16, args.prompt_len)  # warm-up, captures the graphs
-                runs = [decode_rate(engine, batch, args.new_tokens, args.prompt_len) for _ in range(args.repeats)]
-                key = f"graphs_{'on' if graphs else 'off'}_batch_{batch}"
-                result["decode_tokens_per_s"][key] = {"median": round(statistics.median(runs), 1),
-                                                      "runs": [round(r, 1) for r in runs]}
-                print(key, result["decode_tokens_per_s"][key], flush=True)
-    rates = result["decode_tokens_per_s"]
-    result["graphs_speedup"] = {
-        f"batch_{b}": round(rates[f"graphs_on_batch_{b}"]["median"] / rates[f"graphs_off_batch_{b}"]["median"], 3)
-        for b in batches
-    }
+    config = ModelConfig(
+        model_size="tiny", checkpoint=str(checkpoint), device="cuda", dtype="float16",
+        max_num_seqs=max(batches), max_batched_tokens=max(2048, max(batches) * args.prompt_len),
+        context_length=1024, max_tokens=args.new_tokens,
+    )
+    with LLMEngine.from_config(config) as engine:
+        for batch in batches:
+            decode_rate(engine, batch, 16, args.prompt_len)  # warm-up
+            runs = [decode_rate(engine, batch, args.new_tokens, args.prompt_len) for _ in range(args.repeats)]
+            key = f"batch_{batch}"
+            result["decode_tokens_per_s"][key] = {"median": round(statistics.median(runs), 1),
+                                                  "runs": [round(r, 1) for r in runs]}
+            print(key, result["decode_tokens_per_s"][key], flush=True)
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result["graphs_speedup"]))
+    print(json.dumps(result["decode_tokens_per_s"]))
 
 
 if __name__ == "__main__":

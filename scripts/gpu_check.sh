@@ -3,9 +3,9 @@
 #   1. installs what is missing: from pip's index, or, offline, from wheels in
 #      $GPU_CHECK_WHEELS (default .whl/, see docs/deployment.md);
 #   2. runs tests/gpu (fp16/bf16 greedy equal to Hugging Face on the tiny and small models,
-#      CUDA graphs on/off, sharded loading on CUDA, the Ray actor path at tp=1 with Ray's GPU
+#      sharded loading on CUDA, the Ray actor path at tp=1 with Ray's GPU
 #      isolation, bitsandbytes 8-bit/4-bit), JUnit XML to $OUT_DIR/gpu_tests.xml;
-#   3. measures decode tokens/s of the small model at batch 1 and 32, graphs off and on
+#   3. measures decode tokens/s of the small model at batch 1 and 32
 #      (benchmarks/gpu_decode.py, $OUT_DIR/gpu_decode.json);
 #   4. writes the summary $OUT_DIR/gpu_check.json (device, versions, every test's outcome,
 #      the figures) and prints it.

@@ -93,7 +93,6 @@ def summary(out_dir: str, rc: str, seconds: str, still_missing: str) -> None:
         "counts": counts, "missing_packages": still_missing.split(), "versions": versions(),
         "tests": tests,
         "decode_tokens_per_s": decode.get("decode_tokens_per_s") if decode else None,
-        "graphs_speedup": decode.get("graphs_speedup") if decode else None,
         "note": "one GPU: tensor parallelism over NCCL (tp>1) is not exercised here; "
         "tp>1 correctness is covered by the CPU tests",
     }

@@ -1,5 +1,5 @@
 """The engine on one CUDA GPU: greedy output equal to Hugging Face in float16 and bfloat16,
-CUDA graphs on and off equal, sharded loading equal to AutoTP's on the device (needs a GPU).
+sharded loading equal to AutoTP's on the device (needs a GPU).
 
 Tokens are compared one for one on the tiny model (trained: its logits are decisive). The
 small model has random weights, so its logits are nearly flat and a different GEMM kernel
@@ -77,28 +77,6 @@ def test_greedy_decoding_equals_hugging_face(tiny_checkpoint, small_checkpoint, 
         got = engine.generate_text(prompt, GREEDY).token_ids
     assert len(got) == NEW_TOKENS
     assert_same_greedy(got, want, None if model == "tiny" else gaps)
-
-
-@pytest.mark.parametrize("model", ["tiny", "small"])
-def test_cuda_graphs_on_and_off_give_the_same_tokens(tiny_checkpoint, small_checkpoint, model):
-    checkpoint = tiny_checkpoint if model == "tiny" else small_checkpoint
-    prompts = prompts_for(4096)
-    outputs = {}
-    for graphs in (False, True):
-        with LLMEngine.from_config(config(checkpoint, "float16", cuda_graphs=graphs)) as engine:
-            streams = [engine.submit(p, GREEDY) for p in prompts]
-            outputs[graphs] = [s.result().token_ids for s in streams]
-            worker = engine.core.worker
-            if graphs:
-                assert worker.graphs is not None and worker.graphs.replays > 0
-                assert worker.graphs.captured  # at least one (batch, key length) bucket
-            else:
-                assert worker.graphs is None
-    if model == "tiny":
-        assert outputs[True] == outputs[False]
-    else:  # random weights: padded graph shapes round differently and may break a near-tie
-        same = sum(a == b for off, on in zip(outputs[False], outputs[True]) for a, b in zip(off, on))
-        assert same >= 0.9 * NEW_TOKENS * len(prompts), outputs
 
 
 def test_sharded_loading_on_cuda_equals_autotp(small_checkpoint):
