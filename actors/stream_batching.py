@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from engine.types import RequestOutput
+from engine.types import RequestOutput, joined_logprobs
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
         error=last.error,
         arrival_time=first.arrival_time,
         first_token_time=next((o.first_token_time for o in outputs if o.first_token_time), None),
+        logprobs=joined_logprobs(outputs),
     )
 
 

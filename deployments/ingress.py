@@ -51,6 +51,7 @@ from deployments.protocol import (
     parse_request,
 )
 from deployments.sessions import SessionClient
+from deployments.tool_calls import ToolCallCollector
 
 log = get_logger("deployments.ingress")
 
@@ -108,16 +109,20 @@ class Ingress(IngressMemory):
     # -- completions --------------------------------------------------------------------------
 
     async def chat(
-        self, request: ChatCompletionRequest | dict, tenant: str = DEFAULT_TENANT
+        self,
+        request: ChatCompletionRequest | dict,
+        tenant: str = DEFAULT_TENANT,
+        context: SessionContext | None = None,
     ) -> ChatCompletionResponse:
-        """A whole chat completion (``request.stream`` is ignored; see ``chat_stream``)."""
+        """A whole chat completion (``request.stream`` is ignored; see ``chat_stream``).
+        ``context``: the session context when the caller built it (the Responses API)."""
         request = _parse(ChatCompletionRequest, request)
         handle = self._model(request.model)
         cached = self.observe.cached(request, tenant)
         if cached is not None:
             return cached
-        output = self.output.open(request, tenant)
-        context = await self.session_context(request, tenant)
+        output = self.output.open_choices(request, tenant)
+        context = context or await self.session_context(request, tenant)
         try:
             response = await handle.chat.remote(
                 context.request, context.history_len, self.observe.trace(),
@@ -129,25 +134,30 @@ class Ingress(IngressMemory):
             response = self.output.chat_response(response, output)
         self.observe.remember(request, tenant, response)
         if request.session_id:
-            await self._store_turn(request, tenant, response.choices[0].message.content, context)
+            await self._store_turn(request, tenant, _answer_text(response), context)
             response.session_id = request.session_id
         return response
 
     async def chat_stream(
-        self, request: ChatCompletionRequest | dict, tenant: str = DEFAULT_TENANT
+        self,
+        request: ChatCompletionRequest | dict,
+        tenant: str = DEFAULT_TENANT,
+        context: SessionContext | None = None,
     ) -> AsyncIterator[ChatCompletionChunk]:
         """A chat completion as chunks; stopping the iteration cancels the generation."""
         request = _parse(ChatCompletionRequest, request)
         self._model(request.model)
-        output = self.output.open(request, tenant)
-        context = await self.session_context(request, tenant)
+        output = self.output.open_choices(request, tenant)
+        context = context or await self.session_context(request, tenant)
         full = with_usage(context.request) if output is not None else context.request
         stream = self._streaming[request.model].chat_stream.remote(
             full, context.history_len, self.observe.trace(), context.recall, context.system_prompt
         )
         chunks = ProcessedStream(stream, output, request.include_usage)
+        calls = ToolCallCollector()
         try:
             async for chunk in chunks:
+                calls.add(chunk)
                 yield chunk
         except Exception as exc:
             raise self._failed(exc, request.model) from None
@@ -155,8 +165,9 @@ class Ingress(IngressMemory):
             await chunks.aclose()
             if not chunks.upstream_finished:  # the client left, or the pipeline ended it
                 stream.cancel()
+        context.answer = calls.text
         if request.session_id and chunks.complete:
-            await self._store_turn(request, tenant, chunks.text, context)
+            await self._store_turn(request, tenant, chunks.text or context.answer, context)
 
     async def complete(
         self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
@@ -166,7 +177,7 @@ class Ingress(IngressMemory):
         cached = self.observe.cached(request, tenant)
         if cached is not None:
             return cached
-        output = self.output.open(request, tenant)
+        output = self.output.open_choices(request, tenant)
         try:
             response = await handle.complete.remote(request, self.observe.trace())
         except Exception as exc:
@@ -181,7 +192,7 @@ class Ingress(IngressMemory):
     ) -> AsyncIterator[CompletionResponse]:
         request = _parse(CompletionRequest, request)
         self._model(request.model)
-        output = self.output.open(request, tenant)
+        output = self.output.open_choices(request, tenant)
         upstream = with_usage(request) if output is not None else request
         stream = self._streaming[request.model].complete_stream.remote(upstream, self.observe.trace())
         chunks = ProcessedStream(stream, output, request.include_usage)
@@ -278,13 +289,28 @@ class Ingress(IngressMemory):
     async def _store_turn(
         self, request: ChatCompletionRequest, tenant: str, answer: str, context: SessionContext
     ) -> None:
-        turn = [m.as_dict() for m in request.messages if m.role != "system"]
+        turn = [m.as_dict() for m in request.messages if m.role not in ("system", "developer")]
         turn.append({"role": "assistant", "content": answer})
         with self.observe.session_op("append"):
             count = await self.sessions.append(
                 request.session_id, tenant, turn, request_id=uuid.uuid4().hex
             )
+        context.stored_count = count
         self.remember_turn(context, tenant, request.session_id, count, turn)
+
+
+def _answer_text(response: ChatCompletionResponse) -> str:
+    """What a session keeps of the first choice: its text, or its tool calls as the JSON the
+    model wrote (``protocol.ChatMessage.as_dict`` renders them the same way)."""
+    message = response.choices[0].message
+    if message.tool_calls:
+        from deployments.protocol import ChatMessage
+
+        calls = [c.model_dump() for c in message.tool_calls]
+        return ChatMessage.model_validate(
+            {"role": "assistant", "content": message.content, "tool_calls": calls}
+        ).as_dict()["content"]
+    return message.content or ""
 
 
 __all__ = ["Ingress"]

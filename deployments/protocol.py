@@ -9,15 +9,34 @@ values of the wrong type are refused with the field named, as the OpenAI API doe
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.protocol_tools import (
+    MAX_TOOLS,
+    ChoiceLogprobs,
+    CompletionLogprobs,
+    FunctionDefinition,
+    PredictionContent,
+    StructuredOutputs,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallOut,
+    ToolChoice,
+    ToolDefinition,
+)
+
 MAX_STOP_SEQUENCES = 4
 # More messages than any Llama 2 context holds (each costs at least a few template tokens).
 MAX_MESSAGES = 1024
+MAX_CHOICES = 8  # n
+MAX_TOP_LOGPROBS = 20
+# How a tool's result reads in the Llama 2 prompt (a user turn: Llama 2 has no tool role).
+TOOL_RESULT_FORMAT = "[result of tool call {id}{name}]\n{content}"
 
 
 def completion_id(prefix: str) -> str:
@@ -45,17 +64,58 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="developer is treated as system; a tool result becomes a user turn of "
+        "the Llama 2 prompt."
+    )
+    content: str | list[TextPart] | None = Field(
+        None, description="Text; None only for an assistant message with tool_calls."
+    )
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made.")
+    tool_call_id: str | None = Field(None, description="tool: the call this result answers.")
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content is missing: a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
     def as_dict(self) -> dict[str, str]:
+        """The message as a Llama 2 chat turn (role system, user or assistant)."""
+        if self.role == "developer":
+            return {"role": "system", "content": self.text()}
+        if self.role == "tool":
+            name = f" ({self.name})" if self.name else ""
+            content = TOOL_RESULT_FORMAT.format(id=self.tool_call_id, name=name, content=self.text())
+            return {"role": "user", "content": content}
+        if self.tool_calls:
+            calls = [
+                {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}
+                for c in self.tool_calls
+            ]
+            rendered = json.dumps(calls[0] if len(calls) == 1 else calls)
+            text = self.text()
+            return {"role": "assistant", "content": f"{text}\n{rendered}" if text else rendered}
         return {"role": self.role, "content": self.text()}
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class StreamOptions(_Request):
@@ -81,7 +141,15 @@ class SamplingFields(_Request):
         None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings."
     )
     seed: int | None = None
-    n: int = Field(1, description="Only 1 is supported.")
+    n: int = Field(
+        1, ge=1, le=MAX_CHOICES,
+        description=f"Choices to sample (1 to {MAX_CHOICES}); they share the prompt's KV.",
+    )
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100], added to the logits."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
@@ -97,14 +165,38 @@ class SamplingFields(_Request):
         description="Extension: render the answer with this template of the server's "
         "output.formats.templates (a stream then sends the answer at its end).",
     )
+    # OpenAI fields that do not change the answer of a self-hosted model: accepted, ignored.
+    service_tier: str | None = Field(None, description="Accepted and ignored (one tier here).")
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
+    store: bool | None = Field(
+        None, description="Accepted and ignored (chat completions are not kept for listing)."
+    )
+    safety_identifier: str | None = Field(None, max_length=256, description="Accepted and ignored.")
+    prompt_cache_key: str | None = Field(
+        None, description="Accepted and ignored: prefixes are cached automatically."
+    )
+    prompt_cache_retention: str | None = Field(None, description="Accepted and ignored.")
+    # vLLM's extensions, with vLLM's meaning (docs/api.md).
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension (vLLM).")
+    min_tokens: int | None = Field(None, ge=0, description="Extension (vLLM).")
+    ignore_eos: bool | None = Field(None, description="Extension (vLLM).")
+    skip_special_tokens: bool | None = Field(None, description="Extension (vLLM).")
+    stop_token_ids: list[int] | None = Field(None, max_length=64, description="Extension (vLLM).")
+    include_stop_str_in_output: bool | None = Field(None, description="Extension (vLLM).")
+    structured_outputs: StructuredOutputs | None = Field(None, description="Extension (vLLM).")
+    guided_json: dict[str, Any] | str | None = Field(None, description="Extension (vLLM).")
+    guided_choice: list[str] | None = Field(None, min_length=1, description="Extension (vLLM).")
+    guided_regex: str | None = Field(None, description="Extension (vLLM).")
+    guided_grammar: str | None = Field(None, description="Extension (vLLM).")
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(
-                f"n={value} is not supported; M-AI returns one choice per request (n=1)"
-            )
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit() or int(key) < 0:
+                raise ValueError(f"logit_bias key {key!r} is not a token id (a non-negative integer)")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias[{key}]={bias} is outside [-100, 100]")
         return value
 
     @field_validator("stop")
@@ -144,6 +236,27 @@ class ChatCompletionRequest(SamplingFields):
         max_length=128,
         description="Extension: continue this server-side session (POST /v1/sessions).",
     )
+    logprobs: bool | None = Field(None, description="Return each output token's log probability.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the most likely alternatives."
+    )
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = Field(
+        None, description="none, auto (default with tools), required, or a named function."
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Default true.")
+    functions: list[FunctionDefinition] | None = Field(
+        None, max_length=MAX_TOOLS, description="Deprecated form of tools."
+    )
+    function_call: Literal["none", "auto"] | dict[str, str] | None = Field(
+        None, description="Deprecated form of tool_choice."
+    )
+    prediction: PredictionContent | None = Field(None, description="Accepted and ignored.")
+    modalities: list[Literal["text", "audio"]] | None = Field(None, description="Only text.")
+    audio: dict[str, Any] | None = Field(None, description="Refused: text only.")
+    reasoning_effort: str | None = Field(None, description="Refused: not a reasoning model.")
+    verbosity: str | None = Field(None, description="Refused: for reasoning models only.")
+    web_search_options: dict[str, Any] | None = Field(None, description="Refused: no web search.")
 
     @model_validator(mode="after")
     def _merge_max_tokens(self) -> ChatCompletionRequest:
@@ -153,11 +266,86 @@ class ChatCompletionRequest(SamplingFields):
             self.max_tokens = self.max_completion_tokens
         return self
 
+    @model_validator(mode="after")
+    def _check_chat_fields(self) -> ChatCompletionRequest:
+        refused = {
+            "audio": "audio output needs an audio model; this server's Llama 2 models write text",
+            "reasoning_effort": "it applies to reasoning models only; Llama 2 is not one",
+            "verbosity": "it applies to reasoning models only; Llama 2 is not one",
+            "web_search_options": "this server has no web search tool",
+        }
+        for name, why in refused.items():
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not supported: {why}; leave it out")
+        if self.modalities and "audio" in self.modalities:
+            raise ValueError("modalities=['audio'] is not supported: the models write text only")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        if self.functions is not None:
+            if self.tools is not None:
+                raise ValueError("send tools or the deprecated functions, not both")
+            self.tools = [ToolDefinition(type="function", function=f) for f in self.functions]
+            self.functions = None
+        if self.function_call is not None:
+            if self.tool_choice is not None:
+                raise ValueError("send tool_choice or the deprecated function_call, not both")
+            fc = self.function_call
+            self.tool_choice = fc if isinstance(fc, str) else {
+                "type": "function", "function": {"name": fc.get("name", "")}
+            }
+            self.function_call = None
+        choice = self.tool_choice
+        if choice is not None and not self.tools and choice != "none":
+            raise ValueError("tool_choice is only allowed when tools are specified")
+        if choice is not None and not isinstance(choice, str):
+            name = choice["function"]["name"] if isinstance(choice, dict) else choice.function.name
+            if name not in {t.function.name for t in self.tools or ()}:
+                raise ValueError(f"tool_choice names function {name!r}, which is not among tools")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """none, auto, required or named (how tools apply to this request)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if self.tool_choice is None or self.tool_choice == "auto":
+            return "auto"
+        return "required" if self.tool_choice == "required" else "named"
+
+    @property
+    def named_tool(self) -> str | None:
+        choice = self.tool_choice
+        if choice is None or isinstance(choice, str):
+            return None
+        return choice["function"]["name"] if isinstance(choice, dict) else choice.function.name
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] = Field(
         description="Text, token ids, or a list of one text."
     )
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="Log probabilities of the output tokens and "
+        "of this many most likely alternatives."
+    )
+    echo: bool | None = Field(None, description="Return the prompt before the completion.")
+    best_of: int | None = Field(
+        None, ge=1, le=MAX_CHOICES, description="Only equal to n (the choices are not ranked)."
+    )
+    suffix: str | None = Field(None, description="Refused: Llama 2 has no insert mode.")
+
+    @model_validator(mode="after")
+    def _check_completion_fields(self) -> CompletionRequest:
+        if self.suffix is not None:
+            raise ValueError("suffix is not supported: Llama 2 has no insert (fill-in-the-middle) mode; leave it out")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(
+                f"best_of={self.best_of} is not supported: the server does not rank candidates; "
+                f"send best_of equal to n ({self.n}) or leave it out"
+            )
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (no prompt logprobs); send one of them")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -223,7 +411,8 @@ class Usage(_Response):
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class OutputFinding(_Response):
@@ -261,7 +450,7 @@ class ChatChoice(_Response):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -278,13 +467,14 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(_Response):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Response):
@@ -301,7 +491,7 @@ class CompletionChoice(_Response):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(_Response):

@@ -24,13 +24,14 @@ import torch
 from cluster.config import ModelConfig
 from cluster.errors import CapacityError, EngineDeadError, InvalidRequestError, MAIError
 from cluster.logging_setup import get_logger
+from engine.logits_processing import token_logprobs
 from engine.prefix_cache import PrefixCache
 from engine.sampling import Sampler, make_generator
 from engine.scheduler import Scheduler, Sequence
 from engine.step_messages import StepPlan
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.types import EngineStats, RequestOutput, SamplingParams
+from engine.types import EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from engine.worker import HEARTBEAT_S, TPWorker
 
 log = get_logger("engine.core")
@@ -51,6 +52,7 @@ class _Request:
     stopped_by_string: bool = False
     grammar: Any = None  # engine.structured.GrammarState of a constrained request
     cache_load: tuple[int, int] | None = None  # (prefix cache slot, tokens) still to copy in
+    logprob: TokenLogprob | None = None  # of the token sampled in this step (logprobs asked)
 
 
 class EngineCore:
@@ -66,13 +68,16 @@ class EngineCore:
             max_model_len=config.context_length,
             max_queued_requests=config.max_queued_requests,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_id=tokenizer.eos_token_id)
         # The streaming detokenizer's table of plain pieces: built here, not in the first step.
         getattr(tokenizer, "plain_piece_texts", None)
         # Cache slots follow the running sequences' slots in the runner's KV cache.
         self.prefix_cache = PrefixCache(config.max_num_seqs, config.prefix_cache_slots)
         self._pending_saves: list[tuple[int, int, int]] = []
         self._requests: dict[str, _Request] = {}
+        # Siblings of a request (n > 1) parked until its prompt is prefilled, then admitted
+        # with that prompt's KV copied from the prefix cache: {leader id: [inbox items]}.
+        self._parked: dict[str, list[tuple]] = {}
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -94,9 +99,19 @@ class EngineCore:
     # -- called from any thread -------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        share_prompt_of: str | None = None,
     ) -> None:
-        """Queue a request; raises at once when it can never run or the queue is full."""
+        """Queue a request; raises at once when it can never run or the queue is full.
+
+        ``share_prompt_of``: the id of a request added just before with the same prompt (the
+        first of ``n`` parallel samples). This one waits until that prompt is prefilled, which
+        then goes into the prefix cache, and is admitted with the prompt's KV copied from it:
+        the prompt is computed once for all ``n`` (a copy per sibling, no recomputation)."""
         if self._dead:
             raise EngineDeadError(f"the engine stopped: {self._dead}")
         if not prompt_ids:
@@ -116,9 +131,18 @@ class EngineCore:
                 f"retry shortly",
                 retry_after=1.0,
             )
-        grammar = self.structured_output().compile(params.response_format) if params.constrained else None
+        grammar = None
+        if params.constrained:
+            structured = self.structured_output()
+            grammar = (
+                structured.compile_guided(params.guided)
+                if params.guided is not None
+                else structured.compile(params.response_format)
+            )
         self._pending += 1
-        self._inbox.append(("add", request_id, prompt_ids, params, sink, time.monotonic(), grammar))
+        self._inbox.append(
+            ("add", request_id, prompt_ids, params, sink, time.monotonic(), grammar, share_prompt_of)
+        )
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -193,17 +217,47 @@ class EngineCore:
         while inbox:
             item = inbox.popleft()
             if item[0] == "add":
-                _, rid, prompt_ids, params, sink, arrival, grammar = item
-                self._pending -= 1
-                self._admit(rid, prompt_ids, params, sink, arrival, grammar)
+                leader = item[7]
+                if leader is not None and self._prefilling(leader, item[2]):
+                    self._parked.setdefault(leader, []).append(item)
+                    continue
+                self._admit_item(item)
             else:
                 self._cancel(item[1])
+
+    def _admit_item(self, item: tuple) -> None:
+        _, rid, prompt_ids, params, sink, arrival, grammar, _leader = item
+        self._pending -= 1
+        self._admit(rid, prompt_ids, params, sink, arrival, grammar)
+
+    def _prefilling(self, leader: str, prompt_ids: list[int]) -> bool:
+        """Whether ``leader`` runs and still computes the same prompt (siblings wait for it)."""
+        req = self._requests.get(leader)
+        return (
+            self.prefix_cache.enabled
+            and req is not None
+            and req.seq.is_prefilling
+            and req.seq.prompt_token_ids == list(prompt_ids)
+        )
+
+    def _release_parked(self, leader: str, seq: Sequence | None, slot: int | None) -> None:
+        """Admit ``leader``'s parked siblings; with its prompt's KV saved for them first."""
+        items = self._parked.pop(leader, None)
+        if not items:
+            return
+        if seq is not None and slot is not None and self.prefix_cache.enabled:
+            cache_slot = self.prefix_cache.store(seq.prompt_token_ids)
+            if cache_slot is not None:
+                self._pending_saves.append((slot, cache_slot, len(seq.prompt_token_ids)))
+        for item in items:
+            self._admit_item(item)
 
     def _admit(self, rid, prompt_ids, params, sink, arrival, grammar=None) -> None:
         seq = Sequence(request_id=rid, prompt_token_ids=list(prompt_ids), max_tokens=params.max_tokens)
         hit = self.prefix_cache.lookup(seq.prompt_token_ids)
         if hit is not None:
             seq.num_cached_tokens = hit[1]
+        skip = params.skip_special_tokens
         try:
             self.scheduler.add(seq)
         except MAIError as exc:
@@ -215,7 +269,7 @@ class EngineCore:
             seq=seq,
             params=params,
             sink=sink,
-            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=skip),
             stop=StopStringMatcher(params.stop) if params.stop else None,
             generator=make_generator(params.seed) if params.seed is not None else None,
             arrival=arrival,
@@ -226,7 +280,16 @@ class EngineCore:
             self._num_constrained += 1
 
     def _cancel(self, rid: str) -> None:
+        for items in list(self._parked.values()):
+            for item in items:
+                if item[1] == rid:
+                    items.remove(item)
+                    self._pending -= 1
+                    _call_sink(item[4], RequestOutput(rid, finish_reason="abort", prompt_tokens=len(item[2])))
+                    return
         req = self._requests.pop(rid, None)
+        if rid in self._parked:  # the leader went away before its prompt was computed
+            self._release_parked(rid, None, None)
         self.scheduler.abort(rid)
         if req is not None:
             self._forget_grammar(req)
@@ -279,6 +342,8 @@ class EngineCore:
         params = [r.params for r in reqs]
         needs_history = any(p.repetition_penalty != 1.0 for p in params)
         selected = logits if len(rows) == logits.shape[0] else logits[rows]
+        logprob_rows = [j for j, p in enumerate(params) if p.logprobs is not None]
+        raw = selected[logprob_rows].float() if logprob_rows else None  # before any mask
         grammars = [r.grammar for r in reqs] if self._num_constrained else None
         if grammars is not None:
             self._structured.apply_masks(selected, grammars)  # in place, grammar rows only
@@ -287,12 +352,23 @@ class EngineCore:
             params,
             [r.generator for r in reqs],
             [s.all_token_ids for s in seqs] if needs_history else None,
+            [s.output_token_ids for s in seqs] if any(p.processes_logits for p in params) else None,
         ).tolist()
+        if raw is not None:
+            found = token_logprobs(
+                raw, [tokens[j] for j in logprob_rows], [params[j].logprobs for j in logprob_rows]
+            )
+            for j, lp in zip(logprob_rows, found):
+                reqs[j].logprob = lp
         if grammars is not None:
             self._structured.accept(grammars, tokens)
         slots = [s.slot for s in seqs]  # update() may free the slots of finished sequences
         self.scheduler.update(out, {s.request_id: t for s, t in zip(seqs, tokens)})
         self._generated += len(tokens)
+        if self._parked:  # siblings of sequences whose prompt this step completed
+            for s, slot in zip(seqs, slots):
+                if s.request_id in self._parked and len(s.output_token_ids) <= 1:
+                    self._release_parked(s.request_id, s, slot)
         self._emit(reqs, tokens, slots)
 
     def _emit(self, reqs: list[_Request], tokens: list[int], slots: list[int]) -> None:
@@ -324,6 +400,11 @@ class EngineCore:
                     if hit:
                         finish = "stop"
                         req.stopped_by_string = True
+                        if p.include_stop_str_in_output:
+                            text += req.stop.matched or ""
+            logprobs = [req.logprob] if req.logprob is not None and not drop_token else None
+            if p.logprobs is not None and logprobs is None:
+                logprobs = []
             if finish is None and (seq.is_finished or len(seq.output_token_ids) >= p.max_tokens):
                 finish = "length"
             if finish is None and seq.num_tokens >= self.config.context_length:
@@ -339,6 +420,7 @@ class EngineCore:
                     completion_tokens=len(seq.output_token_ids),
                     arrival_time=req.arrival,
                     first_token_time=req.first_token_time,
+                    logprobs=logprobs,
                 )
             else:
                 if not seq.is_finished:
@@ -348,6 +430,7 @@ class EngineCore:
                     self._save_prefix(seq, slot)
                 self._forget_grammar(req)
                 out = self._final(req, finish, token_ids=[] if drop_token else [token], text=text)
+                out.logprobs = logprobs
                 if finish == "error":
                     out.error = f"the grammar of response_format refused token {token}"
             _deliver_later(deliveries, req.sink, out)
@@ -390,6 +473,11 @@ class EngineCore:
             if item[0] == "add":
                 self._pending -= 1
                 _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
+        for items in self._parked.values():
+            for item in items:
+                self._pending -= 1
+                _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
+        self._parked.clear()
         for rid, req in list(self._requests.items()):
             out = self._final(req, reason) if reason == "abort" else RequestOutput(
                 rid, finish_reason="error", error=error,

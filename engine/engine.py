@@ -24,7 +24,7 @@ from cluster.logging_setup import get_logger
 from engine.core import EngineCore
 from engine.loader import resolve_checkpoint
 from engine.tokenizer import Tokenizer, load_tokenizer
-from engine.types import EngineStats, RequestOutput, SamplingParams, new_request_id
+from engine.types import EngineStats, RequestOutput, SamplingParams, joined_logprobs, new_request_id
 from engine.worker import TPWorker, free_port
 
 log = get_logger("engine")
@@ -107,6 +107,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         error=last.error,
         arrival_time=last.arrival_time,
         first_token_time=last.first_token_time,
+        logprobs=joined_logprobs(outputs),
     )
 
 
@@ -188,12 +189,19 @@ class LLMEngine:
         return self.submit(prompt, params).result()
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        share_prompt_of: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's deltas; closing the iterator early cancels the request."""
+        """Stream a request's deltas; closing the iterator early cancels the request.
+        ``share_prompt_of``: a sibling of that request (n > 1; see ``EngineCore.add_request``)."""
         rid = request_id or new_request_id()
         sink = _AsyncSink(asyncio.get_running_loop())
-        self.core.add_request(rid, self.encode_prompt(prompt), params or self.default_params(), sink)
+        self.core.add_request(
+            rid, self.encode_prompt(prompt), params or self.default_params(), sink, share_prompt_of
+        )
         finished = False
         try:
             while True:
