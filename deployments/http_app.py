@@ -23,7 +23,13 @@ server has API keys configured. Errors use the OpenAI format
 
 
 def create_http_app(ingress: Any) -> FastAPI:
-    from deployments import routes_admin, routes_memories, routes_openai, routes_sessions
+    from deployments import (
+        routes_admin,
+        routes_memories,
+        routes_openai,
+        routes_responses,
+        routes_sessions,
+    )
 
     app = FastAPI(
         title="M-AI",
@@ -69,6 +75,7 @@ def create_http_app(ingress: Any) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_any_error)
     app.include_router(routes_openai.router)
+    app.include_router(routes_responses.router)
     app.include_router(routes_sessions.router)
     app.include_router(routes_memories.router)
     app.include_router(routes_admin.router)

@@ -31,6 +31,7 @@ from cluster.memory_config import MemoryConfig
 from cluster.output_config import OutputConfig
 from cluster.serving_config import ServingConfig
 from deployments.auth import DEFAULT_TENANT, ApiKeyAuth
+from deployments.embeddings_api import EmbeddingService
 from deployments.errors import as_mai_error, brief
 from deployments.ingress_memory import IngressMemory, SessionContext
 from deployments.ingress_observability import IngressObservability
@@ -50,6 +51,8 @@ from deployments.protocol import (
     SessionList,
     parse_request,
 )
+from deployments.protocol_responses import EmbeddingRequest
+from deployments.responses import IngressResponses
 from deployments.sessions import SessionClient
 from deployments.tool_calls import ToolCallCollector
 
@@ -67,9 +70,9 @@ def _parse(model: type, value: Any) -> Any:
         raise as_mai_error(exc) from None
 
 
-class Ingress(IngressMemory):
-    """Routes requests to the models, keeps sessions and their memory (see the module docstring
-    and ``deployments.ingress_memory``)."""
+class Ingress(IngressMemory, IngressResponses):
+    """Routes requests to the models, keeps sessions and their memory (see the module docstring,
+    ``deployments.ingress_memory`` and ``deployments.responses``)."""
 
     def __init__(
         self,
@@ -90,6 +93,8 @@ class Ingress(IngressMemory):
         self.sessions = SessionClient(serving.session_store_shards)
         # Memory shards (deployment actors memory-0..M-1); None when memory is off.
         self.memory = MemoryClient(memory.shards) if memory is not None and memory.enabled else None
+        # POST /v1/embeddings: the memory's embedder under its own model name.
+        self.embedder = EmbeddingService(memory)
         self._status_cache: tuple[float, Any] | None = None
         # Loads the output plugins: a broken one fails the start here, not each request.
         self.output = ResponseProcessor(output)
@@ -228,7 +233,12 @@ class Ingress(IngressMemory):
     # -- models and health --------------------------------------------------------------------
 
     def list_models(self) -> ModelList:
-        return ModelList(data=self.cards)
+        """The chat models, then the embedding model (``POST /v1/embeddings``)."""
+        return ModelList(data=self.cards + [ModelCard.model_validate(self.embedder.card())])
+
+    async def embed(self, request: EmbeddingRequest | dict, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        """Embeddings of ``request.input`` (``POST /v1/embeddings``)."""
+        return await self.embedder.embed(_parse(EmbeddingRequest, request))
 
     async def health(self) -> dict[str, Any]:
         """Serve's view of each model: ``EngineDeadError`` (503) unless every model has a

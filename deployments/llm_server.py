@@ -47,6 +47,7 @@ from deployments.protocol import (
     parse_request,
 )
 from deployments.replica_monitor import ReplicaMonitor
+from deployments.tool_calls import llama_messages
 from deployments.request_metrics import RequestTrace
 from engine.types import RequestOutput, SamplingParams, new_request_id
 
@@ -248,9 +249,16 @@ class LLMServer:
         """The prompt assembled from memory within ``context_length - max_tokens``; should the
         assembly itself fail, the recall's turns go through the sliding window instead."""
         want = request.max_tokens or min(self.config.max_tokens, self.config.context_length // 2)
+        messages: list[Any] = list(request.messages)
+        if request.tools or any(m.role in ("developer", "tool") or m.tool_calls for m in messages):
+            # Tools and tool turns as Llama 2 turns; the tools prompt joins the system prompt.
+            messages = llama_messages(request)
+            own_system = any(m.role in ("system", "developer") for m in request.messages)
+            if system_prompt and not own_system and messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}
         try:
             context = self.assembler.assemble(
-                request.messages, context_length=self.config.context_length, max_tokens=want,
+                messages, context_length=self.config.context_length, max_tokens=want,
                 recall=recall, system_prompt=system_prompt,
             )
             return oa.Prompt(context.token_ids, context.dropped_turns)

@@ -48,7 +48,8 @@ def chat_prompt(
     """Apply the chat template; drop the oldest of the first ``history_len`` (session) turns
     while the prompt and the requested output would not fit in the context."""
     plain = not request.tools and all(
-        m.role in ("system", "user", "assistant") and not m.tool_calls for m in request.messages
+        (m.role in ("user", "assistant") or (m.role == "system" and i == 0)) and not m.tool_calls
+        for i, m in enumerate(request.messages)
     )
     messages = [m.as_dict() for m in request.messages] if plain else llama_messages(request)
     history_len = min(history_len, len(messages))
