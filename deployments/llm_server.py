@@ -47,8 +47,8 @@ from deployments.protocol import (
     parse_request,
 )
 from deployments.replica_monitor import ReplicaMonitor
-from deployments.tool_calls import llama_messages
 from deployments.request_metrics import RequestTrace
+from deployments.tool_calls import llama_messages
 from engine.types import RequestOutput, SamplingParams, new_request_id
 
 log = get_logger("deployments.llm_server")
