@@ -176,12 +176,19 @@ class LLMEngine:
         return list(prompt)
 
     def submit(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        share_prompt_of: str | None = None,
     ) -> _SyncStream:
-        """Start a request; iterate the returned stream for its deltas."""
+        """Start a request; iterate the returned stream for its deltas. ``share_prompt_of``:
+        the id of a request with the same prompt whose KV this one copies (n > 1)."""
         rid = request_id or new_request_id()
         stream = _SyncStream(self, rid)
-        self.core.add_request(rid, self.encode_prompt(prompt), params or self.default_params(), stream)
+        self.core.add_request(
+            rid, self.encode_prompt(prompt), params or self.default_params(), stream, share_prompt_of
+        )
         return stream
 
     def generate_text(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestOutput:

@@ -115,15 +115,8 @@ def test_siblings_share_the_prompt_kv_and_decode_like_separate_requests(engine):
     alone = engine.generate_text(prompt, params).token_ids
     hits_before = engine.stats().prefix_cache_hit_tokens
     leader = engine.submit(prompt, params, request_id="leader-1")
-    siblings = []
-    for i in range(3):
-        rid = f"sibling-{i}"
-        stream = engine.core.add_request  # share_prompt_of: parked until the prompt is computed
-        from engine.engine import _SyncStream
-
-        sink = _SyncStream(engine, rid)
-        stream(rid, prompt, params, sink, "leader-1")
-        siblings.append(sink)
+    # parked until the leader's prompt is computed, then admitted with its KV copied
+    siblings = [engine.submit(prompt, params, share_prompt_of="leader-1") for _ in range(3)]
     assert leader.result().token_ids == alone
     for sink in siblings:
         assert sink.result().token_ids == alone  # the copied KV gives the same greedy tokens
