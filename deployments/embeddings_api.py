@@ -38,7 +38,6 @@ class EmbeddingService:
                 from engine.embeddings import build_embedder
 
                 self._embedder = build_embedder(self.ref.name, dict(self.ref.options))
-                self.model_name = getattr(self._embedder, "name", self.model_name)
             return self._embedder
 
     def card(self) -> dict[str, Any]:

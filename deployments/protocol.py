@@ -283,12 +283,12 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs=true")
         if self.functions is not None:
             if self.tools is not None:
-                raise ValueError("send tools or the deprecated functions, not both")
+                raise ValueError("functions and tools are both given; send only tools (functions is its deprecated form)")
             self.tools = [ToolDefinition(type="function", function=f) for f in self.functions]
             self.functions = None
         if self.function_call is not None:
             if self.tool_choice is not None:
-                raise ValueError("send tool_choice or the deprecated function_call, not both")
+                raise ValueError("function_call and tool_choice are both given; send only tool_choice (function_call is its deprecated form)")
             fc = self.function_call
             self.tool_choice = fc if isinstance(fc, str) else {
                 "type": "function", "function": {"name": fc.get("name", "")}

@@ -88,7 +88,7 @@ class ResponseCreateRequest(_Request):
     @model_validator(mode="after")
     def _check(self) -> ResponseCreateRequest:
         if self.previous_response_id and self.conversation is not None:
-            raise ValueError("send previous_response_id or conversation, not both")
+            raise ValueError("previous_response_id and conversation are both given; send one of them")
         if self.reasoning:
             raise ValueError("reasoning is not supported: Llama 2 is not a reasoning model; leave it out")
         if self.background:

@@ -59,14 +59,14 @@ def tools_prompt(request: ChatCompletionRequest) -> str:
 
 
 def llama_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The request's messages as Llama 2 turns: one leading system message (system and
-    developer messages joined, plus the tools prompt), then user/assistant with consecutive
-    turns of one role merged."""
+    """The request's messages as Llama 2 turns: one leading system message (every system and
+    developer message, wherever it stands, joined, plus the tools prompt), then user/assistant
+    with consecutive turns of one role merged."""
     system: list[str] = []
     turns: list[dict[str, str]] = []
     for message in request.messages:
         turn = message.as_dict()
-        if turn["role"] == "system" and not turns:
+        if turn["role"] == "system":  # Llama 2 has one system prompt, at the start
             system.append(turn["content"])
         elif turns and turns[-1]["role"] == turn["role"]:
             turns[-1] = {"role": turn["role"], "content": turns[-1]["content"] + "\n\n" + turn["content"]}
