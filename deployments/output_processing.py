@@ -100,7 +100,8 @@ class ResponseProcessor:
             tenant=tenant,
             response_format=request.response_format,
             max_tokens=request.max_tokens,
-            stop=tuple(request.stop or ()),
+            # the engine has cut at the stop string; kept, it must not be cut again here
+            stop=() if request.include_stop_str_in_output else tuple(request.stop or ()),
             template=request.output_template,
         )
         try:
