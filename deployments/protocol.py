@@ -17,24 +17,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.protocol_tools import (
-    MAX_TOOLS,
+    MAX_TOP_LOGPROBS,
+    ChatToolFields,
     ChoiceLogprobs,
     CompletionLogprobs,
-    FunctionDefinition,
-    PredictionContent,
-    StructuredOutputs,
+    SamplingExtras,
     ToolCall,
     ToolCallDelta,
     ToolCallOut,
-    ToolChoice,
-    ToolDefinition,
 )
 
 MAX_STOP_SEQUENCES = 4
 # More messages than any Llama 2 context holds (each costs at least a few template tokens).
 MAX_MESSAGES = 1024
 MAX_CHOICES = 8  # n
-MAX_TOP_LOGPROBS = 20
 # How a tool's result reads in the Llama 2 prompt (a user turn: Llama 2 has no tool role).
 TOOL_RESULT_FORMAT = "[result of tool call {id}{name}]\n{content}"
 
@@ -122,7 +118,7 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingFields(_Request):
+class SamplingFields(SamplingExtras, _Request):
     """Fields common to chat and text completions."""
 
     model: str = Field(description="A name from GET /v1/models.")
@@ -147,9 +143,6 @@ class SamplingFields(_Request):
     )
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(
-        None, description="Token id (as a string) -> bias in [-100, 100], added to the logits."
-    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
@@ -165,39 +158,6 @@ class SamplingFields(_Request):
         description="Extension: render the answer with this template of the server's "
         "output.formats.templates (a stream then sends the answer at its end).",
     )
-    # OpenAI fields that do not change the answer of a self-hosted model: accepted, ignored.
-    service_tier: str | None = Field(None, description="Accepted and ignored (one tier here).")
-    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored.")
-    store: bool | None = Field(
-        None, description="Accepted and ignored (chat completions are not kept for listing)."
-    )
-    safety_identifier: str | None = Field(None, max_length=256, description="Accepted and ignored.")
-    prompt_cache_key: str | None = Field(
-        None, description="Accepted and ignored: prefixes are cached automatically."
-    )
-    prompt_cache_retention: str | None = Field(None, description="Accepted and ignored.")
-    # vLLM's extensions, with vLLM's meaning (docs/api.md).
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension (vLLM).")
-    min_tokens: int | None = Field(None, ge=0, description="Extension (vLLM).")
-    ignore_eos: bool | None = Field(None, description="Extension (vLLM).")
-    skip_special_tokens: bool | None = Field(None, description="Extension (vLLM).")
-    stop_token_ids: list[int] | None = Field(None, max_length=64, description="Extension (vLLM).")
-    include_stop_str_in_output: bool | None = Field(None, description="Extension (vLLM).")
-    structured_outputs: StructuredOutputs | None = Field(None, description="Extension (vLLM).")
-    guided_json: dict[str, Any] | str | None = Field(None, description="Extension (vLLM).")
-    guided_choice: list[str] | None = Field(None, min_length=1, description="Extension (vLLM).")
-    guided_regex: str | None = Field(None, description="Extension (vLLM).")
-    guided_grammar: str | None = Field(None, description="Extension (vLLM).")
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit() or int(key) < 0:
-                raise ValueError(f"logit_bias key {key!r} is not a token id (a non-negative integer)")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias[{key}]={bias} is outside [-100, 100]")
-        return value
 
     @field_validator("stop")
     @classmethod
@@ -224,7 +184,7 @@ class SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(ChatToolFields, SamplingFields):
     messages: list[ChatMessage] = Field(
         min_length=1,
         max_length=MAX_MESSAGES,
@@ -236,28 +196,6 @@ class ChatCompletionRequest(SamplingFields):
         max_length=128,
         description="Extension: continue this server-side session (POST /v1/sessions).",
     )
-    logprobs: bool | None = Field(None, description="Return each output token's log probability.")
-    top_logprobs: int | None = Field(
-        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the most likely alternatives."
-    )
-    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
-    tool_choice: ToolChoice | None = Field(
-        None, description="none, auto (default with tools), required, or a named function."
-    )
-    parallel_tool_calls: bool | None = Field(None, description="Default true.")
-    functions: list[FunctionDefinition] | None = Field(
-        None, max_length=MAX_TOOLS, description="Deprecated form of tools."
-    )
-    function_call: Literal["none", "auto"] | dict[str, str] | None = Field(
-        None, description="Deprecated form of tool_choice."
-    )
-    prediction: PredictionContent | None = Field(None, description="Accepted and ignored.")
-    modalities: list[Literal["text", "audio"]] | None = Field(None, description="Only text.")
-    audio: dict[str, Any] | None = Field(None, description="Refused: text only.")
-    reasoning_effort: str | None = Field(None, description="Refused: not a reasoning model.")
-    verbosity: str | None = Field(None, description="Refused: for reasoning models only.")
-    web_search_options: dict[str, Any] | None = Field(None, description="Refused: no web search.")
-
     @model_validator(mode="after")
     def _merge_max_tokens(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None:
@@ -266,58 +204,6 @@ class ChatCompletionRequest(SamplingFields):
             self.max_tokens = self.max_completion_tokens
         return self
 
-    @model_validator(mode="after")
-    def _check_chat_fields(self) -> ChatCompletionRequest:
-        refused = {
-            "audio": "audio output needs an audio model; this server's Llama 2 models write text",
-            "reasoning_effort": "it applies to reasoning models only; Llama 2 is not one",
-            "verbosity": "it applies to reasoning models only; Llama 2 is not one",
-            "web_search_options": "this server has no web search tool",
-        }
-        for name, why in refused.items():
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name} is not supported: {why}; leave it out")
-        if self.modalities and "audio" in self.modalities:
-            raise ValueError("modalities=['audio'] is not supported: the models write text only")
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
-        if self.functions is not None:
-            if self.tools is not None:
-                raise ValueError("functions and tools are both given; send only tools (functions is its deprecated form)")
-            self.tools = [ToolDefinition(type="function", function=f) for f in self.functions]
-            self.functions = None
-        if self.function_call is not None:
-            if self.tool_choice is not None:
-                raise ValueError("function_call and tool_choice are both given; send only tool_choice (function_call is its deprecated form)")
-            fc = self.function_call
-            self.tool_choice = fc if isinstance(fc, str) else {
-                "type": "function", "function": {"name": fc.get("name", "")}
-            }
-            self.function_call = None
-        choice = self.tool_choice
-        if choice is not None and not self.tools and choice != "none":
-            raise ValueError("tool_choice is only allowed when tools are specified")
-        if choice is not None and not isinstance(choice, str):
-            name = choice["function"]["name"] if isinstance(choice, dict) else choice.function.name
-            if name not in {t.function.name for t in self.tools or ()}:
-                raise ValueError(f"tool_choice names function {name!r}, which is not among tools")
-        return self
-
-    @property
-    def tool_mode(self) -> str:
-        """none, auto, required or named (how tools apply to this request)."""
-        if not self.tools or self.tool_choice == "none":
-            return "none"
-        if self.tool_choice is None or self.tool_choice == "auto":
-            return "auto"
-        return "required" if self.tool_choice == "required" else "named"
-
-    @property
-    def named_tool(self) -> str | None:
-        choice = self.tool_choice
-        if choice is None or isinstance(choice, str):
-            return None
-        return choice["function"]["name"] if isinstance(choice, dict) else choice.function.name
 
 
 class CompletionRequest(SamplingFields):
