@@ -33,7 +33,7 @@ def app(serve_cluster, tiny_checkpoint):
                         "shard_num_cpus": 1.0, "api_keys": {hash_api_key(KEY): "acme"}},
             "memory": base.memory.model_dump(mode="json"),
             "models": [{"checkpoint": str(tiny_checkpoint), "max_num_seqs": 8, "max_tokens": 48,
-                        "context_length": 512}],
+                        "context_length": 1024}],
         },
         "test config",
     )
@@ -62,17 +62,17 @@ def test_invoke_and_stream(llm):
 def test_bind_tools_with_a_forced_call_gives_schema_valid_arguments(llm):
     bound = llm.bind_tools([Weather], tool_choice="Weather")
     for seed in range(3):
-        message = bound.bind(seed=seed, temperature=1.0, max_tokens=48).invoke("What is the weather?")
+        message = bound.bind(seed=seed, temperature=1.0, max_tokens=160).invoke("What is the weather?")
         assert len(message.tool_calls) == 1
         call = message.tool_calls[0]
         assert call["name"] == "Weather"
         Weather.model_validate(call["args"])  # the arguments parse and match the schema
-    required = llm.bind_tools([Weather], tool_choice="any").bind(max_tokens=48).invoke("Weather?")
+    required = llm.bind_tools([Weather], tool_choice="any").bind(max_tokens=160).invoke("Weather?")
     assert required.tool_calls and required.tool_calls[0]["name"] == "Weather"
 
 
 def test_with_structured_output(llm):
-    structured = llm.bind(max_tokens=48).with_structured_output(Weather)
+    structured = llm.bind(max_tokens=160).with_structured_output(Weather)
     result = structured.invoke("Give me the weather as JSON.")
     assert isinstance(result, Weather)
 

@@ -67,7 +67,7 @@ def make_config(tiny_checkpoint, state_uri: str):
             "memory": base.memory.model_dump(mode="json"),
             "models": [
                 {"checkpoint": str(tiny_checkpoint), "max_num_seqs": 16, "max_tokens": 48,
-                 "context_length": 512, "prefix_cache_slots": 8}
+                 "context_length": 1024, "prefix_cache_slots": 8}
             ],
         },
         "test config",
@@ -242,7 +242,7 @@ def check_calls(calls, allowed):
 def test_tool_choice_required_and_named_give_schema_valid_calls(client, parallel):
     for seed in range(3):
         out = client.chat.completions.create(**ask(
-            "What is the weather?", max_tokens=48, temperature=1.0, seed=seed, tools=[WEATHER, CLOCK],
+            "What is the weather?", max_tokens=320, temperature=1.0, seed=seed, tools=[WEATHER, CLOCK],
             tool_choice="required", parallel_tool_calls=parallel,
         ))
         choice = out.choices[0]
@@ -251,7 +251,7 @@ def test_tool_choice_required_and_named_give_schema_valid_calls(client, parallel
         if not parallel:
             assert len(choice.message.tool_calls) == 1
         named = client.chat.completions.create(**ask(
-            max_tokens=48, temperature=1.0, seed=seed, tools=[WEATHER, CLOCK],
+            max_tokens=160, temperature=1.0, seed=seed, tools=[WEATHER, CLOCK],
             tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=parallel,
         ))
         check_calls(named.choices[0].message.tool_calls, {"get_time"})
@@ -270,7 +270,7 @@ def test_tool_choice_none_and_auto_answer_text_or_calls(client):
 
 def test_streamed_tool_calls_have_openais_delta_shape(client):
     stream = client.chat.completions.create(**ask(
-        max_tokens=48, temperature=1.0, seed=5, tools=[WEATHER], tool_choice="required",
+        max_tokens=160, temperature=1.0, seed=5, tools=[WEATHER], tool_choice="required",
         parallel_tool_calls=False, stream=True,
     ))
     calls: dict[int, dict] = {}
@@ -356,7 +356,7 @@ def test_responses_stream_typed_events_and_tools(client):
     tool = WEATHER["function"]
     called = client.responses.create(
         model=MODEL, input="Weather?", tools=[{"type": "function", **tool}], tool_choice="required",
-        parallel_tool_calls=False, max_output_tokens=48, temperature=0,
+        parallel_tool_calls=False, max_output_tokens=160, temperature=0,
     )
     call = called.output[0]
     assert call.type == "function_call" and call.name == "get_weather"
@@ -368,7 +368,7 @@ def test_responses_stream_typed_events_and_tools(client):
     assert answer.output[0].type in ("message", "function_call")
     streamed = list(client.responses.create(
         model=MODEL, input="Weather?", tools=[{"type": "function", **tool}], tool_choice="required",
-        parallel_tool_calls=False, max_output_tokens=48, temperature=0, stream=True,
+        parallel_tool_calls=False, max_output_tokens=160, temperature=0, stream=True,
     ))
     kinds = [e.type for e in streamed]
     assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
