@@ -28,6 +28,7 @@ from engine.logits_processing import token_logprobs
 from engine.prefix_cache import PrefixCache
 from engine.sampling import Sampler, make_generator
 from engine.scheduler import Scheduler, Sequence
+from engine.siblings import ParkedSiblings
 from engine.step_messages import StepPlan
 from engine.stop import StopStringMatcher
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -75,9 +76,8 @@ class EngineCore:
         self.prefix_cache = PrefixCache(config.max_num_seqs, config.prefix_cache_slots)
         self._pending_saves: list[tuple[int, int, int]] = []
         self._requests: dict[str, _Request] = {}
-        # Siblings of a request (n > 1) parked until its prompt is prefilled, then admitted
-        # with that prompt's KV copied from the prefix cache: {leader id: [inbox items]}.
-        self._parked: dict[str, list[tuple]] = {}
+        # Siblings of a request (n > 1) parked until its prompt is prefilled (engine/siblings.py)
+        self._parked = ParkedSiblings()
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -107,11 +107,8 @@ class EngineCore:
         share_prompt_of: str | None = None,
     ) -> None:
         """Queue a request; raises at once when it can never run or the queue is full.
-
-        ``share_prompt_of``: the id of a request added just before with the same prompt (the
-        first of ``n`` parallel samples). This one waits until that prompt is prefilled, which
-        then goes into the prefix cache, and is admitted with the prompt's KV copied from it:
-        the prompt is computed once for all ``n`` (a copy per sibling, no recomputation)."""
+        ``share_prompt_of``: the first of ``n`` samples of this prompt, added just before; this
+        one copies that prompt's KV once it is computed (``engine/siblings.py``)."""
         if self._dead:
             raise EngineDeadError(f"the engine stopped: {self._dead}")
         if not prompt_ids:
@@ -131,14 +128,7 @@ class EngineCore:
                 f"retry shortly",
                 retry_after=1.0,
             )
-        grammar = None
-        if params.constrained:
-            structured = self.structured_output()
-            grammar = (
-                structured.compile_guided(params.guided)
-                if params.guided is not None
-                else structured.compile(params.response_format)
-            )
+        grammar = self.structured_output().compile_params(params) if params.constrained else None
         self._pending += 1
         self._inbox.append(
             ("add", request_id, prompt_ids, params, sink, time.monotonic(), grammar, share_prompt_of)
@@ -219,7 +209,7 @@ class EngineCore:
             if item[0] == "add":
                 leader = item[7]
                 if leader is not None and self._prefilling(leader, item[2]):
-                    self._parked.setdefault(leader, []).append(item)
+                    self._parked.park(leader, item)
                     continue
                 self._admit_item(item)
             else:
@@ -233,16 +223,12 @@ class EngineCore:
     def _prefilling(self, leader: str, prompt_ids: list[int]) -> bool:
         """Whether ``leader`` runs and still computes the same prompt (siblings wait for it)."""
         req = self._requests.get(leader)
-        return (
-            self.prefix_cache.enabled
-            and req is not None
-            and req.seq.is_prefilling
-            and req.seq.prompt_token_ids == list(prompt_ids)
-        )
+        seq = req.seq if req is not None else None
+        return self.prefix_cache.enabled and seq is not None and seq.is_prefilling and seq.prompt_token_ids == prompt_ids
 
     def _release_parked(self, leader: str, seq: Sequence | None, slot: int | None) -> None:
         """Admit ``leader``'s parked siblings; with its prompt's KV saved for them first."""
-        items = self._parked.pop(leader, None)
+        items = self._parked.take(leader)
         if not items:
             return
         if seq is not None and slot is not None and self.prefix_cache.enabled:
@@ -280,13 +266,11 @@ class EngineCore:
             self._num_constrained += 1
 
     def _cancel(self, rid: str) -> None:
-        for items in list(self._parked.values()):
-            for item in items:
-                if item[1] == rid:
-                    items.remove(item)
-                    self._pending -= 1
-                    _call_sink(item[4], RequestOutput(rid, finish_reason="abort", prompt_tokens=len(item[2])))
-                    return
+        parked = self._parked.remove(rid)
+        if parked is not None:
+            self._pending -= 1
+            _call_sink(parked[4], RequestOutput(rid, finish_reason="abort", prompt_tokens=len(parked[2])))
+            return
         req = self._requests.pop(rid, None)
         if rid in self._parked:  # the leader went away before its prompt was computed
             self._release_parked(rid, None, None)
@@ -473,11 +457,9 @@ class EngineCore:
             if item[0] == "add":
                 self._pending -= 1
                 _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
-        for items in self._parked.values():
-            for item in items:
-                self._pending -= 1
-                _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
-        self._parked.clear()
+        for item in self._parked.drain():
+            self._pending -= 1
+            _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
         for rid, req in list(self._requests.items()):
             out = self._final(req, reason) if reason == "abort" else RequestOutput(
                 rid, finish_reason="error", error=error,

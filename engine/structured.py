@@ -231,6 +231,12 @@ class StructuredOutput:
                 param="response_format.json_schema.schema",
             ) from exc
 
+    def compile_params(self, params: Any) -> Any | None:
+        """The grammar of a request's ``SamplingParams``: its ``guided`` or ``response_format``."""
+        if params.guided is not None:
+            return self.compile_guided(params.guided)
+        return self.compile(params.response_format)
+
     def compile_guided(self, guided: Mapping[str, str]) -> Any:
         """The compiled grammar of vLLM's guided decoding beyond JSON: ``{"regex": pattern}``
         or ``{"grammar": EBNF}`` (xgrammar's GBNF dialect, root rule ``root``)."""
