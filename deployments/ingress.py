@@ -41,6 +41,7 @@ from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -314,8 +315,6 @@ def _answer_text(response: ChatCompletionResponse) -> str:
     model wrote (``protocol.ChatMessage.as_dict`` renders them the same way)."""
     message = response.choices[0].message
     if message.tool_calls:
-        from deployments.protocol import ChatMessage
-
         calls = [c.model_dump() for c in message.tool_calls]
         return ChatMessage.model_validate(
             {"role": "assistant", "content": message.content, "tool_calls": calls}
