@@ -392,6 +392,22 @@ def test_conversations_create_items_respond_delete(client):
         client.conversations.retrieve(conv.id)
 
 
+def test_stored_responses_feed_the_users_memory(client):
+    import httpx
+
+    from tests.integration.serve_harness import wait_until
+
+    client.responses.create(model=MODEL, input="My name is Ivo. I live in Quito.", user="ivo",
+                            max_output_tokens=4, temperature=0)
+    memories = httpx.Client(base_url=str(client.base_url), headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+
+    def kept() -> list[str]:
+        return [m["text"] for m in memories.get("memories", params={"user": "ivo"}).json()["data"]]
+
+    found = wait_until(lambda: [t for t in kept() if "Quito" in t], timeout_s=60, what="a memory of Quito")
+    assert found
+
+
 def test_a_response_survives_a_restart_of_the_application(serve_cluster, app, client):
     kept = client.responses.create(model=MODEL, input="Remember: blue.", max_output_tokens=6, temperature=0)
     app.delete()
