@@ -21,8 +21,14 @@ Tiny model, CPU, one torch thread, 32 requests in flight (the batch is full):
   at batch 32 (step time / 32): the share of a token's cost the pipeline adds. Per response, the
   ``finish`` cost (format, parse, validate, metrics) is spread over the response's tokens.
 
+- OpenAI's sampling fields (``benchmarks/sampling_costs.py``): ``n4_speedup``, tokens/s
+  of requests with ``n=4`` (siblings sharing the prompt's KV) against 4 separate requests
+  each (target >= 1.5), and ``logprobs_overhead``, engine step time with ``top_logprobs=5``
+  against none (target <= 0.10).
+
 ``python benchmarks/output_overhead.py --out F`` writes JSON with at least
-``pipeline_overhead``, ``constrained_overhead`` (fractions) and ``schema_valid_rate``.
+``pipeline_overhead``, ``constrained_overhead`` (fractions), ``schema_valid_rate``,
+``n4_speedup`` and ``logprobs_overhead``; ``--parts sampling`` runs only the last two.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.sampling_costs import TARGETS as SAMPLING_TARGETS  # noqa: E402
+from benchmarks.sampling_costs import bench_logprobs, bench_n4  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.output import OutputRequest, RawOutput, build_output_processor  # noqa: E402
@@ -318,6 +326,10 @@ def main() -> None:
         "--checkpoint", default=None, help="checkpoint dir (default: the embedded tiny one)"
     )
     ap.add_argument("--rounds", type=int, default=5, help="constrained/unconstrained round pairs")
+    ap.add_argument(
+        "--parts", choices=("all", "sampling"), default="all",
+        help="sampling: only n4_speedup and logprobs_overhead",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -343,6 +355,18 @@ def main() -> None:
             [1] + torch.randint(3, engine.tokenizer.vocab_size, (int(n),), generator=g).tolist()
             for n in torch.randint(16, 64, (BATCH,), generator=g)
         ]
+        log("n=4 against 4 separate requests, logprobs against none ...")
+        r.update(bench_n4(engine, max(3, args.rounds)))
+        r.update(bench_logprobs(engine, prompts, max(3, args.rounds)))
+        r["sampling_targets"] = SAMPLING_TARGETS
+        r["sampling_targets_met"] = {
+            "n4_speedup": r["n4_speedup"] >= SAMPLING_TARGETS["n4_speedup"],
+            "logprobs_overhead": r["logprobs_overhead"] <= SAMPLING_TARGETS["logprobs_overhead"],
+        }
+        if args.parts == "sampling":
+            print_sampling(r)
+            write(args.out, r)
+            return
         run_batch(
             engine,
             prompts[:4],
@@ -385,9 +409,28 @@ def main() -> None:
     r["targets_met"] = {k: r[k] < v for k, v in TARGETS.items()}
     r["schema_valid_rate_target_met"] = r["schema_valid_rate"] == 1.0
     print_table(r)
-    out = Path(args.out)
+    print_sampling(r)
+    write(args.out, r)
+
+
+def write(path: str, r: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2))
+
+
+def print_sampling(r: dict) -> None:
+    met = r["sampling_targets_met"]
+    print(
+        f"{'n4_speedup':30} {r['n4_speedup']:7.2f}x  (target >= 1.5, {'met' if met['n4_speedup'] else 'MISSED'}; "
+        f"wall clock {r['n4_speedup_wall_clock']:.2f}x; {r['n4_tokens_per_cpu_s']:.0f} vs "
+        f"{r['separate_tokens_per_cpu_s']:.0f} tokens per engine CPU-s)"
+    )
+    print(
+        f"{'logprobs_overhead':30} {r['logprobs_overhead']:7.2%}  (target <= 10%, "
+        f"{'met' if met['logprobs_overhead'] else 'MISSED'}; {r['step_ms_logprobs5']:.2f} vs "
+        f"{r['step_ms_no_logprobs']:.2f} ms/step)"
+    )
 
 
 def print_table(r: dict) -> None:

@@ -9,6 +9,7 @@ values of the wrong type are refused with the field named, as the OpenAI API doe
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -23,9 +24,23 @@ from pydantic import (
     model_validator,
 )
 
+from deployments.protocol_tools import (
+    MAX_TOP_LOGPROBS,
+    ChatToolFields,
+    ChoiceLogprobs,
+    CompletionLogprobs,
+    SamplingExtras,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallOut,
+)
+
 MAX_STOP_SEQUENCES = 4
 # More messages than any Llama 2 context holds (each costs at least a few template tokens).
 MAX_MESSAGES = 1024
+MAX_CHOICES = 8  # n
+# How a tool's result reads in the Llama 2 prompt (a user turn: Llama 2 has no tool role).
+TOOL_RESULT_FORMAT = "[result of tool call {id}{name}]\n{content}"
 
 
 def completion_id(prefix: str) -> str:
@@ -94,24 +109,65 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="developer is treated as system; a tool result becomes a user turn of "
+        "the Llama 2 prompt."
+    )
+    content: str | list[TextPart] | None = Field(
+        None, description="Text; None only for an assistant message with tool_calls."
+    )
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant: the calls it made.")
+    tool_call_id: str | None = Field(None, description="tool: the call this result answers.")
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content is missing: a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
     def as_dict(self) -> dict[str, str]:
+        """The message as a Llama 2 chat turn (role system, user or assistant)."""
+        if self.role == "developer":
+            return {"role": "system", "content": self.text()}
+        if self.role == "tool":
+            name = f" ({self.name})" if self.name else ""
+            content = TOOL_RESULT_FORMAT.format(id=self.tool_call_id, name=name, content=self.text())
+            return {"role": "user", "content": content}
+        if self.tool_calls:
+            calls = [
+                {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}
+                for c in self.tool_calls
+            ]
+            rendered = json.dumps(calls[0] if len(calls) == 1 else calls)
+            text = self.text()
+            return {"role": "assistant", "content": f"{text}\n{rendered}" if text else rendered}
         return {"role": self.role, "content": self.text()}
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingFields(_Request):
+class SamplingFields(SamplingExtras, _Request):
     """Fields common to chat and text completions."""
 
     model: str = Field(description="A name from GET /v1/models.")
@@ -134,7 +190,13 @@ class SamplingFields(_Request):
         | None
     ) = Field(None, description=f"Up to {MAX_STOP_SEQUENCES} stop strings.")
     seed: JsonInt | None = None
-    n: JsonInt = Field(1, description="Only 1 is supported.", json_schema_extra={"minimum": 1, "maximum": 1})
+    n: JsonInt = Field(
+        1,
+        description=f"Choices to sample (1 to {MAX_CHOICES}); they share the prompt's KV.",
+        json_schema_extra={"minimum": 1, "maximum": MAX_CHOICES},
+    )
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
@@ -151,15 +213,6 @@ class SamplingFields(_Request):
         "output.formats.templates (a stream then sends the answer at its end).",
     )
 
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError(
-                f"n={value} is not supported; M-AI returns one choice per request (n=1)"
-            )
-        return value
-
     @field_validator("stop")
     @classmethod
     def _check_stop(cls, value: str | list[str] | None) -> list[str] | None:
@@ -174,6 +227,15 @@ class SamplingFields(_Request):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    @field_validator("n")
+    @classmethod
+    def _check_n(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"n={value} must be greater than or equal to 1")
+        if value > MAX_CHOICES:
+            raise ValueError(f"n={value} must be less than or equal to {MAX_CHOICES}")
+        return value
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
@@ -185,7 +247,7 @@ class SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(ChatToolFields, SamplingFields):
     messages: list[ChatMessage] = Field(
         min_length=1,
         max_length=MAX_MESSAGES,
@@ -197,7 +259,6 @@ class ChatCompletionRequest(SamplingFields):
         max_length=128,
         description="Extension: continue this server-side session (POST /v1/sessions).",
     )
-
     @model_validator(mode="after")
     def _merge_max_tokens(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None:
@@ -207,6 +268,7 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
 
+
 class CompletionRequest(SamplingFields):
     prompt: (
         Annotated[str, Field(min_length=1)]
@@ -214,6 +276,28 @@ class CompletionRequest(SamplingFields):
         # one text: maxItems in the spec, the validator's message for more
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, json_schema_extra={"maxItems": 1})]
     ) = Field(description="Text, token ids, or a list of one text (never empty).")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="Log probabilities of the output tokens and "
+        "of this many most likely alternatives."
+    )
+    echo: bool | None = Field(None, description="Return the prompt before the completion.")
+    best_of: int | None = Field(
+        None, ge=1, le=MAX_CHOICES, description="Only equal to n (the choices are not ranked)."
+    )
+    suffix: str | None = Field(None, description="Refused: Llama 2 has no insert mode.")
+
+    @model_validator(mode="after")
+    def _check_completion_fields(self) -> CompletionRequest:
+        if self.suffix is not None:
+            raise ValueError("suffix is not supported: Llama 2 has no insert (fill-in-the-middle) mode; leave it out")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(
+                f"best_of={self.best_of} is not supported: the server does not rank candidates; "
+                f"send best_of equal to n ({self.n}) or leave it out"
+            )
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (no prompt logprobs); send one of them")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -306,7 +390,8 @@ class Usage(_Response):
 
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class OutputFinding(_Response):
@@ -344,7 +429,7 @@ class ChatChoice(_Response):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -361,13 +446,14 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(_Response):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Response):
@@ -384,7 +470,7 @@ class CompletionChoice(_Response):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(_Response):

@@ -24,13 +24,15 @@ import torch
 from cluster.config import ModelConfig
 from cluster.errors import CapacityError, EngineDeadError, InvalidRequestError, MAIError
 from cluster.logging_setup import get_logger
+from engine.decoding.logits_processing import token_logprobs
 from engine.decoding.sampling import Sampler, make_generator
 from engine.decoding.stop import StopStringMatcher
 from engine.rank.step_messages import StepPlan
 from engine.rank.worker import HEARTBEAT_S, TPWorker
 from engine.scheduler import Scheduler, Sequence
+from engine.siblings import ParkedSiblings
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.types import EngineStats, RequestOutput, SamplingParams
+from engine.types import EngineStats, RequestOutput, SamplingParams, TokenLogprob
 
 log = get_logger("engine.core")
 
@@ -49,6 +51,7 @@ class _Request:
     first_token_time: float | None = None
     stopped_by_string: bool = False
     grammar: Any = None  # engine.structured.GrammarState of a constrained request
+    logprob: TokenLogprob | None = None  # of the token sampled in this step (logprobs asked)
 
 
 class EngineCore:
@@ -68,10 +71,12 @@ class EngineCore:
             enable_prefix_caching=config.enable_prefix_caching,
             watermark=config.kv_watermark,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(eos_token_id=tokenizer.eos_token_id)
         # The streaming detokenizer's table of plain pieces: built here, not in the first step.
         getattr(tokenizer, "plain_piece_texts", None)
         self._requests: dict[str, _Request] = {}
+        # Siblings of a request (n > 1) parked until its prompt is prefilled (engine/siblings.py)
+        self._parked = ParkedSiblings()
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -93,9 +98,16 @@ class EngineCore:
     # -- called from any thread -------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        share_prompt_of: str | None = None,
     ) -> None:
-        """Queue a request; raises at once when it can never run or the queue is full."""
+        """Queue a request; raises at once when it can never run or the queue is full.
+        ``share_prompt_of``: the first of ``n`` samples of this prompt, added just before; this
+        one copies that prompt's KV once it is computed (``engine/siblings.py``)."""
         if self._dead:
             raise EngineDeadError(f"the engine stopped: {self._dead}")
         if not prompt_ids:
@@ -115,9 +127,11 @@ class EngineCore:
                 f"retry shortly",
                 retry_after=1.0,
             )
-        grammar = self.structured_output().compile(params.response_format) if params.constrained else None
+        grammar = self.structured_output().compile_params(params) if params.constrained else None
         self._pending += 1
-        self._inbox.append(("add", request_id, prompt_ids, params, sink, time.monotonic(), grammar))
+        self._inbox.append(
+            ("add", request_id, prompt_ids, params, sink, time.monotonic(), grammar, share_prompt_of)
+        )
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -197,14 +211,37 @@ class EngineCore:
         while inbox:
             item = inbox.popleft()
             if item[0] == "add":
-                _, rid, prompt_ids, params, sink, arrival, grammar = item
-                self._pending -= 1
-                self._admit(rid, prompt_ids, params, sink, arrival, grammar)
+                leader = item[7]
+                if leader is not None and self._prefilling(leader, item[2]):
+                    self._parked.park(leader, item)
+                    continue
+                self._admit_item(item)
             else:
                 self._cancel(item[1])
 
+    def _admit_item(self, item: tuple) -> None:
+        _, rid, prompt_ids, params, sink, arrival, grammar, _leader = item
+        self._pending -= 1
+        self._admit(rid, prompt_ids, params, sink, arrival, grammar)
+
+    def _prefilling(self, leader: str, prompt_ids: list[int]) -> bool:
+        """Whether ``leader`` runs and still computes the same prompt (siblings wait for it)."""
+        req = self._requests.get(leader)
+        seq = req.seq if req is not None else None
+        return (
+            self.scheduler.pool.enable_caching and seq is not None and seq.is_prefilling
+            and seq.prompt_token_ids == prompt_ids
+        )
+
+    def _release_parked(self, leader: str) -> None:
+        """Admit ``leader``'s parked siblings: its prompt's full blocks are in the prefix cache
+        now (the scheduler registered them), so their admission shares those blocks."""
+        for item in self._parked.take(leader):
+            self._admit_item(item)
+
     def _admit(self, rid, prompt_ids, params, sink, arrival, grammar=None) -> None:
         seq = Sequence(request_id=rid, prompt_token_ids=list(prompt_ids), max_tokens=params.max_tokens)
+        skip = params.skip_special_tokens
         try:
             self.scheduler.add(seq)
         except MAIError as exc:
@@ -214,7 +251,7 @@ class EngineCore:
             seq=seq,
             params=params,
             sink=sink,
-            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=skip),
             stop=StopStringMatcher(params.stop) if params.stop else None,
             generator=make_generator(params.seed) if params.seed is not None else None,
             arrival=arrival,
@@ -224,7 +261,14 @@ class EngineCore:
             self._num_constrained += 1
 
     def _cancel(self, rid: str) -> None:
+        parked = self._parked.remove(rid)
+        if parked is not None:
+            self._pending -= 1
+            _call_sink(parked[4], RequestOutput(rid, finish_reason="abort", prompt_tokens=len(parked[2])))
+            return
         req = self._requests.pop(rid, None)
+        if rid in self._parked:  # the leader went away before its prompt was computed
+            self._release_parked(rid)
         self.scheduler.abort(rid)
         if req is not None:
             self._forget_grammar(req)
@@ -261,6 +305,8 @@ class EngineCore:
         params = [r.params for r in reqs]
         needs_history = any(p.repetition_penalty != 1.0 for p in params)
         selected = logits if len(rows) == logits.shape[0] else logits[rows]
+        logprob_rows = [j for j, p in enumerate(params) if p.logprobs is not None]
+        raw = selected[logprob_rows].float() if logprob_rows else None  # before any mask
         grammars = [r.grammar for r in reqs] if self._num_constrained else None
         if grammars is not None:
             self._structured.apply_masks(selected, grammars)  # in place, grammar rows only
@@ -269,11 +315,22 @@ class EngineCore:
             params,
             [r.generator for r in reqs],
             [s.all_token_ids for s in seqs] if needs_history else None,
+            [s.output_token_ids for s in seqs] if any(p.processes_logits for p in params) else None,
         ).tolist()
+        if raw is not None:
+            found = token_logprobs(
+                raw, [tokens[j] for j in logprob_rows], [params[j].logprobs for j in logprob_rows]
+            )
+            for j, lp in zip(logprob_rows, found):
+                reqs[j].logprob = lp
         if grammars is not None:
             self._structured.accept(grammars, tokens)
         self.scheduler.update(out, {s.request_id: t for s, t in zip(seqs, tokens)})
         self._generated += len(tokens)
+        if self._parked:  # siblings of sequences whose prompt this step completed
+            for s in seqs:
+                if s.request_id in self._parked and len(s.output_token_ids) <= 1:
+                    self._release_parked(s.request_id)
         self._emit(reqs, tokens)
 
     def _emit(self, reqs: list[_Request], tokens: list[int]) -> None:
@@ -305,6 +362,11 @@ class EngineCore:
                     if hit:
                         finish = "stop"
                         req.stopped_by_string = True
+                        if p.include_stop_str_in_output:
+                            text += req.stop.matched or ""
+            logprobs = [req.logprob] if req.logprob is not None and not drop_token else None
+            if p.logprobs is not None and logprobs is None:
+                logprobs = []
             if finish is None and (seq.is_finished or len(seq.output_token_ids) >= p.max_tokens):
                 finish = "length"
             if finish is None and seq.num_tokens >= self.config.context_length:
@@ -320,6 +382,7 @@ class EngineCore:
                     completion_tokens=len(seq.output_token_ids),
                     arrival_time=req.arrival,
                     first_token_time=req.first_token_time,
+                    logprobs=logprobs,
                 )
             else:
                 if not seq.is_finished:
@@ -327,6 +390,7 @@ class EngineCore:
                 self._requests.pop(seq.request_id, None)
                 self._forget_grammar(req)
                 out = self._final(req, finish, token_ids=[] if drop_token else [token], text=text)
+                out.logprobs = logprobs
                 if finish == "error":
                     out.error = f"the grammar of response_format refused token {token}"
             _deliver_later(deliveries, req.sink, out)
@@ -357,6 +421,9 @@ class EngineCore:
             if item[0] == "add":
                 self._pending -= 1
                 _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
+        for item in self._parked.drain():
+            self._pending -= 1
+            _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
         for rid, req in list(self._requests.items()):
             out = self._final(req, reason) if reason == "abort" else RequestOutput(
                 rid, finish_reason="error", error=error,

@@ -148,12 +148,19 @@ class LLMEngine:
         return list(prompt)
 
     def submit(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        share_prompt_of: str | None = None,
     ) -> _SyncStream:
-        """Start a request; iterate the returned stream for its deltas."""
+        """Start a request; iterate the returned stream for its deltas. ``share_prompt_of``:
+        the id of a request with the same prompt whose KV this one copies (n > 1)."""
         rid = request_id or new_request_id()
         stream = _SyncStream(self, rid)
-        self.core.add_request(rid, self.encode_prompt(prompt), params or self.default_params(), stream)
+        self.core.add_request(
+            rid, self.encode_prompt(prompt), params or self.default_params(), stream, share_prompt_of
+        )
         return stream
 
     def generate_text(self, prompt: str | list[int], params: SamplingParams | None = None) -> RequestOutput:
@@ -161,12 +168,19 @@ class LLMEngine:
         return self.submit(prompt, params).result()
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        share_prompt_of: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's deltas; closing the iterator early cancels the request."""
+        """Stream a request's deltas; closing the iterator early cancels the request.
+        ``share_prompt_of``: a sibling of that request (n > 1; see ``EngineCore.add_request``)."""
         rid = request_id or new_request_id()
         sink = _AsyncSink(asyncio.get_running_loop())
-        self.core.add_request(rid, self.encode_prompt(prompt), params or self.default_params(), sink)
+        self.core.add_request(
+            rid, self.encode_prompt(prompt), params or self.default_params(), sink, share_prompt_of
+        )
         finished = False
         try:
             while True:

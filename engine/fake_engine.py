@@ -144,8 +144,10 @@ class FakeEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        share_prompt_of: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the reply's deltas; closing the iterator early cancels the request."""
+        """Stream the reply's deltas; closing the iterator early cancels the request
+        (``share_prompt_of`` is accepted for the real engine's interface; nothing is shared)."""
         params = params or SamplingParams()
         rid = request_id or new_request_id()
         prompt_ids = (

@@ -37,6 +37,22 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # OpenAI's penalties on the output so far (-2..2): presence subtracts once per seen token,
+    # frequency once per occurrence. logit_bias: (token id, bias) pairs added to the logits.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's extras: min_p keeps tokens with at least min_p x the top probability; before
+    # min_tokens outputs, eos and stop_token_ids cannot be sampled.
+    min_p: float = 0.0
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # None: no log probabilities; k >= 0: the sampled token's and the k most likely ones'
+    # (the model's log-softmax, before penalties, masks and temperature).
+    logprobs: int | None = None
+    # vLLM's guided decoding beyond JSON: {"regex": pattern} or {"grammar": EBNF}.
+    guided: dict[str, str] | None = field(default=None, hash=False)
     # OpenAI's response_format ({"type": "json_object"} or {"type": "json_schema", ...}):
     # constrained decoding (engine/decoding/structured.py). Not hashed: it holds a dict.
     response_format: dict[str, Any] | None = field(default=None, hash=False)
@@ -53,6 +69,24 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables it)")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [-2, 2]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens={self.min_tokens} must be >= 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs={self.logprobs} must be None or in [0, 20]")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if self.guided is not None and (
+            not isinstance(self.guided, dict) or set(self.guided) - {"regex", "grammar"}
+            or len(self.guided) != 1
+        ):
+            raise ValueError(f"guided={self.guided!r} must be {{'regex': ...}} or {{'grammar': ...}}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
@@ -71,12 +105,32 @@ class SamplingParams:
 
     @property
     def constrained(self) -> bool:
-        """Whether decoding follows a grammar (a JSON response_format)."""
+        """Whether decoding follows a grammar (a JSON response_format, or ``guided``)."""
+        if self.guided is not None:
+            return True
         return self.response_format is not None and self.response_format.get("type") != "text"
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether logits change before sampling beyond temperature/top-k/top-p."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_p
+            or self.min_tokens
+        )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log probability and the ``top`` most likely alternatives
+    (``(token_id, logprob)``, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -97,10 +151,19 @@ class RequestOutput:
     # Seconds since the request arrived at the engine, for time-to-first-token accounting.
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    # One entry per token of ``token_ids`` when the request asked for logprobs.
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def joined_logprobs(outputs: list[RequestOutput]) -> list[TokenLogprob] | None:
+    """The logprobs of consecutive deltas, concatenated (None when none carries any)."""
+    if all(o.logprobs is None for o in outputs):
+        return None
+    return [lp for o in outputs for lp in (o.logprobs or ())]
 
 
 def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
@@ -119,7 +182,9 @@ def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
         error=last.error,
         arrival_time=first.arrival_time,
         first_token_time=next((o.first_token_time for o in outputs if o.first_token_time), None),
+        logprobs=joined_logprobs(outputs),
     )
+
 
 def output_failure(out: RequestOutput) -> MAIError | None:
     """The error a final output that ended in failure rather than in text stands for."""

@@ -134,16 +134,19 @@ class ShardActor:
         params: SamplingParams,
         request_id: str,
         pacing: StreamPacing | None = None,
+        share_prompt_of: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's deltas, coalesced per ``pacing`` (None: one output at the end).
+        ``share_prompt_of``: the first of ``n`` samples of the same prompt (its KV is shared).
 
         Cancelling this call (``ray.cancel`` or the caller going away) cancels the request.
         """
         engine = self._engine()
         interval = None if pacing is None else (lambda: pacing.interval_s(self._active_streams))
         self._active_streams += 1
+        extra = {"share_prompt_of": share_prompt_of} if share_prompt_of else {}
         try:
-            async for out in coalesce(engine.generate(prompt, params, request_id), interval):
+            async for out in coalesce(engine.generate(prompt, params, request_id, **extra), interval):
                 yield out
         finally:
             self._active_streams -= 1

@@ -27,6 +27,7 @@ def create_http_app(ingress: Any) -> FastAPI:
     from deployments.http.routes import admin as routes_admin
     from deployments.http.routes import memories as routes_memories
     from deployments.http.routes import openai as routes_openai
+    from deployments.http.routes import responses as routes_responses
     from deployments.http.routes import sessions as routes_sessions
 
     app = FastAPI(
@@ -74,6 +75,7 @@ def create_http_app(ingress: Any) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_any_error)
     app.include_router(routes_openai.router)
+    app.include_router(routes_responses.router)
     app.include_router(routes_sessions.router)
     app.include_router(routes_memories.router)
     app.include_router(routes_admin.router)

@@ -33,16 +33,19 @@ from cluster.errors import EngineDeadError, ModelNotFoundError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error, brief
 from deployments.ingress.auth import DEFAULT_TENANT, ApiKeyAuth
+from deployments.ingress.embeddings import EmbeddingService
 from deployments.ingress.memory import IngressMemory, SessionContext
 from deployments.ingress.memory_client import MemoryClient
 from deployments.ingress.observability import IngressObservability
 from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor, with_usage
 from deployments.ingress.sessions import SessionClient
+from deployments.ingress.tool_calls import ToolCallCollector
 from deployments.live_config_status import read_refusal
 from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     CompletionRequest,
     CompletionResponse,
     MemoryCreateRequest,
@@ -56,6 +59,8 @@ from deployments.protocol import (
     SessionList,
     parse_request,
 )
+from deployments.protocol_responses import EmbeddingRequest
+from deployments.responses.api import IngressResponses
 from deployments.serve_logging import quiet_client_errors
 
 log = get_logger("deployments.ingress.deployment")
@@ -72,9 +77,9 @@ def _parse(model: type, value: Any) -> Any:
         raise as_mai_error(exc) from None
 
 
-class Ingress:
-    """Routes requests to the models, keeps sessions and their memory (see the module docstring
-    and ``deployments.ingress.memory``)."""
+class Ingress(IngressResponses):
+    """Routes requests to the models, keeps sessions and their memory (see the module docstring,
+    ``deployments.ingress.memory`` and ``deployments.responses.api``)."""
 
     def __init__(
         self,
@@ -94,6 +99,8 @@ class Ingress:
         self.serving = serving
         self.auth = ApiKeyAuth(serving)
         self.sessions = SessionClient(serving.session_store_shards)
+        # POST /v1/embeddings: the memory's embedder under its own model name.
+        self.embedder = EmbeddingService(memory)
         self._status_cache: tuple[float, Any] | None = None
         # Loads the output plugins: a broken one fails the start here, not each request.
         self.output = ResponseProcessor(output)
@@ -116,16 +123,20 @@ class Ingress:
     # -- completions --------------------------------------------------------------------------
 
     async def chat(
-        self, request: ChatCompletionRequest | dict, tenant: str = DEFAULT_TENANT
+        self,
+        request: ChatCompletionRequest | dict,
+        tenant: str = DEFAULT_TENANT,
+        context: SessionContext | None = None,
     ) -> ChatCompletionResponse:
-        """A whole chat completion (``request.stream`` is ignored; see ``chat_stream``)."""
+        """A whole chat completion (``request.stream`` is ignored; see ``chat_stream``).
+        ``context``: the session context when the caller built it (the Responses API)."""
         request = _parse(ChatCompletionRequest, request)
         handle = self._model(request.model)
         cached = self.observe.cached(request, tenant)
         if cached is not None:
             return cached
-        output = self.output.open(request, tenant)
-        context = await self.memory.session_context(request, tenant)
+        output = self.output.open_choices(request, tenant)
+        context = context or await self.memory.session_context(request, tenant)
         try:
             response = await handle.chat.remote(
                 context.request, context.history_len, self.observe.trace(),
@@ -137,25 +148,30 @@ class Ingress:
             response = self.output.chat_response(response, output)
         self.observe.remember(request, tenant, response)
         if request.session_id:
-            await self._store_turn(request, tenant, response.choices[0].message.content, context)
+            await self._store_turn(request, tenant, _answer_text(response), context)
             response.session_id = request.session_id
         return response
 
     async def chat_stream(
-        self, request: ChatCompletionRequest | dict, tenant: str = DEFAULT_TENANT
+        self,
+        request: ChatCompletionRequest | dict,
+        tenant: str = DEFAULT_TENANT,
+        context: SessionContext | None = None,
     ) -> AsyncIterator[ChatCompletionChunk]:
         """A chat completion as chunks; stopping the iteration cancels the generation."""
         request = _parse(ChatCompletionRequest, request)
         self._model(request.model)
-        output = self.output.open(request, tenant)
-        context = await self.memory.session_context(request, tenant)
+        output = self.output.open_choices(request, tenant)
+        context = context or await self.memory.session_context(request, tenant)
         full = with_usage(context.request) if output is not None else context.request
         stream = self._streaming[request.model].chat_stream.remote(
             full, context.history_len, self.observe.trace(), context.recall, context.system_prompt
         )
         chunks = ProcessedStream(stream, output, request.include_usage)
+        calls = ToolCallCollector()
         try:
             async for chunk in chunks:
+                calls.add(chunk)
                 yield chunk
         except Exception as exc:
             raise self._failed(exc, request.model) from None
@@ -163,8 +179,9 @@ class Ingress:
             await chunks.aclose()
             if not chunks.upstream_finished:  # the client left, or the pipeline ended it
                 stream.cancel()
+        context.answer = calls.text
         if request.session_id and chunks.complete:
-            await self._store_turn(request, tenant, chunks.text, context)
+            await self._store_turn(request, tenant, chunks.text or context.answer, context)
 
     async def complete(
         self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
@@ -174,7 +191,7 @@ class Ingress:
         cached = self.observe.cached(request, tenant)
         if cached is not None:
             return cached
-        output = self.output.open(request, tenant)
+        output = self.output.open_choices(request, tenant)
         try:
             response = await handle.complete.remote(request, self.observe.trace())
         except Exception as exc:
@@ -189,7 +206,7 @@ class Ingress:
     ) -> AsyncIterator[CompletionResponse]:
         request = _parse(CompletionRequest, request)
         self._model(request.model)
-        output = self.output.open(request, tenant)
+        output = self.output.open_choices(request, tenant)
         upstream = with_usage(request) if output is not None else request
         stream = self._streaming[request.model].complete_stream.remote(upstream, self.observe.trace())
         chunks = ProcessedStream(stream, output, request.include_usage)
@@ -267,7 +284,12 @@ class Ingress:
     # -- models and health --------------------------------------------------------------------
 
     def list_models(self) -> ModelList:
-        return ModelList(data=self.cards)
+        """The chat models, then the embedding model (``POST /v1/embeddings``)."""
+        return ModelList(data=self.cards + [ModelCard.model_validate(self.embedder.card())])
+
+    async def embed(self, request: EmbeddingRequest | dict, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        """Embeddings of ``request.input`` (``POST /v1/embeddings``)."""
+        return await self.embedder.embed(_parse(EmbeddingRequest, request))
 
     async def health(self) -> dict[str, Any]:
         """Serve's view of each model: ``EngineDeadError`` (503) unless every model has a
@@ -363,15 +385,20 @@ class Ingress:
     async def _store_turn(
         self, request: ChatCompletionRequest, tenant: str, answer: str, context: SessionContext
     ) -> None:
-        turn = [m.as_dict() for m in request.messages if m.role != "system"]
+        turn = [m.as_dict() for m in request.messages if m.role not in ("system", "developer")]
         turn.append({"role": "assistant", "content": answer})
         with self.observe.session_op("append"):
             count = await self.sessions.append(
                 request.session_id, tenant, turn, request_id=uuid.uuid4().hex
             )
+        context.stored_count = count
         # memory keeps who said what: a message's OpenAI `name` is its speaker
-        named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in request.messages if m.role != "system"]
+        named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in request.messages if m.role not in ("system", "developer")]
         self.memory.remember_turn(context, tenant, request.session_id, count, [*named, turn[-1]])
+
+    async def session_context(self, request: ChatCompletionRequest, tenant: str) -> SessionContext:
+        """The session's context for ``request`` (``deployments.ingress.memory``)."""
+        return await self.memory.session_context(request, tenant)
 
 
 def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -386,6 +413,18 @@ def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any
         except Exception:  # the board is an aid: Serve's status still answers
             log.warning("health board unreadable", exc_info=True)
     return found
+
+
+def _answer_text(response: ChatCompletionResponse) -> str:
+    """What a session keeps of the first choice: its text, or its tool calls as the JSON the
+    model wrote (``protocol.ChatMessage.as_dict`` renders them the same way)."""
+    message = response.choices[0].message
+    if message.tool_calls:
+        calls = [c.model_dump() for c in message.tool_calls]
+        return ChatMessage.model_validate(
+            {"role": "assistant", "content": message.content, "tool_calls": calls}
+        ).as_dict()["content"]
+    return message.content or ""
 
 
 __all__ = ["Ingress"]

@@ -41,6 +41,8 @@ class SessionContext:
     user: str | None = None  # whose memory (memory on)
     recall: Any = None  # a MemoryRecall: the LLMServer assembles the prompt from it
     system_prompt: str | None = None
+    stored_count: int | None = None  # the session's message count once the turn is stored
+    answer: str = ""  # a streamed answer's text when it is not content (tool calls)
 
 
 def _last_user_text(request: ChatCompletionRequest) -> str | None:

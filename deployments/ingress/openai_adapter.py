@@ -9,29 +9,29 @@ the ingress, on these responses: ``deployments/ingress/output_processing.py``.)
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from cluster.config import ModelConfig
 from cluster.errors import InvalidRequestError
+from deployments.ingress.openai_outputs import (
+    ChatChunks,
+    CompletionChunks,
+    TokenTexts,
+    chat_response,
+    check_output,
+    completion_response,
+)
+from deployments.ingress.tool_calls import llama_messages, tool_response_format
 from deployments.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChoice,
     CompletionRequest,
-    CompletionResponse,
-    DeltaMessage,
     SamplingFields,
-    Usage,
-    completion_id,
-    now,
 )
 from engine.decoding.structured import parse_response_format
-from engine.types import RequestOutput, SamplingParams, output_failure
+from engine.types import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,12 @@ def chat_prompt(
 ) -> Prompt:
     """Apply the chat template; drop the oldest of the first ``history_len`` (session) turns
     while the prompt and the requested output would not fit in the context."""
-    messages = [m.as_dict() for m in request.messages]
+    plain = not request.tools and all(
+        (m.role in ("user", "assistant") or (m.role == "system" and i == 0)) and not m.tool_calls
+        for i, m in enumerate(request.messages)
+    )
+    messages = [m.as_dict() for m in request.messages] if plain else llama_messages(request)
+    history_len = min(history_len, len(messages))
     want = request.max_tokens or min(config.max_tokens, config.context_length // 2)
     dropped = 0
     while True:
@@ -105,6 +110,11 @@ def sampling_params(
 
     # A bad shape is a 400 here; a schema that cannot be compiled, one from the engine's submit.
     parse_response_format(request.response_format)
+    response_format, guided = structured_request(request)
+    if isinstance(request, ChatCompletionRequest):
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        logprobs = request.logprobs
     return SamplingParams(
         max_tokens=request.max_tokens or min(config.max_tokens, room),
         temperature=pick(request.temperature, config.temperature),
@@ -113,114 +123,86 @@ def sampling_params(
         repetition_penalty=pick(request.repetition_penalty, config.repetition_penalty),
         seed=pick(request.seed, config.seed),
         stop=tuple(request.stop or ()),
-        response_format=request.response_format,
+        response_format=response_format,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=tuple((int(k), v) for k, v in (request.logit_bias or {}).items()),
+        min_p=request.min_p or 0.0,
+        min_tokens=request.min_tokens or 0,
+        ignore_eos=bool(request.ignore_eos),
+        skip_special_tokens=pick(request.skip_special_tokens, True),
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+        include_stop_str_in_output=bool(request.include_stop_str_in_output),
+        logprobs=logprobs,
+        guided=guided,
     )
 
 
-def check_output(out: RequestOutput) -> None:
-    """Raise for an output that ended in failure rather than in text."""
-    failure = output_failure(out)
-    if failure is not None:
-        raise failure
-
-
-def completion_tokens(out: RequestOutput, streamed_ids: int) -> int:
-    return out.completion_tokens or streamed_ids
-
-
-class ChatChunks:
-    """Builds the chunks of one streamed chat completion."""
-
-    def __init__(self, model: str, prompt_tokens: int, include_usage: bool) -> None:
-        self.id = completion_id("chatcmpl")
-        self.created = now()
-        self.model = model
-        self.prompt_tokens = prompt_tokens
-        self.include_usage = include_usage
-        self.sent_role = False
-        self.token_ids = 0
-
-    def chunk(self, out: RequestOutput) -> ChatCompletionChunk | None:
-        """The chunk for ``out`` (None when it carries nothing a client would see)."""
-        check_output(out)
-        self.token_ids += len(out.token_ids)
-        if not out.text and out.finish_reason is None and self.sent_role:
-            return None
-        delta = DeltaMessage(role=None if self.sent_role else "assistant", content=out.text)
-        self.sent_role = True
-        return ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=out.finish_reason)],
+def structured_request(request: SamplingFields) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+    """``(response_format, guided)`` for the engine from the one field that constrains the
+    output: ``response_format``, a tool call (``tool_choice`` required or named), or vLLM's
+    ``structured_outputs`` / ``guided_json`` / ``guided_choice`` / ``guided_regex`` /
+    ``guided_grammar``. Two of them at once is a 400 naming both."""
+    found: list[tuple[str, dict[str, Any] | None, dict[str, str] | None]] = []
+    fmt = parse_response_format(request.response_format)
+    if fmt is not None and fmt.constrained:
+        found.append(("response_format", request.response_format, None))
+    if isinstance(request, ChatCompletionRequest):
+        tool = tool_response_format(request)
+        if tool is not None:
+            found.append((f"tool_choice={request.tool_choice if isinstance(request.tool_choice, str) else 'named'}", tool, None))
+    so = request.structured_outputs
+    guided_fields = {
+        "guided_json": request.guided_json,
+        "guided_choice": request.guided_choice,
+        "guided_regex": request.guided_regex,
+        "guided_grammar": request.guided_grammar,
+    }
+    if so is not None:
+        set_fields = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(so, k) not in (None, False)]
+        if len(set_fields) != 1:
+            raise InvalidRequestError(
+                "structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                f"got {[f.rstrip('_') for f in set_fields] or 'none'}",
+                param="structured_outputs",
+            )
+        guided_fields["guided_" + set_fields[0].rstrip("_")] = getattr(so, set_fields[0])
+    for name, value in guided_fields.items():
+        if value is None or value is False:
+            continue
+        field = f"structured_outputs.{name[7:]}" if so is not None else name
+        if name == "guided_json":
+            schema = _json_schema(value, field)
+            found.append((field, {"type": "json_schema", "json_schema": {"name": "guided", "schema": schema}}, None))
+        elif name == "guided_json_object":
+            found.append((field, {"type": "json_object"}, None))
+        elif name == "guided_choice":
+            if not value or any(not isinstance(c, str) or not c for c in value):
+                raise InvalidRequestError(f"{field} must be a list of non-empty strings", param=field)
+            found.append((field, None, {"regex": "(" + "|".join(re.escape(c) for c in value) + ")"}))
+        elif name == "guided_regex":
+            found.append((field, None, {"regex": value}))
+        else:
+            found.append((field, None, {"grammar": value}))
+    if len(found) > 1:
+        raise InvalidRequestError(
+            f"{found[0][0]} and {found[1][0]} both constrain the output; send only one of them",
+            param=found[1][0].split("=")[0],
         )
-
-    def usage_chunk(self, last: RequestOutput) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[],
-            usage=Usage.of(self.prompt_tokens, completion_tokens(last, self.token_ids)),
-        )
+    if not found:
+        return request.response_format, None
+    return found[0][1], found[0][2]
 
 
-class CompletionChunks:
-    """Builds the chunks of one streamed text completion."""
-
-    def __init__(self, model: str, prompt_tokens: int, include_usage: bool) -> None:
-        self.id = completion_id("cmpl")
-        self.created = now()
-        self.model = model
-        self.prompt_tokens = prompt_tokens
-        self.include_usage = include_usage
-        self.token_ids = 0
-
-    def chunk(self, out: RequestOutput) -> CompletionResponse | None:
-        check_output(out)
-        self.token_ids += len(out.token_ids)
-        if not out.text and out.finish_reason is None:
-            return None
-        return CompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)],
-        )
-
-    def usage_chunk(self, last: RequestOutput) -> CompletionResponse:
-        return CompletionResponse(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=[],
-            usage=Usage.of(self.prompt_tokens, completion_tokens(last, self.token_ids)),
-        )
-
-
-def chat_response(out: RequestOutput, model: str, prompt_tokens: int) -> ChatCompletionResponse:
-    """The whole answer from the request's merged output."""
-    check_output(out)
-    return ChatCompletionResponse(
-        id=completion_id("chatcmpl"),
-        created=now(),
-        model=model,
-        choices=[
-            ChatChoice(message=AssistantMessage(content=out.text), finish_reason=out.finish_reason)
-        ],
-        usage=Usage.of(prompt_tokens, completion_tokens(out, len(out.token_ids))),
-    )
-
-
-def completion_response(out: RequestOutput, model: str, prompt_tokens: int) -> CompletionResponse:
-    check_output(out)
-    return CompletionResponse(
-        id=completion_id("cmpl"),
-        created=now(),
-        model=model,
-        choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)],
-        usage=Usage.of(prompt_tokens, completion_tokens(out, len(out.token_ids))),
-    )
+def _json_schema(value: Any, field: str) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise InvalidRequestError(f"{field} is not valid JSON ({exc})", param=field) from None
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{field} must be a JSON schema object", param=field)
+    return value
 
 
 __all__ = [
@@ -231,6 +213,8 @@ __all__ = [
     "check_output",
     "ChatChunks",
     "CompletionChunks",
+    "TokenTexts",
+    "structured_request",
     "chat_response",
     "completion_response",
 ]

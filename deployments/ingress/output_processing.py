@@ -100,7 +100,8 @@ class ResponseProcessor:
             tenant=tenant,
             response_format=request.response_format,
             max_tokens=request.max_tokens,
-            stop=tuple(request.stop or ()),
+            # the engine has cut at the stop string; kept, it must not be cut again here
+            stop=() if request.include_stop_str_in_output else tuple(request.stop or ()),
             template=request.output_template,
         )
         try:
@@ -112,35 +113,52 @@ class ResponseProcessor:
                 f"output_template: {exc.message}", param="output_template"
             ) from None
 
+    def open_choices(self, request: SamplingFields, tenant: str) -> list[OutputStream] | None:
+        """One pipeline stream per choice (``n``), or None when processing is off."""
+        first = self.open(request, tenant)
+        if first is None:
+            return None
+        return [first] + [self.open(request, tenant) for _ in range(1, request.n)]
+
     def chat_response(
-        self, response: ChatCompletionResponse, output: OutputStream | None
+        self, response: ChatCompletionResponse, output: OutputStream | list[OutputStream] | None
     ) -> ChatCompletionResponse:
+        """Each choice through its own stream; tool calls pass as they are (the report is the
+        first text choice's)."""
         if output is None:
             return response
-        choice = response.choices[0]
-        result = self._whole(
-            output, choice.message.content, choice.finish_reason, response.usage.completion_tokens
-        )
-        processed = choice.model_copy(
-            update={
+        outputs = output if isinstance(output, list) else [output]
+        single = len(response.choices) == 1
+        choices, report = [], None
+        for choice, stream in zip(response.choices, outputs):
+            if choice.message.tool_calls:
+                choices.append(choice)
+                continue
+            tokens = response.usage.completion_tokens if single else None
+            result = self._whole(stream, choice.message.content or "", choice.finish_reason, tokens)
+            choices.append(choice.model_copy(update={
                 "message": AssistantMessage(content=result.text),
                 "finish_reason": result.finish_reason,
-            }
-        )
-        return response.model_copy(update={"choices": [processed], "m_ai": output_report(result)})
+            }))
+            report = report or output_report(result)
+        return response.model_copy(update={"choices": choices, "m_ai": report})
 
     def completion_response(
-        self, response: CompletionResponse, output: OutputStream | None
+        self, response: CompletionResponse, output: OutputStream | list[OutputStream] | None
     ) -> CompletionResponse:
         if output is None:
             return response
-        choice = response.choices[0]
-        tokens = response.usage.completion_tokens if response.usage else None
-        result = self._whole(output, choice.text, choice.finish_reason, tokens)
-        processed = choice.model_copy(
-            update={"text": result.text, "finish_reason": result.finish_reason}
-        )
-        return response.model_copy(update={"choices": [processed], "m_ai": output_report(result)})
+        outputs = output if isinstance(output, list) else [output]
+        single = len(response.choices) == 1
+        choices, report = [], None
+        for choice, stream in zip(response.choices, outputs):
+            tokens = response.usage.completion_tokens if response.usage and single else None
+            result = self._whole(stream, choice.text, choice.finish_reason, tokens)
+            choices.append(choice.model_copy(
+                update={"text": result.text, "finish_reason": result.finish_reason}
+            ))
+            report = report or output_report(result)
+        return response.model_copy(update={"choices": choices, "m_ai": report})
 
     @staticmethod
     def _whole(
@@ -162,15 +180,20 @@ class ProcessedStream:
     """
 
     def __init__(
-        self, upstream: AsyncIterator[Chunk], output: OutputStream | None, include_usage: bool
+        self,
+        upstream: AsyncIterator[Chunk],
+        output: OutputStream | list[OutputStream] | None,
+        include_usage: bool,
     ) -> None:
         self.upstream = upstream
-        self.output = output
+        self.outputs = output if isinstance(output, list) or output is None else [output]
+        self.output = self.outputs[0] if self.outputs else None
         self.include_usage = include_usage
         self.upstream_finished = False
         self.complete = False
         self.result: ProcessedOutput | None = None
         self._passed: list[str] = []
+        self.results: dict[int, ProcessedOutput] = {}
         self._chunks = self._passthrough() if output is None else self._processed()
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -186,43 +209,67 @@ class ProcessedStream:
     async def _passthrough(self) -> AsyncIterator[Chunk]:
         async for chunk in self.upstream:
             for choice in chunk.choices:
-                self._passed.append(_text_of(choice))
-                self.complete = self.complete or choice.finish_reason is not None
+                if choice.index == 0:
+                    self._passed.append(_text_of(choice))
+                    self.complete = self.complete or choice.finish_reason is not None
             yield chunk
         self.upstream_finished = True
 
     async def _processed(self) -> AsyncIterator[Chunk]:
-        output = self.output
-        assert output is not None
-        last: Chunk | None = None  # the latest upstream chunk with a choice: ids for ours
+        """Choice i through ``outputs[i]``; a choice that became tool calls passes as it is."""
+        outputs = self.outputs
+        assert outputs
+        last: dict[int, Chunk] = {}  # per choice, its latest upstream chunk: ids for ours
         usage: Chunk | None = None
-        engine_reason: str | None = None
-        first = True
+        reasons: dict[int, str | None] = {}
+        first = dict.fromkeys(range(len(outputs)), True)
+        tools: set[int] = set()
+        ended: set[int] = set()  # choices the pipeline ended
         async for chunk in self.upstream:
             if not chunk.choices:  # the usage chunk, asked for by ``with_usage``
                 usage = chunk
                 continue
-            last = chunk
             choice = chunk.choices[0]
-            engine_reason = choice.finish_reason or engine_reason
-            piece = output.feed(_text_of(choice))
-            if piece.text or first:  # the first chunk goes at once (it names the role)
-                yield _rewrite(chunk, piece.text, None, first)
-                first = False
+            index = choice.index
+            if index in ended or index >= len(outputs):
+                continue
+            if _is_tool_chunk(choice) or index in tools:
+                tools.add(index)
+                yield chunk
+                continue
+            last[index] = chunk
+            reasons[index] = choice.finish_reason or reasons.get(index)
+            piece = outputs[index].feed(_text_of(choice))
+            if piece.text or first[index] or choice.logprobs is not None:
+                yield _rewrite(chunk, piece.text, None, first[index], logprobs=choice.logprobs)
+                first[index] = False
             if piece.finish_reason is not None:
-                break  # the pipeline ended the output: the caller cancels the generation
+                ended.add(index)
+                if len(ended | tools) >= len(outputs):
+                    break  # the pipeline ended the output: the caller cancels the generation
         else:
             self.upstream_finished = True
-        if last is None:
+        if not last:
+            self.complete = bool(tools)
             return
-        tokens = usage.usage.completion_tokens if usage is not None and usage.usage else None
-        result = output.finish(engine_reason, tokens)
-        self.result = result
-        _log_result(output, result)
-        yield _rewrite(last, result.tail, result.finish_reason, first, output_report(result))
+        single = len(outputs) == 1
+        tokens = usage.usage.completion_tokens if single and usage is not None and usage.usage else None
+        for index in sorted(set(last) - tools):
+            output = outputs[index]
+            result = output.finish(reasons.get(index), tokens)
+            self.results[index] = result
+            _log_result(output, result)
+            yield _rewrite(last[index], result.tail, result.finish_reason, first[index], output_report(result))
+        self.result = self.results.get(0)
         self.complete = True
         if self.include_usage and usage is not None:
             yield usage
+
+
+def _is_tool_chunk(choice: ChatChunkChoice | CompletionChoice) -> bool:
+    return isinstance(choice, ChatChunkChoice) and (
+        bool(choice.delta.tool_calls) or choice.finish_reason == "tool_calls"
+    )
 
 
 def _text_of(choice: ChatChunkChoice | CompletionChoice) -> str:
@@ -237,13 +284,15 @@ def _rewrite(
     finish_reason: str | None,
     first: bool,
     report: OutputReport | None = None,
+    logprobs: Any = None,
 ) -> Chunk:
     """``chunk`` with its one choice carrying ``text`` and ``finish_reason``."""
+    index = chunk.choices[0].index
     if isinstance(chunk, ChatCompletionChunk):
         delta = DeltaMessage(role="assistant" if first else None, content=text)
-        choice: Any = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+        choice: Any = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
     else:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)
     return chunk.model_copy(update={"choices": [choice], "usage": None, "m_ai": report})
 
 

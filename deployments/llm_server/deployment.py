@@ -13,6 +13,8 @@ change that needs the weights reloaded is refused with a message that says so.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -34,6 +36,7 @@ from cluster.errors import ConfigError, EngineDeadError, InvalidRequestError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
 from deployments.ingress import openai_adapter as oa
+from deployments.ingress.tool_calls import llama_messages
 from deployments.live_config_status import publish_refusal
 from deployments.llm_server.metrics import MetricsRecorder
 from deployments.llm_server.monitor import ReplicaMonitor
@@ -113,6 +116,7 @@ class LLMServer(RankRecovery):
         await self.shards.wait_loaded(self.serving.shard_start_timeout_s)
         self._supervise(group_options, time.monotonic() - started)  # rank_recovery.py
         self.tokenizer = await self.shards.rank0.get_tokenizer.remote()
+        self.token_texts = oa.TokenTexts(self.tokenizer)  # logprobs' token strings
         # Prompts of session requests with a memory recall (actors.memory_context).
         self.assembler = ContextAssembler(self.tokenizer, (memory or MemoryConfig()).context)
         # Metrics and the latency the autoscaling policy reads (record_autoscaling_stats).
@@ -209,8 +213,8 @@ class LLMServer(RankRecovery):
         the prompt is assembled from memory, with the session's ``system_prompt``)."""
         request = parse_request(ChatCompletionRequest, request)
         prompt, params = self._prepare_chat(request, history_len, recall, system_prompt)
-        out = await self._generate_all(prompt.token_ids, params, trace)
-        return oa.chat_response(out, self.name, len(prompt.token_ids))
+        outs = await self._generate_all(prompt.token_ids, _choices(params, request.n), trace)
+        return oa.chat_response(outs, self.name, len(prompt.token_ids), request, self.token_texts)
 
     async def chat_stream(
         self,
@@ -223,8 +227,10 @@ class LLMServer(RankRecovery):
         """A chat completion as chunks (the last one with ``usage`` when asked for)."""
         request = parse_request(ChatCompletionRequest, request)
         prompt, params = self._prepare_chat(request, history_len, recall, system_prompt)
-        chunks = oa.ChatChunks(self.name, len(prompt.token_ids), request.include_usage)
-        async for item in self._stream(prompt.token_ids, params, chunks, trace):
+        chunks = oa.ChatChunks(
+            self.name, len(prompt.token_ids), request.include_usage, request, self.token_texts
+        )
+        async for item in self._stream(prompt.token_ids, _choices(params, request.n), chunks, trace):
             yield item
 
     async def complete(
@@ -232,17 +238,29 @@ class LLMServer(RankRecovery):
     ) -> CompletionResponse:
         request = parse_request(CompletionRequest, request)
         prompt, params = self._prepare_completion(request)
-        out = await self._generate_all(prompt.token_ids, params, trace)
-        return oa.completion_response(out, self.name, len(prompt.token_ids))
+        outs = await self._generate_all(prompt.token_ids, _choices(params, request.n), trace)
+        return oa.completion_response(
+            outs, self.name, len(prompt.token_ids), self.token_texts, self._echo(request, prompt)
+        )
 
     async def complete_stream(
         self, request: CompletionRequest | dict, trace: dict | None = None
     ) -> AsyncIterator[CompletionResponse]:
         request = parse_request(CompletionRequest, request)
         prompt, params = self._prepare_completion(request)
-        chunks = oa.CompletionChunks(self.name, len(prompt.token_ids), request.include_usage)
-        async for item in self._stream(prompt.token_ids, params, chunks, trace):
+        chunks = oa.CompletionChunks(
+            self.name, len(prompt.token_ids), request.include_usage, request, self.token_texts,
+            self._echo(request, prompt),
+        )
+        async for item in self._stream(prompt.token_ids, _choices(params, request.n), chunks, trace):
             yield item
+
+    def _echo(self, request: CompletionRequest, prompt: oa.Prompt) -> str:
+        if not request.echo:
+            return ""
+        if isinstance(request.prompt, str):
+            return request.prompt
+        return self.tokenizer.decode(prompt.token_ids)
 
     def _prepare_chat(
         self,
@@ -264,9 +282,16 @@ class LLMServer(RankRecovery):
         """The prompt assembled from memory within ``context_length - max_tokens``; should the
         assembly itself fail, the recall's turns go through the sliding window instead."""
         want = request.max_tokens or min(self.config.max_tokens, self.config.context_length // 2)
+        messages: list[Any] = list(request.messages)
+        if request.tools or any(m.role in ("developer", "tool") or m.tool_calls for m in messages):
+            # Tools and tool turns as Llama 2 turns; the tools prompt joins the system prompt.
+            messages = llama_messages(request)
+            own_system = any(m.role in ("system", "developer") for m in request.messages)
+            if system_prompt and not own_system and messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}
         try:
             context = self.assembler.assemble(
-                request.messages, context_length=self.config.context_length, max_tokens=want,
+                messages, context_length=self.config.context_length, max_tokens=want,
                 recall=recall, system_prompt=system_prompt,
             )
             return oa.Prompt(context.token_ids, context.dropped_turns)
@@ -294,26 +319,71 @@ class LLMServer(RankRecovery):
             )
 
     async def _stream(
-        self, prompt_ids: list[int], params: SamplingParams, chunks: Any, trace: dict | None = None
+        self, prompt_ids: list[int], params: list[SamplingParams], chunks: Any, trace: dict | None = None
     ) -> AsyncIterator[Any]:
-        last = None
-        timing = self._trace(trace)
-        async for out in self._engine_stream(prompt_ids, params, self.pacing, timing):
-            last = out
+        lasts: list[RequestOutput | None] = [None] * len(params)
+        timings = [self._trace(trace) for _ in params]
+        async for index, out in self._choice_streams(prompt_ids, params, self.pacing, timings):
+            lasts[index] = out
             start = time.monotonic()
-            chunk = chunks.chunk(out)
-            timing.add_output_time(time.monotonic() - start)
+            chunk = chunks.chunk(out, index)
+            timings[index].add_output_time(time.monotonic() - start)
             if chunk is not None:
                 yield chunk
-        if chunks.include_usage and last is not None:
-            yield chunks.usage_chunk(last)
+        if chunks.include_usage and all(last is not None for last in lasts):
+            yield chunks.usage_chunk(lasts)
 
     async def _generate_all(
-        self, prompt_ids: list[int], params: SamplingParams, trace: dict | None = None
-    ) -> RequestOutput:
-        stream = self._engine_stream(prompt_ids, params, None, self._trace(trace))
-        outputs = [out async for out in stream]
-        return merge_deltas(outputs)
+        self, prompt_ids: list[int], params: list[SamplingParams], trace: dict | None = None
+    ) -> list[RequestOutput]:
+        timings = [self._trace(trace) for _ in params]
+        outputs: list[list[RequestOutput]] = [[] for _ in params]
+        async for index, out in self._choice_streams(prompt_ids, params, None, timings):
+            outputs[index].append(out)
+        return [merge_deltas(outs) for outs in outputs]
+
+    async def _choice_streams(
+        self,
+        prompt_ids: list[int],
+        params: list[SamplingParams],
+        pacing: StreamPacing | None,
+        timings: list[RequestTrace],
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``(choice index, delta)`` of ``n`` samples of one prompt, as they come. Choices
+        after the first are its siblings in the engine: they wait for its prompt's KV and copy
+        it instead of computing it again (``EngineCore.add_request``)."""
+        if len(params) == 1:
+            async for out in self._engine_stream(prompt_ids, params[0], pacing, timings[0]):
+                yield 0, out
+            return
+        leader = timings[0].request_id
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            share = leader if index else None
+            stream = self._engine_stream(prompt_ids, params[index], pacing, timings[index], share)
+            try:
+                async for out in stream:
+                    queue.put_nowait((index, out))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait((index, exc))
+            finally:
+                queue.put_nowait((index, None))
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(params))]
+        try:
+            done = 0
+            while done < len(tasks):
+                index, item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def _trace(self, trace: dict | None) -> RequestTrace:
         return RequestTrace(self.recorder, self.latency, new_request_id(), trace)
@@ -324,6 +394,7 @@ class LLMServer(RankRecovery):
         params: SamplingParams,
         pacing: StreamPacing | None,
         timing: RequestTrace,
+        share_prompt_of: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """One Ray call to rank 0 per request; if the caller goes away, the request is cancelled.
         ``timing`` records the request's metrics (after the caller processed the last output,
@@ -336,7 +407,8 @@ class LLMServer(RankRecovery):
             timing.fail(down)
             raise down
         rank0 = self.shards.rank0
-        refs = rank0.generate.remote(prompt_ids, params, request_id, pacing)
+        extra = {"share_prompt_of": share_prompt_of} if share_prompt_of else {}
+        refs = rank0.generate.remote(prompt_ids, params, request_id, pacing, **extra)
         finished = False
         text: list[str] = []
         try:
@@ -431,6 +503,17 @@ class LLMServer(RankRecovery):
         shards = getattr(self, "shards", None)
         if shards is not None:
             shards.kill()
+
+
+def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The sampling of each of ``n`` choices: a seeded request's choice i uses seed + i, so
+    the choices differ and the whole answer is still reproducible."""
+    if n == 1:
+        return [params]
+    return [
+        params if i == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+        for i in range(n)
+    ]
 
 
 __all__ = ["LLMServer"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cluster.errors import InvalidRequestError
+from engine.decoding.logits_processing import apply_logit_processors, mask_min_p
 from engine.types import SamplingParams
 
 _SEED_MASK = (1 << 64) - 1
@@ -41,7 +42,8 @@ def make_generator(seed: int) -> torch.Generator:
 class Sampler:
     """Samples one token per row; keeps the shared generator for rows without a seed."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, eos_token_id: int | None = None) -> None:
+        self.eos_token_id = eos_token_id  # what min_tokens holds back
         self._shared = torch.Generator(device="cpu")
         if seed is None:
             self._shared.seed()  # nondeterministic, from the OS
@@ -54,13 +56,16 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None] | None = None,
         prev_tokens: Sequence[Sequence[int] | torch.Tensor] | None = None,
+        output_tokens: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
         """The next token of each row, ``int64[B]`` on ``logits.device``.
 
         ``generators[i]`` is row i's own generator (None: the shared one); ``prev_tokens[i]``
         are the prompt + output tokens the repetition penalty looks at (needed only for rows
         whose penalty is not 1; an int64 tensor the caller keeps per request avoids a list
-        conversion each step). ``logits`` is not modified.
+        conversion each step). ``output_tokens[i]``: row i's output so far, for the
+        presence/frequency penalties and min_tokens (``engine.decoding.logits_processing``).
+        ``logits`` is not modified.
         """
         batch, vocab = self._check(logits, params, generators, prev_tokens)
         if logits.dtype != torch.float32:
@@ -75,6 +80,8 @@ class Sampler:
                     param="prev_tokens",
                 )
             logits = _apply_repetition_penalty(logits, penalized, params, prev_tokens)
+        if any(p.processes_logits for p in params):
+            logits = apply_logit_processors(logits, params, output_tokens, self.eos_token_id)
 
         sampled_rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
         if not sampled_rows:
@@ -108,6 +115,9 @@ class Sampler:
         top_p = [(j, params[i].top_p) for j, i in enumerate(rows) if params[i].top_p < 1.0]
         if top_p:
             _mask_top_p(scaled, top_p)
+        min_p = [(j, params[i].min_p) for j, i in enumerate(rows) if params[i].min_p > 0.0]
+        if min_p:
+            mask_min_p(scaled, min_p)
 
         probs = torch.softmax(scaled, dim=-1)
         cdf = torch.cumsum(probs, dim=-1)

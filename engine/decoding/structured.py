@@ -231,6 +231,26 @@ class StructuredOutput:
                 param="response_format.json_schema.schema",
             ) from exc
 
+    def compile_params(self, params: Any) -> Any | None:
+        """The grammar of a request's ``SamplingParams``: its ``guided`` or ``response_format``."""
+        if params.guided is not None:
+            return self.compile_guided(params.guided)
+        return self.compile(params.response_format)
+
+    def compile_guided(self, guided: Mapping[str, str]) -> Any:
+        """The compiled grammar of vLLM's guided decoding beyond JSON: ``{"regex": pattern}``
+        or ``{"grammar": EBNF}`` (xgrammar's GBNF dialect, root rule ``root``)."""
+        kind, source = next(iter(guided.items()))
+        try:
+            if kind == "regex":
+                return self.compiler.compile_regex(source)
+            return self.compiler.compile_grammar(source)
+        except Exception as exc:
+            field = "structured_outputs.regex" if kind == "regex" else "structured_outputs.grammar"
+            raise InvalidRequestError(
+                f"{field} cannot be compiled: {exc}; check its syntax", param=field
+            ) from exc
+
     def new_state(self, compiled: Any) -> GrammarState:
         return GrammarState(self._xgr.GrammarMatcher(compiled))
 

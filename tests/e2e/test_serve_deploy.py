@@ -218,7 +218,7 @@ def test_serve_deploy_of_the_cpu_config_serves_then_shuts_down(head_node, tiny_c
     assert app["status"] == "RUNNING"
     assert app["deployments"]["llm-m-ai-tiny"]["status"] == "HEALTHY"
 
-    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]] == [MODEL]
+    assert [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]][0] == MODEL
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Hello!"}],

@@ -24,6 +24,13 @@ def test_the_spec_documents_the_routes_streaming_and_errors():
     assert "get" in paths["/v1/models"] and "get" in paths["/health"]
     assert {"get", "post"} <= set(paths["/v1/sessions"])
     assert {"get", "delete"} <= set(paths["/v1/sessions/{session_id}"])
+    assert "post" in paths["/v1/embeddings"] and "post" in paths["/v1/responses"]
+    assert {"get", "delete"} <= set(paths["/v1/responses/{response_id}"])
+    assert {"get", "post"} <= set(paths["/v1/conversations/{conversation_id}/items"])
+    chat_fields = spec["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    for field in ("n", "logprobs", "top_logprobs", "tools", "tool_choice", "logit_bias",
+                  "presence_penalty", "frequency_penalty", "parallel_tool_calls", "min_p"):
+        assert field in chat_fields
 
     chat = paths["/v1/chat/completions"]["post"]
     assert "text/event-stream" in chat["responses"]["200"]["content"]

@@ -1,0 +1,199 @@
+"""Tools for Llama 2, which has no native tool format: rendered into the prompt, parsed out of
+the answer, and, for ``tool_choice`` ``required`` or a named function, enforced by decoding.
+
+- Prompt: the tools (name, description, JSON schema of the arguments) and how to call them
+  go at the end of the system prompt: "reply with only JSON ``{"name": ..., "arguments":
+  {...}}``, or a JSON list of such objects for several calls".
+- ``required`` / named: decoding is constrained (``engine.decoding.structured``, xgrammar) to that
+  JSON with ``name`` one of the allowed functions and ``arguments`` matching that function's
+  schema, so the arguments always parse and validate when the output is complete.
+- ``auto``: an answer that is such JSON (alone) becomes tool calls; any other is content.
+- ``parallel_tool_calls=false`` allows one call (an object), else 1 to ``MAX_PARALLEL_CALLS``
+  (a list when constrained).
+
+Earlier turns: an assistant message's ``tool_calls`` are rendered as that JSON, a ``tool``
+message as a user turn ``[result of tool call <id>]`` (``protocol.ChatMessage.as_dict``);
+consecutive turns of one role are merged so that Llama 2's alternation holds.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from deployments.protocol import ChatCompletionRequest
+from deployments.protocol_tools import FunctionCallOut, ToolCallOut
+
+MAX_PARALLEL_CALLS = 4
+NO_ARGUMENTS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tools_prompt(request: ChatCompletionRequest) -> str:
+    """The text that tells the model about the request's tools ("" without tools)."""
+    mode = request.tool_mode
+    if mode == "none":
+        return ""
+    lines = ["You can call these functions:"]
+    for tool in request.tools or ():
+        f = tool.function
+        schema = json.dumps(f.parameters or NO_ARGUMENTS_SCHEMA)
+        lines.append(f"- {f.name}: {f.description or ''} Arguments (JSON schema): {schema}")
+    several = request.parallel_tool_calls is not False
+    lines.append(
+        'To call a function, reply with only JSON: {"name": "<function name>", "arguments": '
+        "{<arguments>}}"
+        + (", or a JSON list of such objects to make several calls at once." if several else ".")
+    )
+    if mode == "required":
+        lines.append("You must call at least one function now.")
+    elif mode == "named":
+        lines.append(f"You must call the function {request.named_tool} now.")
+    else:
+        lines.append("If no function helps, answer in plain text.")
+    return "\n".join(lines)
+
+
+def llama_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The request's messages as Llama 2 turns: one leading system message (every system and
+    developer message, wherever it stands, joined, plus the tools prompt), then user/assistant
+    with consecutive turns of one role merged."""
+    system: list[str] = []
+    turns: list[dict[str, str]] = []
+    for message in request.messages:
+        turn = message.as_dict()
+        if turn["role"] == "system":  # Llama 2 has one system prompt, at the start
+            system.append(turn["content"])
+        elif turns and turns[-1]["role"] == turn["role"]:
+            turns[-1] = {"role": turn["role"], "content": turns[-1]["content"] + "\n\n" + turn["content"]}
+        else:
+            turns.append(turn)
+    extra = tools_prompt(request)
+    if extra:
+        system.append(extra)
+    head = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+    return head + turns
+
+
+def call_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema decoding must follow (``required`` or named), else None."""
+    mode = request.tool_mode
+    if mode not in ("required", "named"):
+        return None
+    allowed = [
+        t.function for t in request.tools or ()
+        if mode == "required" or t.function.name == request.named_tool
+    ]
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": f.name},
+                "arguments": f.parameters or NO_ARGUMENTS_SCHEMA,
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in allowed
+    ]
+    one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if mode == "named" or request.parallel_tool_calls is False:
+        return one
+    return {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}
+
+
+def tool_response_format(request: ChatCompletionRequest) -> dict[str, Any] | None:
+    schema = call_schema(request)
+    if schema is None:
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema, "strict": True}}
+
+
+def parse_tool_calls(text: str, request: ChatCompletionRequest) -> list[ToolCallOut] | None:
+    """The calls in ``text`` when it is only tool-call JSON naming the request's functions."""
+    if request.tool_mode == "none":
+        return None
+    stripped = text.strip()
+    if not stripped or stripped[0] not in "[{":
+        return None
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    names = {t.function.name for t in request.tools or ()}
+    if request.tool_mode == "named":
+        names = {request.named_tool}
+    if not items or len(items) > MAX_PARALLEL_CALLS or (
+        request.parallel_tool_calls is False and len(items) > 1
+    ):
+        return None
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or item.get("name") not in names:
+            return None
+        arguments = item.get("arguments", item.get("parameters", {}))
+        if not isinstance(arguments, dict):
+            return None
+        calls.append(
+            ToolCallOut(
+                id=tool_call_id(),
+                function=FunctionCallOut(name=item["name"], arguments=json.dumps(arguments)),
+            )
+        )
+    return calls
+
+
+def may_be_tool_call(text: str) -> bool:
+    """Whether a stream's text so far could still turn out to be tool-call JSON."""
+    stripped = text.lstrip()
+    return not stripped or stripped[0] in "[{"
+
+
+class ToolCallCollector:
+    """The tool calls of a stream's first choice, gathered from its deltas (what a session
+    stores of a streamed answer that called tools)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, dict[str, str]] = {}
+
+    def add(self, chunk: Any) -> None:
+        for choice in getattr(chunk, "choices", ()):
+            delta = getattr(choice, "delta", None)
+            if choice.index != 0 or delta is None or not delta.tool_calls:
+                continue
+            for d in delta.tool_calls:
+                call = self.calls.setdefault(d.index, {"name": "", "arguments": ""})
+                call["name"] += d.function.name or ""
+                call["arguments"] += d.function.arguments or ""
+
+    @property
+    def text(self) -> str:
+        """The calls as the JSON the model wrote ("" without calls)."""
+        if not self.calls:
+            return ""
+        calls = []
+        for _, call in sorted(self.calls.items()):
+            try:
+                arguments = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                arguments = call["arguments"]
+            calls.append({"name": call["name"], "arguments": arguments})
+        return json.dumps(calls[0] if len(calls) == 1 else calls)
+
+
+__all__ = [
+    "ToolCallCollector",
+    "tools_prompt",
+    "llama_messages",
+    "call_schema",
+    "tool_response_format",
+    "parse_tool_calls",
+    "may_be_tool_call",
+    "tool_call_id",
+    "MAX_PARALLEL_CALLS",
+]
