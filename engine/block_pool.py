@@ -15,7 +15,8 @@ first); it is reused for other KV only when no never-keyed block is free. A conv
 turn repeats the earlier turns, so it finds their blocks this way with no session-specific code.
 
 Placement: a sequence's next block is the block right after its last one when that is free,
-and a sequence's first block starts the longest free run of the pool. Sequences then usually
+and a sequence's first block is placed in the longest free run of the pool (at its start
+when the run starts the pool, else in its middle, leaving the block before it room to grow). Sequences then usually
 hold consecutive blocks, which the runner reads as one view instead of gathering them.
 
 Not thread-safe: the scheduler owns one pool and calls it under its lock.
@@ -169,4 +170,8 @@ class BlockPool:
         free = self._free.view(np.int8)
         edges = np.flatnonzero(np.diff(np.concatenate(([0], free, [0]))))
         starts, ends = edges[::2], edges[1::2]
-        return int(starts[np.argmax(ends - starts)])
+        i = int(np.argmax(ends - starts))
+        start = int(starts[i])
+        # A run that follows a used block starts in its middle: the sequence holding that block
+        # keeps room to grow into consecutive blocks, and so does the new one.
+        return start if start == 0 else start + int(ends[i] - start) // 2
