@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     WithJsonSchema,
@@ -24,6 +23,12 @@ from pydantic import (
     model_validator,
 )
 
+from deployments.protocol_numbers import (
+    JsonInt,
+    NonNegativeJsonInt,
+    PositiveJsonInt,
+    bounded_int,
+)
 from deployments.protocol_tools import (
     MAX_TOP_LOGPROBS,
     ChatToolFields,
@@ -39,6 +44,7 @@ MAX_STOP_SEQUENCES = 4
 # More messages than any Llama 2 context holds (each costs at least a few template tokens).
 MAX_MESSAGES = 1024
 MAX_CHOICES = 8  # n
+MAX_EPOCH_S = 7_258_118_400.0  # 2200-01-01: later dates overflow the platform's time_t
 # How a tool's result reads in the Llama 2 prompt (a user turn: Llama 2 has no tool role).
 TOOL_RESULT_FORMAT = "[result of tool call {id}{name}]\n{content}"
 
@@ -50,17 +56,6 @@ def completion_id(prefix: str) -> str:
 def now() -> int:
     return int(time.time())
 
-
-def _integral(value: Any) -> Any:
-    """JSON has one number type: ``89.0`` is the integer 89 (as JSON Schema reads it)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-# An integer field of a request: strict (no "5" strings), but 5.0 is 5, as the spec says.
-JsonInt = Annotated[int, BeforeValidator(_integral)]
-# Bounds go before the validator, or the spec gets pydantic's "ge" instead of "minimum".
-PositiveJsonInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
-NonNegativeJsonInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
 
 # OpenAI's response_format, as the spec states it (the server reads it as a dict:
 # engine.structured.parse_response_format).
@@ -276,13 +271,13 @@ class CompletionRequest(SamplingFields):
         # one text: maxItems in the spec, the validator's message for more
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, json_schema_extra={"maxItems": 1})]
     ) = Field(description="Text, token ids, or a list of one text (never empty).")
-    logprobs: int | None = Field(
-        None, ge=0, le=MAX_TOP_LOGPROBS, description="Log probabilities of the output tokens and "
+    logprobs: bounded_int(0, MAX_TOP_LOGPROBS) | None = Field(
+        None, description="Log probabilities of the output tokens and "
         "of this many most likely alternatives."
     )
     echo: bool | None = Field(None, description="Return the prompt before the completion.")
-    best_of: int | None = Field(
-        None, ge=1, le=MAX_CHOICES, description="Only equal to n (the choices are not ranked)."
+    best_of: bounded_int(1, MAX_CHOICES) | None = Field(
+        None, description="Only equal to n (the choices are not ranked)."
     )
     suffix: str | None = Field(None, description="Refused: Llama 2 has no insert mode.")
 
@@ -355,10 +350,10 @@ class MemoryTurnRequest(_Request):
 
     user: str = Field(min_length=1, max_length=256, description="Whose memory (within the tenant).")
     session_id: str = Field(min_length=1, max_length=256, description="The conversation it belongs to.")
-    turn_id: int = Field(ge=0, description="Its position in the conversation (a repeat is ignored).")
+    turn_id: NonNegativeJsonInt = Field(description="Its position in the conversation (a repeat is ignored).")
     messages: list[MemoryTurnMessage] = Field(min_length=1, max_length=64)
     at: float | None = Field(
-        None, ge=0, description="When it was said (epoch seconds); relative dates in it ('yesterday') "
+        None, ge=0, le=MAX_EPOCH_S, description="When it was said (epoch seconds, before 2200); relative dates in it ('yesterday') "
         "resolve against it. None: now.",
     )
 

@@ -9,9 +9,11 @@ else refused with the reason (see docs/api.md).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.protocol_numbers import PositiveJsonInt, bounded_int
 
 MAX_INPUT_ITEMS = 1024
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
@@ -50,7 +52,7 @@ class ConversationRef(_Request):
 
 class ResponseCreateRequest(_Request):
     model: str
-    input: str | list[dict[str, Any]] = Field(
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[dict[str, Any]], Field(min_length=1)] = Field(
         description="Text, or items: messages {role, content}, function_call, "
         "function_call_output."
     )
@@ -65,7 +67,7 @@ class ResponseCreateRequest(_Request):
     stream: bool = False
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: PositiveJsonInt | None = None
     tools: list[ResponseFunctionTool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | ResponseNamedTool | None = None
     parallel_tool_calls: bool | None = None
@@ -79,8 +81,8 @@ class ResponseCreateRequest(_Request):
     safety_identifier: str | None = Field(None, description="Accepted and ignored.")
     service_tier: str | None = Field(None, description="Accepted and ignored.")
     prompt_cache_key: str | None = Field(None, description="Accepted and ignored.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Refused in this version.")
-    max_tool_calls: int | None = Field(None, ge=1, description="Accepted: at most 4 per response.")
+    top_logprobs: bounded_int(0, 20) | None = Field(None, description="Refused in this version.")
+    max_tool_calls: PositiveJsonInt | None = Field(None, description="Accepted: at most 4 per response.")
     reasoning: dict[str, Any] | None = Field(None, description="Refused: not a reasoning model.")
     background: bool | None = Field(None, description="Refused when true.")
     prompt: dict[str, Any] | None = Field(None, description="Refused: no stored prompt templates.")
@@ -126,7 +128,7 @@ class EmbeddingRequest(_Request):
         description="Text or a list of texts (token ids are refused: they are another tokenizer's)."
     )
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="Only the model's own dimension.")
+    dimensions: PositiveJsonInt | None = Field(None, description="Only the model's own dimension.")
     user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
 
     @model_validator(mode="after")

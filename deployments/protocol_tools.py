@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.protocol_numbers import NonNegativeJsonInt, bounded_int
+
 MAX_TOOLS = 128  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20
 
@@ -110,7 +112,7 @@ class SamplingExtras(BaseModel):
     prompt_cache_retention: str | None = Field(None, description="Accepted and ignored.")
     # vLLM's extensions, with vLLM's meaning (docs/api.md).
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="Extension (vLLM).")
-    min_tokens: int | None = Field(None, ge=0, description="Extension (vLLM).")
+    min_tokens: NonNegativeJsonInt | None = Field(None, description="Extension (vLLM).")
     ignore_eos: bool | None = Field(None, description="Extension (vLLM).")
     skip_special_tokens: bool | None = Field(None, description="Extension (vLLM).")
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="Extension (vLLM).")
@@ -137,8 +139,8 @@ class ChatToolFields(BaseModel):
     (with the reason) or accepted and ignored."""
 
     logprobs: bool | None = Field(None, description="Return each output token's log probability.")
-    top_logprobs: int | None = Field(
-        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: the most likely alternatives."
+    top_logprobs: bounded_int(0, MAX_TOP_LOGPROBS) | None = Field(
+        None, description="With logprobs: the most likely alternatives."
     )
     tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = Field(

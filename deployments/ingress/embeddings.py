@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cluster.config.memory import MemoryConfig
-from cluster.errors import InvalidRequestError
+from cluster.errors import InvalidRequestError, ModelNotFoundError
 from deployments.protocol_responses import EmbeddingRequest
 
 
@@ -45,7 +45,7 @@ class EmbeddingService:
 
     async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
         if request.model != self.model_name:
-            raise InvalidRequestError(
+            raise ModelNotFoundError(  # 404, as OpenAI answers an unknown model
                 f"model={request.model!r} is not an embedding model here; use {self.model_name!r}",
                 param="model",
             )

@@ -55,7 +55,8 @@ def over_context(response: httpx.Response) -> bool:
     and on the prompt's tokens), prompt token ids outside the model's vocabulary, a
     ``json_schema.schema`` that is no JSON Schema the grammar compiler takes, or
     ``max_tokens`` and ``max_completion_tokens`` both given and different, or
-    ``stream_options`` without ``stream: true`` (rules between two fields). Only such an answer is exempt from ``positive_data_acceptance``; every
+    ``stream_options`` without ``stream: true``, a tool message without content, ``best_of``
+    other than ``n`` (rules between two fields). Only such an answer is exempt from ``positive_data_acceptance``; every
     other check still runs on it."""
     if response.status_code != 400:
         return False
@@ -67,6 +68,13 @@ def over_context(response: httpx.Response) -> bool:
         or param.startswith("response_format.json_schema")
         or (param == "max_tokens" and "max_completion_tokens differ" in message)
         or (param == "stream_options" and "only allowed with stream=true" in message)
+        # rules between fields of the OpenAI API: a tool message's content, best_of against n
+        or (param.startswith("messages[") and "message needs content" in message)
+        or (param == "best_of" and "send best_of equal to n" in message)
+        # embeddings: token ids are another tokenizer's (the spec keeps OpenAI's input shape)
+        or (param == "input" and "input holds token ids" in message)
+        # a field OpenAI defines that cannot apply here, refused naming it and why
+        or (bool(param) and message.startswith(param.split(".")[0]) and " is not supported" in message)
     )
 
 

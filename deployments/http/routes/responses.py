@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -111,7 +111,7 @@ async def list_conversation_items(
     conversation_id: str,
     request: Request,
     limit: int = Query(20, ge=1, le=100),
-    order: str = Query("desc"),
+    order: Literal["asc", "desc"] = Query("desc"),
     after: str | None = Query(None),
     tenant: str = Depends(tenant_of),
 ) -> Response:
