@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.errors import InvalidRequestError
+from cluster.errors import ModelNotFoundError
 from tests.support.serve_harness import FAST_FAKE, app_config, wait_until
 
 MODEL = "m-ai-tiny"
@@ -59,7 +59,7 @@ def test_a_400_from_the_model_replica_is_one_line_without_a_traceback(app, serve
 
 def test_a_400_through_the_handle_is_one_line(app, serve_cluster):
     marker = f"no-such-model-{uuid.uuid4().hex[:8]}"
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(ModelNotFoundError):  # a 404: a client's mistake, logged in one line
         app.handle.chat.remote(
             {"model": marker, "messages": [{"role": "user", "content": "hi"}]}
         ).result()
