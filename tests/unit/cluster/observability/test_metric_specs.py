@@ -11,7 +11,6 @@ from cluster.observability.dashboards import (
     panel_targets,
     queries,
 )
-from deployments.llm_server.metrics import MetricsRecorder
 
 PROM_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
@@ -61,27 +60,43 @@ def test_panels_do_not_overlap():
                 cells.add((x, y))
 
 
+OUTSIDE_RAY = """
+import ray
+from cluster.observability import metric_specs as metrics
+from deployments.llm_server import metrics as recording
+from deployments.llm_server.metrics import MetricsRecorder
+
+rec = MetricsRecorder(model="m", replica="r")
+rec.observe("time_to_first_token_seconds", 0.1)
+rec.inc("request_errors_total", kind="x", unknown_label="ignored")
+rec.set("num_requests_running", 3)
+assert not ray.is_initialized()
+for name in ("time_to_first_token_seconds", "request_errors_total", "num_requests_running"):
+    assert type(recording.metric(name)[1]).__name__ == "_Disabled", name
+tags = rec._tags(metrics.spec("request_errors_total"), {"kind": "x", "unknown_label": "ignored"})
+assert tags == {label: {"model": "m", "replica": "r", "kind": "x"}.get(label, "")
+                for label in metrics.spec("request_errors_total").labels}
+assert "unknown_label" not in tags
+try:
+    rec.set("num_requests_runing", 3)
+except KeyError as exc:
+    assert "num_requests_running" in str(exc)  # the message lists the known names
+else:
+    raise AssertionError("a misspelled metric name was accepted")
+"""
+
+
 def test_recording_outside_ray_is_a_no_op():
     """The engine used as a library records nothing and starts no Ray; a misspelled metric
-    still fails loudly (it would otherwise vanish from the dashboard unnoticed)."""
-    import ray
+    still fails loudly (it would otherwise vanish from the dashboard unnoticed). In a fresh
+    interpreter: the test session itself may have started Ray for other tests."""
+    import subprocess
+    import sys
 
-    from deployments.llm_server import metrics as recording
+    from tests.support.paths import REPO_ROOT
 
-    rec = MetricsRecorder(model="m", replica="r")
-    rec.observe("time_to_first_token_seconds", 0.1)
-    rec.inc("request_errors_total", kind="x", unknown_label="ignored")
-    rec.set("num_requests_running", 3)
-    assert not ray.is_initialized()
-    for name in ("time_to_first_token_seconds", "request_errors_total", "num_requests_running"):
-        assert type(recording.metric(name)[1]).__name__ == "_Disabled", name
-    tags = rec._tags(metrics.spec("request_errors_total"), {"kind": "x", "unknown_label": "ignored"})
-    assert tags == {label: {"model": "m", "replica": "r", "kind": "x"}.get(label, "")
-                    for label in metrics.spec("request_errors_total").labels}
-    assert "unknown_label" not in tags
-    try:
-        rec.set("num_requests_runing", 3)
-    except KeyError as exc:
-        assert "num_requests_running" in str(exc)  # the message lists the known names
-    else:
-        raise AssertionError("a misspelled metric name was accepted")
+    done = subprocess.run(
+        [sys.executable, "-c", OUTSIDE_RAY], cwd=REPO_ROOT, capture_output=True, text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
