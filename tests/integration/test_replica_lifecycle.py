@@ -62,9 +62,10 @@ def test_a_dead_shard_fails_health_until_serve_replaces_the_replica(tp2_app):
         ray.get_actor(before["shard_names"][1], namespace=before["namespace"]), no_restart=True
     )
 
-    # The replica's own check sees it at once; Serve's next health check (every 3 s here)
-    # fails too, the app's health turns 503, and Serve replaces the replica.
-    with pytest.raises(EngineDeadError, match="rank 1"):
+    # The replica's own check sees it at once (it rebuilds its ranks in place, or Serve
+    # replaces it; tests/e2e/test_rank_supervision.py times both), and the app's health is 503
+    # until the replica serves with new ranks.
+    with pytest.raises(EngineDeadError):
         llm.health.remote().result()
     wait_until(
         lambda: _raises(tp2_app.handle.health.remote().result, EngineDeadError),
@@ -79,7 +80,7 @@ def test_a_dead_shard_fails_health_until_serve_replaces_the_replica(tp2_app):
             and llm.describe.remote().result()["shard_names"] != before["shard_names"]
         )
 
-    wait_until(replaced, timeout_s=60, interval_s=0.5, what="replica replaced by Serve")
+    wait_until(replaced, timeout_s=90, interval_s=0.5, what="the replica serving with new ranks")
     assert greedy_default_text(tp2_app)
 
 
