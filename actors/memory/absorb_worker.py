@@ -1,12 +1,22 @@
 """The background worker of a memory shard: the queue of absorbed turns still to analyse.
 
 ``MemoryShard.absorb_turn`` does the cheap half of a turn at once and hands an ``AbsorbJob``
-to ``AbsorbWorker.submit``. The worker runs on the shard's event loop: it embeds the units
-still without a vector, hands each job to the ``Absorber`` (facts, dedup, summaries), folds a
-user's sessions into the user summary once no more of that user's turns wait, and schedules
-the write. The queue is bounded (``memory.absorb_queue``): when full, the oldest turn is
-summarized without fact extraction. A job whose session is forgotten while it runs leaves
-nothing behind.
+to ``AbsorbWorker.submit``. The worker runs on the shard's event loop and works in batches:
+the ingress absorbs turns in the background after each reply, so while one batch is embedded
+the next turns queue up, and the worker takes up to ``ABSORB_BATCH`` of them at once:
+
+- the units of every queued turn are embedded together (``UnitMemory.embed_pending``);
+- the facts of every job in the batch are extracted, then embedded in one call;
+- each job is then applied on its own, in queue order (so a session's turns in turn order):
+  dedup against the user's facts, summaries, the user summary once no more of that user's
+  turns wait, and the write scheduled. A job that fails (extraction, a user that cannot be
+  loaded, ...) fails alone: the others of its batch are applied, and its ``wait=True``
+  caller gets the error.
+
+The queue is bounded (``memory.absorb_queue``): when full, the oldest turn is summarized
+without fact extraction. A turn whose session is forgotten before or while it is applied
+leaves nothing behind. The tenant limit is checked when a batch's facts are extracted, so it
+may be passed by at most one batch's facts.
 """
 
 from __future__ import annotations
@@ -15,16 +25,21 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+import numpy as np
+
 from actors.memory.embedding import ShardEmbeddings
 from actors.memory.episodic import summarize_user
 from actors.memory.forget import SessionForgetting
 from actors.memory.learning.absorb import Absorber, AbsorbJob, UserMemory
+from actors.memory.learning.extraction import FactCandidate
 from actors.memory.unit_memory import UnitMemory
 from actors.memory.users import MemoryUsers
 from cluster.config.memory import MemoryConfig
 from cluster.logging_setup import get_logger
 
 log = get_logger("actors.memory.absorb_worker")
+
+ABSORB_BATCH = 64  # queued turns analysed together (their facts embedded in one call)
 
 
 class AbsorbWorker:
@@ -111,7 +126,8 @@ class AbsorbWorker:
                 if await self.units.embed_pending():
                     self.users.schedule_flush()
                 if self.jobs:
-                    await self._run_job(self.jobs.popleft())
+                    batch = [self.jobs.popleft() for _ in range(min(len(self.jobs), ABSORB_BATCH))]
+                    await self._run_batch(batch)
             await self.housekeeping()
             if self.jobs:
                 continue
@@ -119,25 +135,73 @@ class AbsorbWorker:
             self._wakeup.clear()
             await self._wakeup.wait()
 
-    async def _run_job(self, job: AbsorbJob) -> None:
+    async def _run_batch(self, batch: list[AbsorbJob]) -> None:
+        prepared: list[tuple[AbsorbJob, UserMemory, list[FactCandidate]]] = []
+        for job in batch:
+            try:
+                memory = await self.users.get(job.tenant, job.user)
+                prepared.append((job, memory, await self.absorber.facts_of(memory, job)))
+            except Exception as exc:
+                self._failed(job, exc)
+        vectors = await self._embed_facts([c.text for _, _, candidates in prepared for c in candidates])
+        start = 0
+        for position, (job, memory, candidates) in enumerate(prepared):
+            job_vectors = vectors[start : start + len(candidates)] if vectors is not None else None
+            start += len(candidates)
+            later = [j for j, _, _ in prepared[position + 1 :]]
+            await self._apply(job, memory, candidates, job_vectors, later)
+
+    async def _embed_facts(self, texts: list[str]) -> np.ndarray | None:
+        """The facts of a batch in one call; None if that fails (each job then embeds its own,
+        so a text the embedder refuses fails only its turn)."""
+        if not texts:
+            return np.zeros((0, self.embeddings.embedder.dimension), dtype=np.float32)
         try:
-            memory = await self.users.get(job.tenant, job.user)
-            decisions = await self.absorber.run(memory, job, self.clock())
+            return await self.embeddings.embed(texts)
+        except Exception:
+            log.warning("embedding a batch of facts failed: embedding them turn by turn", exc_info=True)
+            return None
+
+    async def _apply(
+        self,
+        job: AbsorbJob,
+        memory: UserMemory,
+        candidates: list[FactCandidate],
+        vectors: np.ndarray | None,
+        later: list[AbsorbJob],
+    ) -> None:
+        try:
+            if self.forgetting.is_forgotten(job.tenant, job.session_id):  # deleted since it was taken
+                await self.forgetting.purge_session(job.tenant, job.session_id)
+                self._finished(job, [])
+                return
+            if candidates and vectors is None:
+                vectors = await self.embeddings.embed([c.text for c in candidates])
+            decisions = await self.absorber.apply(memory, job, candidates, vectors, self.clock())
             if self.forgetting.is_forgotten(job.tenant, job.session_id):  # deleted while this turn ran
                 await self.forgetting.purge_session(job.tenant, job.session_id)
                 decisions = []
             if memory.episodes.user_summary_dirty and not any(
-                j.tenant == job.tenant and j.user == job.user for j in self.jobs
+                j.tenant == job.tenant and j.user == job.user for j in (*later, *self.jobs)
             ):
                 await summarize_user(memory.episodes, self.absorber.summarizer, self.embeddings.embed_cached,
                                      self.config.episodic)
             self.users.schedule_flush()
-            if job.done is not None and not job.done.done():
-                job.done.set_result(decisions)
+            self._finished(job, decisions)
         except Exception as exc:
-            log.exception("absorbing a turn failed", extra={"tenant": job.tenant, "session": job.session_id})
-            if job.done is not None and not job.done.done():
-                job.done.set_exception(exc)
+            self._failed(job, exc)
+
+    @staticmethod
+    def _finished(job: AbsorbJob, decisions: list) -> None:
+        if job.done is not None and not job.done.done():
+            job.done.set_result(decisions)
+
+    @staticmethod
+    def _failed(job: AbsorbJob, exc: Exception) -> None:
+        log.error("absorbing a turn failed", exc_info=exc,
+                  extra={"tenant": job.tenant, "session": job.session_id, "turn": job.turn_id})
+        if job.done is not None and not job.done.done():
+            job.done.set_exception(exc)
 
     async def drain(self) -> None:
         """Wait until every queued turn is absorbed (tests, benchmarks, shutdown)."""

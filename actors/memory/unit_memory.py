@@ -30,6 +30,9 @@ from actors.memory.units import MemoryUnit
 from actors.memory.users import MemoryUsers
 from cluster.config.memory import MemoryConfig
 from cluster.errors import InvalidRequestError
+from cluster.logging_setup import get_logger
+
+log = get_logger("actors.memory.unit_memory")
 
 EMBED_BATCH = 128
 
@@ -72,8 +75,10 @@ class UnitMemory:
         return any(m.units is not None and m.units.unembedded for m in self.users.loaded())
 
     async def embed_pending(self) -> int:
-        """Embed every unit still without a vector (batches of ``EMBED_BATCH``); returns how
-        many (the caller schedules the write)."""
+        """Embed every unit still without a vector (batches of ``EMBED_BATCH``, across the
+        queued turns of a user); returns how many (the caller schedules the write). If a batch
+        fails, its units are embedded one by one: a unit the embedder refuses stays found by
+        its words only, and the others get their vectors."""
         done = 0
         for memory in self.users.loaded():
             units = memory.units
@@ -81,12 +86,28 @@ class UnitMemory:
                 batch = units.take_unembedded(EMBED_BATCH)
                 if not batch:
                     continue
-                vectors = await self.embeddings.embed([u.line for u in batch])
-                units.set_vectors(batch, vectors)
-                self.embeddings.share_unit_vectors(batch, vectors)
-                memory.dirty = True
-                done += len(batch)
+                embedded, vectors = await self._embed_units(batch)
+                if embedded:
+                    units.set_vectors(embedded, vectors)
+                    self.embeddings.share_unit_vectors(embedded, vectors)
+                    memory.dirty = True
+                    done += len(embedded)
         return done
+
+    async def _embed_units(self, batch: list[MemoryUnit]) -> tuple[list[MemoryUnit], np.ndarray]:
+        try:
+            return batch, await self.embeddings.embed([u.line for u in batch])
+        except Exception:
+            log.warning("embedding a batch of memory units failed: embedding them one by one", exc_info=True)
+        embedded, vectors = [], []
+        for unit in batch:
+            try:
+                vectors.append((await self.embeddings.embed([unit.line]))[0])
+                embedded.append(unit)
+            except Exception:
+                log.error("a memory unit could not be embedded: it is found by its words only",
+                          exc_info=True, extra={"session": unit.session_id, "turn": unit.turn_id})
+        return embedded, np.asarray(vectors, dtype=np.float32)
 
     def recall(
         self, memory: UserMemory, session: Any, query: str, vector: np.ndarray | None, mode: str | None = None
