@@ -26,7 +26,7 @@ from actors.memory.learning.absorb import UserMemory
 from actors.memory.learning.extraction import as_memory_query
 from actors.memory.recall.dates import resolve_mentions
 from actors.memory.recall.retrieval import MODES, RecalledUnit, rank_units
-from actors.memory.units import MemoryUnit
+from actors.memory.units import MemoryUnit, UserUnits
 from actors.memory.users import MemoryUsers
 from cluster.config.memory import MemoryConfig
 from cluster.errors import InvalidRequestError
@@ -75,24 +75,40 @@ class UnitMemory:
         return any(m.units is not None and m.units.unembedded for m in self.users.loaded())
 
     async def embed_pending(self) -> int:
-        """Embed every unit still without a vector (batches of ``EMBED_BATCH``, across the
-        queued turns of a user); returns how many (the caller schedules the write). If a batch
-        fails, its units are embedded one by one: a unit the embedder refuses stays found by
-        its words only, and the others get their vectors."""
+        """Embed every unit still without a vector, the queued turns of all users together
+        (calls of up to ``EMBED_BATCH`` texts: one user's turn rarely fills one); returns how
+        many (the caller schedules the write). If a call fails, its units are embedded one by
+        one: a unit the embedder refuses stays found by its words only, the others get their
+        vectors."""
         done = 0
-        for memory in self.users.loaded():
-            units = memory.units
-            while units is not None and units.unembedded:
-                batch = units.take_unembedded(EMBED_BATCH)
-                if not batch:
-                    continue
-                embedded, vectors = await self._embed_units(batch)
-                if embedded:
-                    units.set_vectors(embedded, vectors)
-                    self.embeddings.share_unit_vectors(embedded, vectors)
-                    memory.dirty = True
-                    done += len(embedded)
-        return done
+        while True:
+            # the units object is kept with each unit: a user's units may be replaced (the
+            # user's memory deleted) while the batch is embedded, and the vectors then go to
+            # the units they were taken from, not to new units that reuse the keys
+            batch: list[tuple[UserMemory, UserUnits, MemoryUnit]] = []
+            for memory in self.users.loaded():
+                units = memory.units
+                if units is not None and units.unembedded:
+                    taken = units.take_unembedded(EMBED_BATCH - len(batch))
+                    batch += [(memory, units, unit) for unit in taken]
+                if len(batch) >= EMBED_BATCH:
+                    break
+            if not batch:
+                return done
+            embedded, vectors = await self._embed_units([unit for _, _, unit in batch])
+            owners = {id(unit): (memory, units) for memory, units, unit in batch}
+            by_units: dict[int, tuple[UserMemory, UserUnits, list[MemoryUnit], list[np.ndarray]]] = {}
+            for unit, vector in zip(embedded, vectors):
+                memory, units = owners[id(unit)]
+                entry = by_units.setdefault(id(units), (memory, units, [], []))
+                entry[2].append(unit)
+                entry[3].append(vector)
+            for memory, units, taken, taken_vectors in by_units.values():
+                stacked = np.asarray(taken_vectors, dtype=np.float32)
+                units.set_vectors(taken, stacked)
+                self.embeddings.share_unit_vectors(taken, stacked)
+                memory.dirty = True
+                done += len(taken)
 
     async def _embed_units(self, batch: list[MemoryUnit]) -> tuple[list[MemoryUnit], np.ndarray]:
         try:

@@ -82,6 +82,28 @@ def test_queued_turns_are_embedded_in_one_batch_and_applied_in_order():
     asyncio.run(go())
 
 
+def test_one_turn_each_of_many_users_is_embedded_in_one_call():
+    async def go():
+        embedder = RecordingEmbedder()
+        s = shard(embedder)
+        users = [f"user-{i}" for i in range(5)]
+        for user in users:
+            await s.users.get("t", user)  # loaded before, as users with history are
+        results = await asyncio.gather(*[
+            s.absorb_turn("t", user, f"s-{user}", 0, turn(f"I work as a {job}."), wait=True)
+            for user, job in zip(users, ["nurse", "pilot", "baker", "judge", "chef"])])
+        assert all([d["action"] for d in r["decisions"]] == ["add"] for r in results)
+        unit_calls = [c for c in embedder.calls if any(t.startswith("User: ") for t in c)]
+        assert [len(c) for c in unit_calls] == [10]  # user and assistant message of 5 users
+        for user, job in zip(users, ["nurse", "pilot", "baker", "judge", "chef"]):
+            memory = s.users.find(("t", user))
+            assert len(memory.units.dense) == 2
+            found = await s.search_units("t", user, f"What is my job as a {job}?", mode="dense")
+            assert f"I work as a {job}." in found[0].line
+
+    asyncio.run(go())
+
+
 def test_a_failing_turn_fails_alone_and_its_batch_is_applied():
     async def go():
         embedder = RecordingEmbedder()
