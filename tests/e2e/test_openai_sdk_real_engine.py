@@ -276,10 +276,12 @@ def test_streamed_tool_calls_have_openais_delta_shape(client):
     ))
     calls: dict[int, dict] = {}
     reasons = []
+    deltas = []
     for chunk in stream:
         for choice in chunk.choices:
             reasons.append(choice.finish_reason)
             for d in choice.delta.tool_calls or ():
+                deltas.append(d)
                 entry = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
                 entry["id"] = entry["id"] or d.id
                 entry["name"] += (d.function.name or "") if d.function else ""
@@ -287,6 +289,11 @@ def test_streamed_tool_calls_have_openais_delta_shape(client):
     assert [r for r in reasons if r] == ["tool_calls"]
     assert list(calls) == [0] and calls[0]["id"].startswith("call_") and calls[0]["name"] == "get_weather"
     jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS["get_weather"])
+    # OpenAI's shape: the first delta names the call with empty arguments, fragments follow
+    first = deltas[0]
+    assert (first.type, first.function.name, first.function.arguments) == ("function", "get_weather", "")
+    fragments = [d.function.arguments for d in deltas[1:]]
+    assert len(fragments) > 1 and all(f and d.id is None for f, d in zip(fragments, deltas[1:]))
 
 
 # -- embeddings ---------------------------------------------------------------------------------
@@ -391,6 +398,11 @@ def test_responses_stream_typed_events_and_tools(client):
     ))
     kinds = [e.type for e in streamed]
     assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+    fragments = [e.delta for e in streamed if e.type == "response.function_call_arguments.delta"]
+    (done,) = [e for e in streamed if e.type == "response.function_call_arguments.done"]
+    assert len(fragments) > 1 and "".join(fragments) == done.arguments
+    jsonschema.validate(json.loads(done.arguments), SCHEMAS["get_weather"])
+    assert streamed[-1].response.output[0].arguments == done.arguments
 
 
 LONG = "Llamas live in the high Andes and eat grass. " * 40  # about 600 of the 1024 tokens
