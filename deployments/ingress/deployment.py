@@ -59,8 +59,14 @@ from deployments.protocol import (
     SessionList,
     parse_request,
 )
-from deployments.protocol_responses import EmbeddingRequest
-from deployments.responses.api import IngressResponses
+from deployments.protocol_responses import (
+    ConversationCreateRequest,
+    ConversationItemsRequest,
+    EmbeddingRequest,
+    ResponseCreateRequest,
+)
+from deployments.responses.api import ResponsesApi
+from deployments.responses.store import ResponseStore
 from deployments.serve_logging import quiet_client_errors
 
 log = get_logger("deployments.ingress.deployment")
@@ -77,7 +83,7 @@ def _parse(model: type, value: Any) -> Any:
         raise as_mai_error(exc) from None
 
 
-class Ingress(IngressResponses):
+class Ingress:
     """Routes requests to the models, keeps sessions and their memory (see the module docstring,
     ``deployments.ingress.memory`` and ``deployments.responses.api``)."""
 
@@ -109,6 +115,11 @@ class Ingress(IngressResponses):
         # Memory shards (deployment actors memory-0..M-1); no client when memory is off.
         client = MemoryClient(memory.shards) if memory is not None and memory.enabled else None
         self.memory = IngressMemory(self.sessions, self.observe, client)
+        # /v1/responses and /v1/conversations: on the session store, through the chat path.
+        self.responses = ResponsesApi(
+            store=ResponseStore(self.sessions), memory=self.memory, chat=self.chat,
+            chat_stream=self.chat_stream, delete_session=self.delete_session, check_model=self._model,
+        )
         if not self.auth.enabled:
             log.warning(
                 "authentication is off: serving.api_keys is empty, every caller is tenant "
@@ -148,7 +159,7 @@ class Ingress(IngressResponses):
             response = self.output.chat_response(response, output)
         self.observe.remember(request, tenant, response)
         if request.session_id:
-            await self._store_turn(request, tenant, _answer_text(response), context)
+            await self._store_turn(request, tenant, _answer_message(response), context)
             response.session_id = request.session_id
         return response
 
@@ -179,9 +190,8 @@ class Ingress(IngressResponses):
             await chunks.aclose()
             if not chunks.upstream_finished:  # the client left, or the pipeline ended it
                 stream.cancel()
-        context.answer = calls.text
         if request.session_id and chunks.complete:
-            await self._store_turn(request, tenant, chunks.text or context.answer, context)
+            await self._store_turn(request, tenant, calls.stored(chunks.text), context)
 
     async def complete(
         self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
@@ -238,6 +248,51 @@ class Ingress(IngressResponses):
         await self.memory.forget_session(tenant, session_id)
         await self.sessions.delete(session_id, tenant)
         return SessionDeleted(id=session_id)
+
+    # -- responses and conversations (``deployments.responses.api``) --------------------------
+
+    async def create_response(
+        self, request: ResponseCreateRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        return await self.responses.create_response(request, tenant)
+
+    async def create_response_stream(
+        self, request: ResponseCreateRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[dict[str, Any]]:
+        events = self.responses.create_response_stream(request, tenant)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def get_response(self, response_id: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.responses.get_response(response_id, tenant)
+
+    async def delete_response(self, response_id: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.responses.delete_response(response_id, tenant)
+
+    async def create_conversation(
+        self, request: ConversationCreateRequest | dict | None = None, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        return await self.responses.create_conversation(request, tenant)
+
+    async def get_conversation(self, conversation_id: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.responses.get_conversation(conversation_id, tenant)
+
+    async def delete_conversation(self, conversation_id: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.responses.delete_conversation(conversation_id, tenant)
+
+    async def list_conversation_items(
+        self, conversation_id: str, tenant: str = DEFAULT_TENANT, limit: int = 20, order: str = "desc",
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        return await self.responses.list_conversation_items(conversation_id, tenant, limit, order, after)
+
+    async def add_conversation_items(
+        self, conversation_id: str, request: ConversationItemsRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        return await self.responses.add_conversation_items(conversation_id, request, tenant)
 
     # -- memory (an M-AI extension; ``deployments.ingress.memory``) ---------------------------
 
@@ -383,10 +438,10 @@ class Ingress(IngressResponses):
         return handle
 
     async def _store_turn(
-        self, request: ChatCompletionRequest, tenant: str, answer: str, context: SessionContext
+        self, request: ChatCompletionRequest, tenant: str, answer: dict[str, Any], context: SessionContext
     ) -> None:
-        turn = [m.as_dict() for m in request.messages if m.role not in ("system", "developer")]
-        turn.append({"role": "assistant", "content": answer})
+        turn = [m.stored() for m in request.messages if m.role not in ("system", "developer")]
+        turn.append(answer)
         with self.observe.session_op("append"):
             count = await self.sessions.append(
                 request.session_id, tenant, turn, request_id=uuid.uuid4().hex
@@ -395,10 +450,6 @@ class Ingress(IngressResponses):
         # memory keeps who said what: a message's OpenAI `name` is its speaker
         named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in request.messages if m.role not in ("system", "developer")]
         self.memory.remember_turn(context, tenant, request.session_id, count, [*named, turn[-1]])
-
-    async def session_context(self, request: ChatCompletionRequest, tenant: str) -> SessionContext:
-        """The session's context for ``request`` (``deployments.ingress.memory``)."""
-        return await self.memory.session_context(request, tenant)
 
 
 def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -415,16 +466,16 @@ def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any
     return found
 
 
-def _answer_text(response: ChatCompletionResponse) -> str:
+def _answer_message(response: ChatCompletionResponse) -> dict[str, Any]:
     """What a session keeps of the first choice: its text, or its tool calls as the JSON the
-    model wrote (``protocol.ChatMessage.as_dict`` renders them the same way)."""
+    model wrote with their typed items (``protocol.ChatMessage.stored``)."""
     message = response.choices[0].message
     if message.tool_calls:
         calls = [c.model_dump() for c in message.tool_calls]
         return ChatMessage.model_validate(
             {"role": "assistant", "content": message.content, "tool_calls": calls}
-        ).as_dict()["content"]
-    return message.content or ""
+        ).stored()
+    return {"role": "assistant", "content": message.content or ""}
 
 
 __all__ = ["Ingress"]

@@ -2,10 +2,11 @@
 OpenAI's shapes, and tool calls (parsed from the answer, streamed as ``tool_calls`` deltas).
 
 A chat stream with tools holds a choice's text back while it may still be tool-call JSON
-(it starts with ``{`` or ``[``; always, when decoding is constrained to a call); at the
-choice's end the JSON becomes ``tool_calls`` deltas (per call: id, type and name, then the
-arguments) and ``finish_reason`` ``tool_calls``, or the held text goes out as content.
-Text that cannot be a call streams as it comes.
+(it starts with ``{`` or ``[``); at the choice's end the JSON becomes ``tool_calls`` deltas
+(per call: id, type and name, then the arguments) and ``finish_reason`` ``tool_calls``, or the
+held text goes out as content. Text that cannot be a call streams as it comes. When decoding
+is constrained to a call (``required``, a named function) the text is a call from the start:
+its deltas stream as it is generated (``deployments.ingress.tool_call_stream``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from deployments.ingress.tool_call_stream import ToolCallStream
 from deployments.ingress.tool_calls import may_be_tool_call, parse_tool_calls
 from deployments.protocol import (
     AssistantMessage,
@@ -127,11 +129,14 @@ class _ChatChoiceStream:
         self.constrained = constrained
         self.held = ""
         self.held_logprobs: list[TokenLogprob] = []
+        self.streamed = ToolCallStream() if constrained else None
 
     def choices(self, out: RequestOutput) -> list[ChatChunkChoice]:
         check_output(out)
         self.token_ids += len(out.token_ids)
         text, logprobs = out.text, out.logprobs
+        if self.streamed is not None:
+            return self._stream_calls(out)
         if self.holding:
             self.held += text
             self.held_logprobs += logprobs or []
@@ -149,6 +154,28 @@ class _ChatChoiceStream:
         delta = DeltaMessage(role=None if self.sent_role else "assistant", content=text)
         lp = self.texts.chat(logprobs) if self.texts is not None and logprobs is not None else None
         return [self._choice(delta, out.finish_reason, lp)]
+
+    def _stream_calls(self, out: RequestOutput) -> list[ChatChunkChoice]:
+        """Constrained to a call: its deltas as they complete (logprobs of the tokens so far
+        with each); a choice cut short before any call's name is whole ends as held text."""
+        assert self.streamed is not None
+        self.held += out.text
+        self.held_logprobs += out.logprobs or []
+        deltas = self.streamed.feed(out.text)
+        if out.finish_reason is not None and not self.streamed.started:
+            return self._finish_held(out)
+        chunks = []
+        if deltas or (out.finish_reason is not None and self.held_logprobs):
+            lp = self.texts.chat(self.held_logprobs) if self.texts is not None and out.logprobs is not None else None
+            self.held_logprobs = []
+            role = None if self.sent_role else "assistant"
+            chunks.append(self._choice(DeltaMessage(role=role, tool_calls=deltas or None), None, lp))
+        if out.finish_reason is not None:
+            finish = "tool_calls" if out.finish_reason == "stop" else out.finish_reason
+            chunks.append(self._choice(DeltaMessage(), finish, None))
+        elif not chunks and not self.sent_role:
+            chunks.append(self._choice(DeltaMessage(role="assistant", content=""), None, None))
+        return chunks
 
     def _finish_held(self, out: RequestOutput) -> list[ChatChunkChoice]:
         calls = parse_tool_calls(self.held, self.request) if out.finish_reason == "stop" or not self.constrained else None

@@ -22,7 +22,7 @@ import json
 import uuid
 from typing import Any
 
-from deployments.protocol import ChatCompletionRequest
+from deployments.protocol import ChatCompletionRequest, ChatMessage
 from deployments.protocol_tools import FunctionCallOut, ToolCallOut
 
 MAX_PARALLEL_CALLS = 4
@@ -167,23 +167,21 @@ class ToolCallCollector:
             if choice.index != 0 or delta is None or not delta.tool_calls:
                 continue
             for d in delta.tool_calls:
-                call = self.calls.setdefault(d.index, {"name": "", "arguments": ""})
+                call = self.calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = call["id"] or d.id or ""
                 call["name"] += d.function.name or ""
                 call["arguments"] += d.function.arguments or ""
 
-    @property
-    def text(self) -> str:
-        """The calls as the JSON the model wrote ("" without calls)."""
-        if not self.calls:
-            return ""
-        calls = []
-        for _, call in sorted(self.calls.items()):
-            try:
-                arguments = json.loads(call["arguments"] or "{}")
-            except ValueError:
-                arguments = call["arguments"]
-            calls.append({"name": call["name"], "arguments": arguments})
-        return json.dumps(calls[0] if len(calls) == 1 else calls)
+    def stored(self, content: str) -> dict[str, Any]:
+        """The answer as a session keeps it: ``content``, or else the calls with their typed
+        items (``ChatMessage.stored``)."""
+        if content or not self.calls:
+            return {"role": "assistant", "content": content}
+        calls = [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for _, c in sorted(self.calls.items())
+        ]
+        return ChatMessage.model_validate({"role": "assistant", "tool_calls": calls}).stored()
 
 
 __all__ = [
