@@ -2,7 +2,7 @@
 
     ingress (HTTP + handle API, N replicas) ──► LLMServer "llm-<model>" (one deployment per model)
        │  deployment actors: sessions-0..S-1          └─ per replica: placement group (STRICT_PACK)
-       │  (the session store shards)                      bundle 0: the replica, 1..tp: ShardActors
+       │  (the session store shards)                      bundle 0: the replica, 1..tp: RankActors
        │  and memory-0..M-1 (the memory shards, unless memory.enabled is false)
 
 ``build_app(config)`` returns the Serve application; ``app_builder(args)`` does the same from

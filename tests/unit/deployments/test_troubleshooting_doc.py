@@ -173,6 +173,19 @@ def test_a_misspelled_key_gets_the_closest_known_one(tmp_path, monkeypatch):
     assert caught.value.param == "serving.prot"
 
 
+def test_a_renamed_key_names_its_new_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("m-ai.yaml").write_text(
+        "serving: {shard_num_cpus: 1, shard_start_timeout_s: 60}\nmodels: [{cpu_threads_per_shard: 2}]\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config("m-ai.yaml")
+    message = caught.value.message
+    assert "serving.shard_num_cpus: unknown field (got 1); it was renamed to `rank_num_cpus`" in message
+    assert "serving.shard_start_timeout_s: unknown field (got 60); it was renamed to `rank_start_timeout_s`" in message
+    assert "models.0.cpu_threads_per_shard: unknown field (got 2); it was renamed to `cpu_threads_per_rank`" in message
+
+
 def test_the_live_update_and_overlay_messages_are_quoted(tmp_path, monkeypatch):
     from cluster.config import ModelConfig
 
