@@ -55,7 +55,7 @@ def quoted_messages() -> list[str]:
     for line in DOC.read_text(encoding="utf-8").splitlines():
         if line.startswith("| `") or line.startswith("| ``"):
             first_cell = re.split(r"\s\|\s", line[2:], maxsplit=1)[0]
-            messages += [m for _, m in CODE_SPAN.findall(first_cell)]
+            messages += [m.strip() for _, m in CODE_SPAN.findall(first_cell)]  # markdown drops the padding space
         elif line.startswith("`") and " — " in line:  # the 413, 499 and 500 paragraphs
             messages += [m for _, m in CODE_SPAN.findall(line.split(" — ")[0])]
     return [m for m in messages if len(m) > 12 and not m.startswith(("GET ", "m-ai ", "serve "))]
@@ -149,6 +149,7 @@ CONFIG_FILES = {
     "models:\n  - model_size: tiny\n    contxt_length: 1024\n": "models.0.contxt_length",
     "serving: {min_replicas: 3, max_replicas: 2}\n": "min_replicas=3",
     'serving: {api_keys: {"sk-abc": acme}}\n': "sha256",
+    "serving: {shard_num_cpus: 1}\n": "renamed",
 }
 
 
