@@ -15,6 +15,8 @@ then, in order:
   5xx than a designed 503).
 
 ``migrated_streams_identical`` is reported as null: mid-stream migration is not implemented.
+``tests/chaos`` (``make test-chaos``) runs this with fewer writes and a shorter burst and
+asserts the targets.
 
     python benchmarks/faults.py --out faults.json
 """
