@@ -68,6 +68,12 @@ class ServingConfig(BaseModel):
         description="Requests waiting for a replica before new ones get 429 with Retry-After. "
         "None: the model's max_queued_requests; -1: unbounded.",
     )
+    session_affinity: bool = Field(
+        True,
+        description="Send a session's turns to the model replica whose prefix cache holds its "
+        "earlier turns (a consistent hash on the session id; the less loaded of two other "
+        "replicas when that one is full or gone). False: Serve's power of two choices for all.",
+    )
     retry_after_s: float = Field(
         1.0, ge=0, description="Retry-After sent with 429 and 503 answers."
     )
