@@ -83,6 +83,12 @@ def _parse(model: type, value: Any) -> Any:
         raise as_mai_error(exc) from None
 
 
+def _routed(handle: Any, session_id: str | None) -> Any:
+    """A session's requests name it, so the model deployment's router (``serving.session_affinity``)
+    sends them to the replica whose prefix cache holds the session's earlier turns."""
+    return handle.options(session_id=session_id) if session_id else handle
+
+
 class Ingress:
     """Routes requests to the models, keeps sessions and their memory (see the module docstring,
     ``deployments.ingress.memory`` and ``deployments.responses.api``)."""
@@ -149,7 +155,7 @@ class Ingress:
         output = self.output.open_choices(request, tenant)
         context = context or await self.memory.session_context(request, tenant)
         try:
-            response = await handle.chat.remote(
+            response = await _routed(handle, request.session_id).chat.remote(
                 context.request, context.history_len, self.observe.trace(),
                 context.recall, context.system_prompt,
             )
@@ -175,7 +181,7 @@ class Ingress:
         output = self.output.open_choices(request, tenant)
         context = context or await self.memory.session_context(request, tenant)
         full = with_usage(context.request) if output is not None else context.request
-        stream = self._streaming[request.model].chat_stream.remote(
+        stream = _routed(self._streaming[request.model], request.session_id).chat_stream.remote(
             full, context.history_len, self.observe.trace(), context.recall, context.system_prompt
         )
         chunks = ProcessedStream(stream, output, request.include_usage)

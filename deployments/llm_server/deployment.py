@@ -1,7 +1,7 @@
-"""One replica of one model: its shard actors, its request path, its live configuration.
+"""One replica of one model: its rank actors, its request path, its live configuration.
 
 A plain class (``serve.deployment`` is applied in ``app.py``) that takes the engine class as a
-parameter. On start it creates the replica's tensor-parallel ``ShardActor``s in the placement
+parameter. On start it creates the replica's tensor-parallel ``RankActor``s in the placement
 group Serve reserved with the replica (``actors.tp.rank_group``), waits until they have loaded,
 and fetches the tokenizer from rank 0. Each request is templated and checked here, then handed
 to rank 0 in one streaming Ray call; rank 0's engine core batches it with the others.
@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from actors.memory.recall.context import ContextAssembler
-from actors.tp.rank_group import ShardGroup
+from actors.tp.rank_group import RankGroup
 from cluster.autoscaling.latency_window import LatencyWindow
 from cluster.autoscaling.policy import QUEUE_KEY, TTFT_KEY
 from cluster.config import LIVE_FIELDS, ModelConfig, plan_update
@@ -59,7 +59,7 @@ log = get_logger("deployments.llm_server.deployment")
 
 
 def _replica_label() -> str:
-    """A name unique to this replica (Serve's replica id), for its shard actors."""
+    """A name unique to this replica (Serve's replica id), for its rank actors."""
     try:
         from ray import serve
 
@@ -103,19 +103,19 @@ class LLMServer(RankRecovery):
         self.pacing = StreamPacing(
             self.serving.stream_interval_ms / 1000, self.serving.stream_max_events_per_s
         )
-        shard_bundle = replica_bundles(self.serving, model_config)[1]
+        rank_bundle = replica_bundles(self.serving, model_config)[1]
         group_options = {
-            "name_prefix": f"m-ai-shard-{_replica_label()}",
+            "name_prefix": f"m-ai-rank-{_replica_label()}",
             "engine_cls": engine_cls,
             "engine_options": engine_options,
-            "num_cpus": shard_bundle["CPU"],
-            "num_gpus": shard_bundle.get("GPU", 0.0),
+            "num_cpus": rank_bundle["CPU"],
+            "num_gpus": rank_bundle.get("GPU", 0.0),
         }
         started = time.monotonic()
-        self.shards = ShardGroup.start(model_config, **group_options)
-        await self.shards.wait_loaded(self.serving.shard_start_timeout_s)
+        self.ranks = RankGroup.start(model_config, **group_options)
+        await self.ranks.wait_loaded(self.serving.rank_start_timeout_s)
         self._supervise(group_options, time.monotonic() - started)  # rank_recovery.py
-        self.tokenizer = await self.shards.rank0.get_tokenizer.remote()
+        self.tokenizer = await self.ranks.rank0.get_tokenizer.remote()
         self.token_texts = oa.TokenTexts(self.tokenizer)  # logprobs' token strings
         # Prompts of session requests with a memory recall (actors.memory_context).
         self.assembler = ContextAssembler(self.tokenizer, (memory or MemoryConfig()).context)
@@ -127,7 +127,7 @@ class LLMServer(RankRecovery):
 
     def _start_monitor(self) -> None:
         self.monitor = ReplicaMonitor(
-            self.recorder, self.shards, self.config, self.serving.metrics_interval_s, self.latency
+            self.recorder, self.ranks, self.config, self.serving.metrics_interval_s, self.latency
         ).start()
 
     def _stop_monitor(self) -> None:
@@ -180,7 +180,7 @@ class LLMServer(RankRecovery):
             live.stream_max_events_per_s or self.serving.stream_max_events_per_s,
         )
         if update.config != self.config:
-            await self.shards.rank0.update_config.remote(update.config)
+            await self.ranks.rank0.update_config.remote(update.config)
             self.config = update.config
         log.info(
             "live configuration applied",
@@ -406,7 +406,7 @@ class LLMServer(RankRecovery):
         if down is not None:  # the ranks are being rebuilt: say so at once
             timing.fail(down)
             raise down
-        rank0 = self.shards.rank0
+        rank0 = self.ranks.rank0
         extra = {"share_prompt_of": share_prompt_of} if share_prompt_of else {}
         refs = rank0.generate.remote(prompt_ids, params, request_id, pacing, **extra)
         finished = False
@@ -451,7 +451,7 @@ class LLMServer(RankRecovery):
         not while the replica rebuilds its ranks itself (rank_recovery.py), unless that failed."""
         if self.check_recovery():
             return
-        await self.shards.check_health(timeout_s=min(10.0, self.serving.health_check_timeout_s))
+        await self.ranks.check_health(timeout_s=min(10.0, self.serving.health_check_timeout_s))
 
     async def health(self) -> dict[str, Any]:
         """The engine's stats (and a refused live update), or ``EngineDeadError``. A handle call:
@@ -464,13 +464,13 @@ class LLMServer(RankRecovery):
 
     async def stats(self) -> dict[str, Any]:
         try:
-            stats = await self.shards.rank0.stats.remote()
+            stats = await self.ranks.rank0.stats.remote()
         except Exception as exc:
             raise as_mai_error(exc) from None
         return asdict(stats)
 
     async def describe(self) -> dict[str, Any]:
-        """This replica's shards (actor names, rank order, and their namespace) and its
+        """This replica's ranks (actor names, rank order, and their namespace) and its
         placement group, for operators and tests."""
         import ray
         from ray.util.placement_group import get_current_placement_group
@@ -479,9 +479,9 @@ class LLMServer(RankRecovery):
         table = ray.util.placement_group_table(pg) if pg is not None else {}
         return {
             "model": self.name,
-            "shard_names": list(self.shards.names),
+            "rank_names": list(self.ranks.names),
             "namespace": ray.get_runtime_context().namespace,
-            "shards": [await a.describe.remote() for a in self.shards.actors],
+            "ranks": [await a.describe.remote() for a in self.ranks.actors],
             "placement_group": {
                 "id": pg.id.hex() if pg else None,
                 "strategy": table.get("strategy"),
@@ -500,9 +500,9 @@ class LLMServer(RankRecovery):
         )
         self._stop_monitor()
         self.stop_supervision()
-        shards = getattr(self, "shards", None)
-        if shards is not None:
-            shards.kill()
+        ranks = getattr(self, "ranks", None)
+        if ranks is not None:
+            ranks.kill()
 
 
 def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:

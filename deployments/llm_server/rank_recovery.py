@@ -1,6 +1,6 @@
 """A model replica that loses a rank rebuilds its rank group itself, at once.
 
-Mixed into ``LLMServer`` (which provides ``shards``, ``serving``, ``name``, ``config`` and
+Mixed into ``LLMServer`` (which provides ``ranks``, ``serving``, ``name``, ``config`` and
 ``_start_monitor``). Without it a dead rank is noticed by Serve's health check only after
 several failed periods, and every request in between fails with no word on ``/health``.
 Here (actors/tp/supervision.py) the replica learns of the death the moment it happens, and:
@@ -9,7 +9,7 @@ Here (actors/tp/supervision.py) the replica learns of the death the moment it ha
    ``Retry-After`` = the rest of the expected rebuild time: the group's last load time);
 2. answers new requests at once with a 503 that says the same, in our words;
 3. ends the rest of the old group, starts a new one in the same placement group bundles and
-   waits until it has loaded (``serving.shard_start_timeout_s``), then serves again and clears
+   waits until it has loaded (``serving.rank_start_timeout_s``), then serves again and clears
    the board. A rebuild that fails makes ``check_health`` raise: Serve replaces the replica.
 
 Recovery therefore takes one group load, less than a whole replica's replacement (health
@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from actors.tp.rank_group import ShardGroup
+from actors.tp.rank_group import RankGroup
 from actors.tp.supervision import RankSupervisor, clear_failure, post_failure
 from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
@@ -43,20 +43,20 @@ def _serve_ids() -> tuple[str, str, str]:
 class RankRecovery:
     """Supervision of the rank group and its rebuild (see the module docstring)."""
 
-    shards: ShardGroup
+    ranks: RankGroup
     name: str
     serving: Any
     config: Any
 
     def _supervise(self, group_options: dict[str, Any], load_s: float) -> None:
-        """Start watching the ranks; ``group_options``: how ``ShardGroup.start`` made them."""
+        """Start watching the ranks; ``group_options``: how ``RankGroup.start`` made them."""
         self._group_options = group_options
         self._load_s = load_s
         self._generation = 1
         self.failure: dict[str, Any] | None = None  # set while the group is rebuilt
         self.rebuild_failed: str | None = None
         self._supervisor = RankSupervisor(self._on_rank_failure)
-        self._supervisor.watch(self.shards.actors)
+        self._supervisor.watch(self.ranks.actors)
 
     def unavailable(self) -> EngineDeadError | None:
         """The error for a request while the ranks are rebuilt or after the replica stopped
@@ -88,13 +88,13 @@ class RankRecovery:
     async def _rebuild(self, rank: int) -> None:
         started = time.monotonic()
         self._stop_monitor()  # type: ignore[attr-defined]
-        self.shards.kill()
+        self.ranks.kill()
         self._generation += 1
         options = dict(self._group_options)
         options["name_prefix"] = f"{options['name_prefix']}-g{self._generation}"
         try:
-            group = ShardGroup.start(self.config, **options)
-            await group.wait_loaded(self.serving.shard_start_timeout_s)
+            group = RankGroup.start(self.config, **options)
+            await group.wait_loaded(self.serving.rank_start_timeout_s)
         except Exception as exc:
             self.rebuild_failed = (
                 f"model {self.name}: a replica could not restart its ranks after rank {rank} "
@@ -102,7 +102,7 @@ class RankRecovery:
             )
             log.error("rank group rebuild failed", extra={"model": self.name, "error": str(exc)[:300]})
             return
-        self.shards = group
+        self.ranks = group
         self._load_s = time.monotonic() - started
         self._start_monitor()  # type: ignore[attr-defined]
         self._supervisor.watch(group.actors)

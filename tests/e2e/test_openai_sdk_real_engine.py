@@ -62,7 +62,7 @@ def make_config(tiny_checkpoint, state_uri: str):
                 "session_state_uri": state_uri,
                 "session_store_shards": 2,
                 "ingress_replicas": 2,
-                "shard_num_cpus": 1.0,
+                "rank_num_cpus": 1.0,
                 "api_keys": {hash_api_key(KEY): "acme", hash_api_key(KEY_OTHER): "globex"},
             },
             "memory": base.memory.model_dump(mode="json"),
