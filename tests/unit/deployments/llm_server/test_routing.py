@@ -39,7 +39,7 @@ def echo(serve_cluster):
 
 def test_a_sessions_requests_reach_one_replica_and_sessions_spread(echo):
     served: dict[str, set[str]] = defaultdict(set)
-    for turn in range(5):
+    for _turn in range(5):
         for i in range(12):
             served[f"sess-{i}"].add(echo.options(session_id=f"sess-{i}").who.remote().result())
     assert all(len(replicas) == 1 for replicas in served.values()), served
