@@ -63,7 +63,7 @@ def test_requests_record_metrics_and_diagnostics_name_decode(app):
     assert report["mean_s"]["decode"] == pytest.approx(39 / 250, rel=0.5)
     assert "tensor-parallel" in report["recommendation"]
     unknown = httpx.get(app.url + "/v1/diagnostics", params={"model": "nope"}, timeout=30)
-    assert unknown.status_code == 400
+    assert unknown.status_code == 404  # OpenAI's model_not_found
 
 
 def test_deterministic_requests_are_answered_from_the_tenant_s_cache(app):
@@ -104,7 +104,7 @@ def test_batch_job_runs_resumes_and_survives_bad_lines(app, tmp_path):
     results = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert results["r3"]["response"]["status_code"] == 200
     assert results["r3"]["response"]["body"]["usage"]["completion_tokens"] == 8
-    assert results["wrong-model"]["response"]["status_code"] == 400
+    assert results["wrong-model"]["response"]["status_code"] == 404  # OpenAI's model_not_found
     assert results["line-12"]["error"]["code"] == "invalid_request"
     again = asyncio.run(run_batch(app.handle, src, out, concurrency=8))
     assert (again.skipped, again.succeeded, again.failed) == (12, 0, 0)

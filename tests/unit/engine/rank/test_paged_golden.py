@@ -47,9 +47,13 @@ def test_preempted_and_resumed_sequences_match_hugging_face(tiny_checkpoint, hf_
     with LLMEngine.from_config(config) as engine:
         prompts = [engine.tokenizer.encode(t) for t in TEXTS]
         streams = []
-        for p in prompts:  # joining at different steps
+        for p in prompts:  # joining at different steps: the next one right after a step (a
+            # wall-clock pause let a loaded machine finish the first ones before the last joined)
+            steps = engine.stats().steps
             streams.append(engine.submit(p, SamplingParams(max_tokens=n_out, **GREEDY)))
-            time.sleep(0.05)
+            deadline = time.monotonic() + 10
+            while engine.stats().steps <= steps and time.monotonic() < deadline:
+                time.sleep(0.001)
         deltas = [[t for out in s for t in out.token_ids] for s in streams]
         stats = engine.stats()
     assert stats.num_preemptions > 0
