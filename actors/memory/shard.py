@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from actors.memory.absorb_worker import AbsorbWorker
+from actors.memory.learning.absorb_worker import AbsorbWorker
 from actors.memory.api import MemoryApi, history_turns
 from actors.memory.catchup import missed_turns
 from actors.memory.embedding import ShardEmbeddings

@@ -37,7 +37,7 @@ from actors.memory.users import MemoryUsers
 from cluster.config.memory import MemoryConfig
 from cluster.logging_setup import get_logger
 
-log = get_logger("actors.memory.absorb_worker")
+log = get_logger("actors.memory.learning.absorb_worker")
 
 ABSORB_BATCH = 64  # queued turns analysed together (their facts embedded in one call)
 
