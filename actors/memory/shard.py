@@ -26,13 +26,13 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from actors.memory.learning.absorb_worker import AbsorbWorker
 from actors.memory.api import MemoryApi, history_turns
 from actors.memory.catchup import missed_turns
 from actors.memory.embedding import ShardEmbeddings
 from actors.memory.episodic import expire_sessions, summarize_user
 from actors.memory.forget import SessionForgetting
 from actors.memory.learning.absorb import Absorber, AbsorbJob, UserMemory
+from actors.memory.learning.absorb_worker import AbsorbWorker
 from actors.memory.learning.extraction import ModelFactExtractor, RuleFactExtractor, as_memory_query
 from actors.memory.learning.summarizer import ExtractiveSummarizer, ModelSummarizer
 from actors.memory.recall.context import AssembledContext, ContextAssembler
