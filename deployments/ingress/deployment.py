@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,18 +33,17 @@ from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error, brief
 from deployments.ingress.auth import DEFAULT_TENANT, ApiKeyAuth
 from deployments.ingress.embeddings import EmbeddingService
-from deployments.ingress.memory import IngressMemory, SessionContext
+from deployments.ingress.memory import IngressMemory
 from deployments.ingress.memory_client import MemoryClient
 from deployments.ingress.observability import IngressObservability
-from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor, with_usage
+from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor
 from deployments.ingress.sessions import SessionClient
-from deployments.ingress.tool_calls import ToolCallCollector
 from deployments.live_config_status import read_refusal
+from deployments.messages import ChoiceDelta, ModelRequest, SessionContext
 from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
     CompletionRequest,
     CompletionResponse,
     MemoryCreateRequest,
@@ -131,24 +129,19 @@ class Ingress(IngressResponses):
         """A whole chat completion (``request.stream`` is ignored; see ``chat_stream``).
         ``context``: the session context when the caller built it (the Responses API)."""
         request = _parse(ChatCompletionRequest, request)
-        handle = self._model(request.model)
+        self._model(request.model)
         cached = self.observe.cached(request, tenant)
         if cached is not None:
             return cached
         output = self.output.open_choices(request, tenant)
         context = context or await self.memory.session_context(request, tenant)
-        try:
-            response = await handle.chat.remote(
-                context.request, context.history_len, self.observe.trace(),
-                context.recall, context.system_prompt,
-            )
-        except Exception as exc:
-            raise self._failed(exc, request.model) from None
+        message = self._message(context, tenant, stream=False)
+        finals = [delta async for delta in self._deltas(message)]
         with self.observe.timed("output_processing", request.model):
-            response = self.output.chat_response(response, output)
+            response, answer = self.output.chat_response(request, finals, output)
         self.observe.remember(request, tenant, response)
         if request.session_id:
-            await self._store_turn(request, tenant, _answer_text(response), context)
+            await self._store_turn(request, message, answer)
             response.session_id = request.session_id
         return response
 
@@ -163,41 +156,26 @@ class Ingress(IngressResponses):
         self._model(request.model)
         output = self.output.open_choices(request, tenant)
         context = context or await self.memory.session_context(request, tenant)
-        full = with_usage(context.request) if output is not None else context.request
-        stream = self._streaming[request.model].chat_stream.remote(
-            full, context.history_len, self.observe.trace(), context.recall, context.system_prompt
-        )
-        chunks = ProcessedStream(stream, output, request.include_usage)
-        calls = ToolCallCollector()
-        try:
-            async for chunk in chunks:
-                calls.add(chunk)
-                yield chunk
-        except Exception as exc:
-            raise self._failed(exc, request.model) from None
-        finally:
-            await chunks.aclose()
-            if not chunks.upstream_finished:  # the client left, or the pipeline ended it
-                stream.cancel()
-        context.answer = calls.text
-        if request.session_id and chunks.complete:
-            await self._store_turn(request, tenant, chunks.text or context.answer, context)
+        message = self._message(context, tenant, stream=True)
+        stream = ProcessedStream(self._deltas(message), output, request.include_usage, request)
+        async for chunk in self._chunks(stream, request.model):
+            yield chunk
+        if request.session_id and stream.complete:
+            await self._store_turn(request, message, stream.text)
 
     async def complete(
         self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
     ) -> CompletionResponse:
         request = _parse(CompletionRequest, request)
-        handle = self._model(request.model)
+        self._model(request.model)
         cached = self.observe.cached(request, tenant)
         if cached is not None:
             return cached
         output = self.output.open_choices(request, tenant)
-        try:
-            response = await handle.complete.remote(request, self.observe.trace())
-        except Exception as exc:
-            raise self._failed(exc, request.model) from None
+        message = self._message(SessionContext(request), tenant, stream=False)
+        finals = [delta async for delta in self._deltas(message)]
         with self.observe.timed("output_processing", request.model):
-            response = self.output.completion_response(response, output)
+            response = self.output.completion_response(request, finals, output)
         self.observe.remember(request, tenant, response)
         return response
 
@@ -207,18 +185,10 @@ class Ingress(IngressResponses):
         request = _parse(CompletionRequest, request)
         self._model(request.model)
         output = self.output.open_choices(request, tenant)
-        upstream = with_usage(request) if output is not None else request
-        stream = self._streaming[request.model].complete_stream.remote(upstream, self.observe.trace())
-        chunks = ProcessedStream(stream, output, request.include_usage)
-        try:
-            async for chunk in chunks:
-                yield chunk
-        except Exception as exc:
-            raise self._failed(exc, request.model) from None
-        finally:
-            await chunks.aclose()
-            if not chunks.upstream_finished:
-                stream.cancel()
+        message = self._message(SessionContext(request), tenant, stream=True)
+        stream = ProcessedStream(self._deltas(message), output, request.include_usage, request)
+        async for chunk in self._chunks(stream, request.model):
+            yield chunk
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -382,18 +352,52 @@ class Ingress(IngressResponses):
             )
         return handle
 
-    async def _store_turn(
-        self, request: ChatCompletionRequest, tenant: str, answer: str, context: SessionContext
-    ) -> None:
-        turn = [m.as_dict() for m in request.messages if m.role not in ("system", "developer")]
+    @staticmethod
+    def _message(context: SessionContext, tenant: str, stream: bool) -> ModelRequest:
+        """The one message the request travels in to its model (``deployments.messages``)."""
+        return ModelRequest(context, tenant, stream, sent_at=time.time())
+
+    async def _deltas(self, message: ModelRequest) -> AsyncIterator[ChoiceDelta]:
+        """The engine's deltas for ``message`` from its model's replicas. Closing this stream
+        before its end (the client left, or the output pipeline ended the answer) cancels
+        the generation: the one cancellation path, hop by hop down to the engine."""
+        model = message.body.model
+        stream = self._streaming[model].generate.remote(message)
+        finished = False
+        try:
+            async for delta in stream:
+                yield delta
+            finished = True
+        except Exception as exc:
+            finished = True  # the replica ended it
+            raise self._failed(exc, model) from None
+        finally:
+            if not finished:
+                stream.cancel()
+
+    async def _chunks(self, stream: ProcessedStream, model: str) -> AsyncIterator[Any]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        except Exception as exc:
+            raise self._failed(exc, model) from None
+        finally:
+            await stream.aclose()
+
+    async def _store_turn(self, request: ChatCompletionRequest, message: ModelRequest, answer: str) -> None:
+        """The client's turn (not the session history it was sent with) and the answer."""
+        assert request.session_id
+        tenant, context = message.tenant, message.context
+        kept = [m for m in request.messages if m.role not in ("system", "developer")]
+        turn = [m.as_dict() for m in kept]
         turn.append({"role": "assistant", "content": answer})
         with self.observe.session_op("append"):
             count = await self.sessions.append(
-                request.session_id, tenant, turn, request_id=uuid.uuid4().hex
+                request.session_id, tenant, turn, request_id=message.request_id
             )
         context.stored_count = count
         # memory keeps who said what: a message's OpenAI `name` is its speaker
-        named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in request.messages if m.role not in ("system", "developer")]
+        named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in kept]
         self.memory.remember_turn(context, tenant, request.session_id, count, [*named, turn[-1]])
 
     async def session_context(self, request: ChatCompletionRequest, tenant: str) -> SessionContext:
@@ -413,18 +417,6 @@ def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any
         except Exception:  # the board is an aid: Serve's status still answers
             log.warning("health board unreadable", exc_info=True)
     return found
-
-
-def _answer_text(response: ChatCompletionResponse) -> str:
-    """What a session keeps of the first choice: its text, or its tool calls as the JSON the
-    model wrote (``protocol.ChatMessage.as_dict`` renders them the same way)."""
-    message = response.choices[0].message
-    if message.tool_calls:
-        calls = [c.model_dump() for c in message.tool_calls]
-        return ChatMessage.model_validate(
-            {"role": "assistant", "content": message.content, "tool_calls": calls}
-        ).as_dict()["content"]
-    return message.content or ""
 
 
 __all__ = ["Ingress"]

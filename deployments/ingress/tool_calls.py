@@ -22,6 +22,7 @@ import json
 import uuid
 from typing import Any
 
+from deployments.ingress.openai_outputs import Piece
 from deployments.protocol import ChatCompletionRequest
 from deployments.protocol_tools import FunctionCallOut, ToolCallOut
 
@@ -154,40 +155,49 @@ def may_be_tool_call(text: str) -> bool:
     return not stripped or stripped[0] in "[{"
 
 
-class ToolCallCollector:
-    """The tool calls of a stream's first choice, gathered from its deltas (what a session
-    stores of a streamed answer that called tools)."""
+class ToolCallHold:
+    """One choice of a chat answer with tools, on its way out: holds the text back while it
+    may still be tool-call JSON (it starts with ``{`` or ``[``; always, when decoding is
+    constrained to a call), then releases it as text, or at the choice's end turns it into
+    a piece with ``tool_calls``. Text that cannot be a call passes as it comes."""
 
-    def __init__(self) -> None:
-        self.calls: dict[int, dict[str, str]] = {}
+    def __init__(self, request: ChatCompletionRequest) -> None:
+        self.request = request
+        self.holding = request.tool_mode != "none"
+        self.constrained = request.tool_mode in ("required", "named")
+        self.held: list[Piece] = []
 
-    def add(self, chunk: Any) -> None:
-        for choice in getattr(chunk, "choices", ()):
-            delta = getattr(choice, "delta", None)
-            if choice.index != 0 or delta is None or not delta.tool_calls:
-                continue
-            for d in delta.tool_calls:
-                call = self.calls.setdefault(d.index, {"name": "", "arguments": ""})
-                call["name"] += d.function.name or ""
-                call["arguments"] += d.function.arguments or ""
+    def feed(self, piece: Piece) -> list[Piece]:
+        if not self.holding:
+            return [piece]
+        self.held.append(piece)
+        text = "".join(p.text for p in self.held)
+        if not self.constrained and not may_be_tool_call(text):
+            self.holding = False  # plain text: release what was held, then stream
+            return [self._release(text, piece.finish_reason)]
+        if piece.finish_reason is None:
+            # nothing to show yet: an empty first piece (the role), then nothing
+            return [Piece(piece.index, echo=piece.echo)] if len(self.held) == 1 else []
+        calls = None
+        if piece.finish_reason == "stop" or not self.constrained:
+            calls = parse_tool_calls(text, self.request)
+        if calls:
+            return [Piece(piece.index, "", "tool_calls", self._logprobs(), tool_calls=calls)]
+        return [self._release(text, piece.finish_reason)]
 
-    @property
-    def text(self) -> str:
-        """The calls as the JSON the model wrote ("" without calls)."""
-        if not self.calls:
-            return ""
-        calls = []
-        for _, call in sorted(self.calls.items()):
-            try:
-                arguments = json.loads(call["arguments"] or "{}")
-            except ValueError:
-                arguments = call["arguments"]
-            calls.append({"name": call["name"], "arguments": arguments})
-        return json.dumps(calls[0] if len(calls) == 1 else calls)
+    def _release(self, text: str, finish_reason: str | None) -> Piece:
+        index, logprobs = self.held[0].index, self._logprobs()
+        self.held = []
+        return Piece(index, text, finish_reason, logprobs)
+
+    def _logprobs(self) -> list | None:
+        if all(p.logprobs is None for p in self.held):
+            return None
+        return [lp for p in self.held for lp in (p.logprobs or ())]
 
 
 __all__ = [
-    "ToolCallCollector",
+    "ToolCallHold",
     "tools_prompt",
     "llama_messages",
     "call_schema",
