@@ -191,7 +191,10 @@ class AnswerShaper:
     @property
     def text(self) -> str:
         if self._calls:
-            return ChatMessage(role="assistant", tool_calls=self._calls).as_dict()["content"]
+            calls = [c.model_dump() for c in self._calls]
+            return ChatMessage.model_validate(
+                {"role": "assistant", "content": None, "tool_calls": calls}
+            ).as_dict()["content"]
         return self.result.text if self.result is not None else "".join(self._passed)
 
     def usage(self) -> Usage:
