@@ -122,8 +122,9 @@ class LLMEngine:
     @classmethod
     def load_tokenizer(cls, config: ModelConfig, **_options: Any) -> Tokenizer:
         """The tokenizer of ``config``'s checkpoint, loaded where it is used (the serving
-        layer templates and counts prompts with it; the ranks have the checkpoint cached)."""
-        return load_tokenizer(resolve_checkpoint(config))
+        layer templates and counts prompts with it). Only the checkpoint's small files are
+        needed: a store version is not pulled whole for it (the ranks pull the weights)."""
+        return load_tokenizer(resolve_checkpoint(config.model_copy(update={"lazy_load": True})))
 
     @classmethod
     def from_worker(cls, worker: TPWorker, config: ModelConfig) -> LLMEngine:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from actors.tp.supervision import remaining_s
@@ -136,9 +137,13 @@ class Ingress(IngressResponses):
         output = self.output.open_choices(request, tenant)
         context = context or await self.memory.session_context(request, tenant)
         message = self._message(context, tenant, stream=False)
-        finals = [delta async for delta in self._deltas(message)]
-        with self.observe.timed("output_processing", request.model):
-            response, answer = self.output.chat_response(request, finals, output)
+        try:
+            async with aclosing(self._deltas(message)) as deltas:
+                finals = [delta async for delta in deltas]
+            with self.observe.timed("output_processing", request.model):
+                response, answer = self.output.chat_response(request, finals, output)
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
         self.observe.remember(request, tenant, response)
         if request.session_id:
             await self._store_turn(request, message, answer)
@@ -158,8 +163,13 @@ class Ingress(IngressResponses):
         context = context or await self.memory.session_context(request, tenant)
         message = self._message(context, tenant, stream=True)
         stream = ProcessedStream(self._deltas(message), output, request.include_usage, request)
-        async for chunk in self._chunks(stream, request.model):
-            yield chunk
+        try:
+            async for chunk in stream:
+                yield chunk
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
+        finally:
+            await stream.aclose()  # closes the deltas' stream: cancels what still runs
         if request.session_id and stream.complete:
             await self._store_turn(request, message, stream.text)
 
@@ -173,9 +183,13 @@ class Ingress(IngressResponses):
             return cached
         output = self.output.open_choices(request, tenant)
         message = self._message(SessionContext(request), tenant, stream=False)
-        finals = [delta async for delta in self._deltas(message)]
-        with self.observe.timed("output_processing", request.model):
-            response = self.output.completion_response(request, finals, output)
+        try:
+            async with aclosing(self._deltas(message)) as deltas:
+                finals = [delta async for delta in deltas]
+            with self.observe.timed("output_processing", request.model):
+                response = self.output.completion_response(request, finals, output)
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
         self.observe.remember(request, tenant, response)
         return response
 
@@ -187,8 +201,13 @@ class Ingress(IngressResponses):
         output = self.output.open_choices(request, tenant)
         message = self._message(SessionContext(request), tenant, stream=True)
         stream = ProcessedStream(self._deltas(message), output, request.include_usage, request)
-        async for chunk in self._chunks(stream, request.model):
-            yield chunk
+        try:
+            async for chunk in stream:
+                yield chunk
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
+        finally:
+            await stream.aclose()  # closes the deltas' stream: cancels what still runs
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -361,28 +380,18 @@ class Ingress(IngressResponses):
         """The engine's deltas for ``message`` from its model's replicas. Closing this stream
         before its end (the client left, or the output pipeline ended the answer) cancels
         the generation: the one cancellation path, hop by hop down to the engine."""
-        model = message.body.model
-        stream = self._streaming[model].generate.remote(message)
+        stream = self._streaming[message.body.model].generate.remote(message)
         finished = False
         try:
             async for delta in stream:
                 yield delta
             finished = True
-        except Exception as exc:
-            finished = True  # the replica ended it
-            raise self._failed(exc, model) from None
+        except Exception:
+            finished = True  # the replica ended it (the caller turns it into our error)
+            raise
         finally:
             if not finished:
                 stream.cancel()
-
-    async def _chunks(self, stream: ProcessedStream, model: str) -> AsyncIterator[Any]:
-        try:
-            async for chunk in stream:
-                yield chunk
-        except Exception as exc:
-            raise self._failed(exc, model) from None
-        finally:
-            await stream.aclose()
 
     async def _store_turn(self, request: ChatCompletionRequest, message: ModelRequest, answer: str) -> None:
         """The client's turn (not the session history it was sent with) and the answer."""
