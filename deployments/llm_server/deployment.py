@@ -110,7 +110,7 @@ class LLMServer:
         }
         started = time.monotonic()
         group = ShardGroup.start(model_config, **group_options)
-        await group.wait_loaded(self.serving.shard_start_timeout_s)
+        await group.wait_loaded(self.serving.shard_start_timeout_s)  # ends the group if it fails
         # The rank group, watched and rebuilt at once when a rank dies (rank_recovery.py).
         self.ranks = RankRecovery(
             group, group_options, time.monotonic() - started,
