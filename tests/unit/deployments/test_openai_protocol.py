@@ -14,8 +14,8 @@ from deployments.errors import validation_error
 from deployments.ingress.openai_adapter import sampling_params
 from deployments.ingress.openai_outputs import ChatChunks, chat_response
 from deployments.ingress.output_processing import AnswerShaper, whole_answer
-from deployments.messages import ChoiceDelta
 from deployments.ingress.tool_calls import call_schema, llama_messages, parse_tool_calls
+from deployments.messages import ChoiceDelta
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.responses.items import input_messages, output_items
 from engine.types import RequestOutput
