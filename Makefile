@@ -9,7 +9,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 IMAGE   ?= m-ai:0.1.0
 
-.PHONY: help venv tools run chat test test-slow test-load test-all lint bench bench-peers checkpoint \
+.PHONY: help venv tools run chat test test-slow test-load test-chaos test-all lint bench bench-peers checkpoint \
 	clean image image-cpu gpu-check
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make test       the default test suite (unit, integration, e2e)"
 	@echo "make test-slow  tests marked slow"
 	@echo "make test-load  load, soak and leak tests"
+	@echo "make test-chaos processes killed by pid under load, on the real engine"
 	@echo "make bench      the benchmarks (JSON under out/)"
 	@echo "make bench-peers  vLLM's CPU build in its own venv, then M-AI vs vLLM (out/vs_vllm.json)"
 	@echo "make lint       ruff"
@@ -55,13 +56,16 @@ tools:
 		|| echo "prometheus not installed: its tests will be skipped"
 
 test: venv tools
-	$(PYTEST) -q -m "not slow and not load and not gpu" tests
+	$(PYTEST) -q -m "not slow and not load and not gpu and not chaos" tests
 
 test-slow: venv
 	$(PYTEST) -q -m slow tests
 
 test-load: venv
 	$(PYTEST) -q -m load tests/load
+
+test-chaos: venv
+	$(PYTEST) -q -m chaos tests/chaos
 
 test-all: venv
 	$(PYTEST) -q -m "not gpu" tests

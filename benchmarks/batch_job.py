@@ -60,7 +60,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         config = build_app_config({
             "models": [{"name": "m-ai-tiny", "max_num_seqs": 32, "max_queued_requests": 1024}],
-            "serving": {"replica_num_cpus": 0.5, "shard_num_cpus": 1, "max_ongoing_requests": 64},
+            "serving": {"replica_num_cpus": 0.5, "rank_num_cpus": 1, "max_ongoing_requests": 64},
         }, "benchmark")
         options = {"tokens_per_s": args.tokens_per_s, "first_token_delay_s": args.first_token_s,
                    "tokenizer": "bytes", "repeat": True}

@@ -15,6 +15,8 @@ then, in order:
   5xx than a designed 503).
 
 ``migrated_streams_identical`` is reported as null: mid-stream migration is not implemented.
+``tests/chaos`` (``make test-chaos``) runs this with fewer writes and a shorter burst and
+asserts the targets.
 
     python benchmarks/faults.py --out faults.json
 """
@@ -189,7 +191,7 @@ def start(args: argparse.Namespace) -> tuple[str, str]:
     config = build_app_config({
         "models": [{"tp_size": 2, "max_num_seqs": 16, "temperature": 0.0}],
         "serving": {"session_state_uri": f"{state}/sessions", "health_check_period_s": args.health_check_period_s,
-                    "shard_num_cpus": 1.0, "max_ongoing_requests": 64},
+                    "rank_num_cpus": 1.0, "max_ongoing_requests": 64},
         "memory": {"storage_uri": f"{state}/memory", "embedder": "hashing"},
     }, "faults benchmark")
     serve.run(build_app(config, engine_cls=None), name="faults", route_prefix="/faults")
@@ -220,7 +222,7 @@ def main() -> None:
 
         llm = serve.get_deployment_handle(deployment_name(ModelConfig(name=MODEL)), app)
         describe = llm.describe.remote().result()
-        out["rank_kill"] = fault_scenario(url, http, int(describe["shards"][1]["pid"]))
+        out["rank_kill"] = fault_scenario(url, http, int(describe["ranks"][1]["pid"]))
         log("replica kill ...")
         out["replica_kill"] = fault_scenario(url, http, pid_of("SERVE_REPLICA::" + app + "#llm-", app))
         log(f"burst of {args.burst} at {args.concurrency} ...")

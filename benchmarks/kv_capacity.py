@@ -13,8 +13,8 @@
    prefix caching off, i.e. cold prompts of the same lengths. Median turn-10 time to first
    token, cold over warm. The KV memory the cached conversations hold is reported.
 
-The same through the HTTP API with 2 replicas (where routing decides whether a session's
-blocks are reused) is not part of this script.
+The same through the HTTP API with 2 replicas, where routing decides whether a session's
+blocks are reused: ``benchmarks/session_routing.py``.
 
 Writes JSON (``--out``).
 """

@@ -28,6 +28,9 @@ question, retrieval, packing, exact token fit), wall and CPU time, and absorb th
 (turns per second until the shard is drained: units, their embeddings, facts and summaries
 included), per wall second and per CPU second (what one shard on an uncontended core does;
 other processes on the machine inflate the wall figures, the JSON records the load average).
+The turns are fed as the ingress feeds them after replies: ``absorb_turn`` returns once the
+turn is in the window and queued, and the shard's worker analyses the queued turns in
+batches (actors/memory/absorb_worker.py); the clock stops when the queue is drained.
 
 ``python benchmarks/locomo.py --data locomo10.json --out F`` writes JSON with
 ``evidence_recall``, ``answer_coverage``, ``best_baseline_evidence_recall``,

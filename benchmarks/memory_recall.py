@@ -263,7 +263,7 @@ async def build_user(embedder, tokenizer, n: int, seed: int, root: Path, conv: C
     import_s = time.perf_counter() - started
     # as many memory units (absorbed messages) as facts, so that hybrid retrieval (dense +
     # BM25 + signals) runs over n of them as well
-    memory = await shard._user("bench", "big")
+    memory = await shard.users.get("bench", "big")
     units = [MemoryUnit(i + 1, "sess-imported", i, 0, "user", None, item["text"], 1.7e9 + 60 * i)
              for i, item in enumerate(items)]
     for unit in units:

@@ -345,7 +345,7 @@ def start_server(args: argparse.Namespace) -> tuple[str, str]:
             "serving": {
                 "replica_num_cpus": 0.1,
                 "ingress_num_cpus": 0.1,
-                "shard_num_cpus": 1.0,
+                "rank_num_cpus": 1.0,
                 "graceful_shutdown_timeout_s": 1,
                 "graceful_shutdown_wait_loop_s": 0.1,
             },

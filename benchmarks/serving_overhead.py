@@ -4,9 +4,9 @@ One run, one engine configuration, the same prompts and sampling on every path:
 
 - ``engine``: the engine driven directly in this process (``engine.generate``), no Ray;
 - ``handle``: ``serve.get_app_handle(...).options(stream=True).chat_stream.remote(request)``
-  from this process (ingress -> LLMServer -> shard actor -> engine);
+  from this process (ingress -> LLMServer -> rank actor -> engine);
 - ``http``: ``POST /v1/chat/completions`` with ``stream=true`` through Serve's HTTP proxy,
-  read as Server-Sent Events (proxy -> ingress -> LLMServer -> shard actor -> engine).
+  read as Server-Sent Events (proxy -> ingress -> LLMServer -> rank actor -> engine).
 
 At 1 and 32 concurrent streams (a client keeps that many requests in flight) it reports output
 tokens/s (all tokens / wall time) and time to first token (request sent -> first text). At 1
@@ -16,7 +16,7 @@ a change in the machine's load hits them alike; the JSON records the load averag
 
 ``--engine real`` (default): the tiny model on the CPU (TP=1, one thread), the engine the
 figures are claimed for; on a small machine its forward passes compete with Ray's processes
-for the same cores (and the shard's event loop for its GIL), which a GPU deployment does not
+for the same cores (and rank 0's event loop for its GIL), which a GPU deployment does not
 have. ``--engine fake``: ``engine.fake_engine.FakeEngine`` paced at ``--tokens-per-s`` per
 stream after a ``--prefill-ms`` first-token delay (a Llama-2-7B-class decode on a GPU), one
 token per byte: it takes next to no CPU, and its pace bounds what any path can reach, so a
@@ -183,7 +183,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.engine == "real":
         return None
     # One token per byte: the fake engine's own detokenizing then costs next to nothing, so the
-    # shard's CPU is the serving layer's (the tiny tokenizer re-decodes each whole answer).
+    # rank 0's CPU is the serving layer's (the tiny tokenizer re-decodes each whole answer).
     return {
         "tokens_per_s": args.tokens_per_s,
         "first_token_delay_s": args.prefill_ms / 1000,

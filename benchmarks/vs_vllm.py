@@ -12,7 +12,7 @@ requests, from submitting them all to the last token.
 vLLM runs from its own virtual environment (``make bench-peers`` makes one under
 ``.cache/peers/vllm``; ``--vllm-python`` points elsewhere). Its threads are bound with
 ``VLLM_CPU_OMP_THREADS_BIND`` (``0`` for one, ``0-1`` for two) and its KV cache is
-``VLLM_CPU_KVCACHE_SPACE`` GiB; M-AI gets ``cpu_threads_per_shard`` threads. Where vLLM
+``VLLM_CPU_KVCACHE_SPACE`` GiB; M-AI gets ``cpu_threads_per_rank`` threads. Where vLLM
 cannot run, its error is written to the JSON and M-AI's figures alone are reported.
 
 Prints and writes (``--out``) ``speedup_vs_vllm_1t`` and ``speedup_vs_vllm_2t`` (tiny) and
@@ -64,7 +64,7 @@ def run_mai(model_dir: str, size: str, threads: int) -> dict:
     prompts, outputs = workload()
     config = ModelConfig(model_size=size, checkpoint=model_dir, dtype="float32", device="cpu",
                          max_num_seqs=MAX_IN_FLIGHT, max_batched_tokens=2048, context_length=CONTEXT,
-                         max_tokens=256, cpu_threads_per_shard=threads, enable_prefix_caching=False)
+                         max_tokens=256, cpu_threads_per_rank=threads, enable_prefix_caching=False)
     with LLMEngine.from_config(config) as engine:
         warm = engine.submit(prompts[0][:40], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         warm.result()

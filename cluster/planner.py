@@ -1,15 +1,15 @@
-"""Device planning: which precision, how many shards, how many replicas, how much KV cache.
+"""Device planning: which precision, how many ranks, how many replicas, how much KV cache.
 
 Pure functions over the catalog's sizes (no torch at import). ``plan_deployment`` takes the
 machine and what is wanted (model, dtype or quantization, context, batch) and returns a
 ``DevicePlan``, or raises ``ConfigError`` explaining what is missing and what would fit.
 
-Order of choices, cheapest in quality first: the requested precision on the fewest shards
+Order of choices, cheapest in quality first: the requested precision on the fewest ranks
 that hold the whole batch; then the same precision with a smaller batch (throughput, not
 quality, is what shrinks); only when the weights themselves do not fit, 8-bit then 4-bit
-weights (bitsandbytes; one shard). Every fallback is logged and listed in the plan.
+weights (bitsandbytes; one rank). Every fallback is logged and listed in the plan.
 
-Memory model per shard (conservative; documented in docs/models.md):
+Memory model per rank (conservative; documented in docs/models.md):
   GPU: gpu_memory * GPU_MEMORY_UTILIZATION >= weights/tp + KV cache + CUDA_RESERVE + activations
   CPU: ram * CPU_MEMORY_UTILIZATION >= weights + KV cache + tp * (CPU_PROCESS_RESERVE + activations)
 """
@@ -31,7 +31,7 @@ GPU_MEMORY_UTILIZATION = 0.90  # the rest is left to the allocator's fragmentati
 CUDA_RESERVE_BYTES = 1 * GIB  # CUDA context, cuBLAS workspace
 MAX_POOL_SEQUENCES = 4  # the KV pool holds at most this many full contexts per running slot
 CPU_MEMORY_UTILIZATION = 0.80  # the OS, Ray's own processes, the page cache of the weights
-CPU_PROCESS_RESERVE_BYTES = GIB // 2  # Python, torch and DeepSpeed in each shard process
+CPU_PROCESS_RESERVE_BYTES = GIB // 2  # Python, torch and DeepSpeed in each rank process
 MAX_CPU_TP = 8  # beyond this the gloo all-reduce per layer dominates a decode step
 GPU_SIZES_GIB = (16, 24, 40, 48, 80, 94, 141)  # common cards, for "a GPU of >= N GiB" hints
 
@@ -114,21 +114,21 @@ class DevicePlan:
     context_length: int
     max_num_seqs: int
     max_batched_tokens: int
-    cpu_threads_per_shard: int
-    weight_bytes_per_shard: int
-    kv_bytes_per_token_per_shard: int
-    kv_budget_bytes_per_shard: int
-    reserved_bytes_per_shard: int
-    usable_bytes_per_shard: int
+    cpu_threads_per_rank: int
+    weight_bytes_per_rank: int
+    kv_bytes_per_token_per_rank: int
+    kv_budget_bytes_per_rank: int
+    reserved_bytes_per_rank: int
+    usable_bytes_per_rank: int
     fallbacks: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     kv_block_size: int = 16
 
     @property
     def kv_cache_blocks(self) -> int:
-        """Blocks of the paged KV pool per shard: the KV budget, capped at 4 x max_num_seqs
+        """Blocks of the paged KV pool per rank: the KV budget, capped at 4 x max_num_seqs
         full-length sequences (the rest of the prefix cache would rarely be hit)."""
-        budget = self.kv_budget_bytes_per_shard // (self.kv_bytes_per_token_per_shard * self.kv_block_size)
+        budget = self.kv_budget_bytes_per_rank // (self.kv_bytes_per_token_per_rank * self.kv_block_size)
         cap = MAX_POOL_SEQUENCES * self.max_num_seqs * -(-self.context_length // self.kv_block_size)
         return max(1, min(budget, cap))
 
@@ -138,7 +138,7 @@ class DevicePlan:
 
     @property
     def kv_tokens_per_replica(self) -> int:
-        return self.kv_budget_bytes_per_shard // self.kv_bytes_per_token_per_shard
+        return self.kv_budget_bytes_per_rank // self.kv_bytes_per_token_per_rank
 
     def model_config_fields(self) -> dict:
         """The ``ModelConfig`` fields this plan decides (device placement follows them)."""
@@ -147,7 +147,7 @@ class DevicePlan:
             "dtype": self.dtype,
             "quantization": self.quantization,
             "tp_size": self.tp_size,
-            "cpu_threads_per_shard": self.cpu_threads_per_shard,
+            "cpu_threads_per_rank": self.cpu_threads_per_rank,
             "context_length": self.context_length,
             "max_num_seqs": self.max_num_seqs,
             "max_batched_tokens": max(self.max_batched_tokens, self.max_num_seqs),
@@ -159,8 +159,8 @@ class DevicePlan:
 # -- memory arithmetic ----------------------------------------------------------------------
 
 
-def shard_weight_bytes(arch: LlamaArchitecture, dtype: str, quantization: str | None, tp_size: int) -> int:
-    """Weights on one shard: AutoTP splits the projections and lm_head, replicates the rest."""
+def rank_weight_bytes(arch: LlamaArchitecture, dtype: str, quantization: str | None, tp_size: int) -> int:
+    """Weights on one rank: AutoTP splits the projections and lm_head, replicates the rest."""
     if quantization is not None:
         return arch.weight_bytes(dtype, quantization)
     counts = arch.parameter_counts()
@@ -169,7 +169,7 @@ def shard_weight_bytes(arch: LlamaArchitecture, dtype: str, quantization: str | 
 
 
 def activation_bytes(arch: LlamaArchitecture, req: PlanRequest, dtype: str, tp_size: int) -> int:
-    """Peak working memory of one engine step on one shard (a prefill of max_batched_tokens).
+    """Peak working memory of one engine step on one rank (a prefill of max_batched_tokens).
 
     Hidden states and projections of the step's tokens, attention scores as if materialised
     (the CPU's SDPA does), and the fp32 logits of the batch.
@@ -202,7 +202,7 @@ class _Fit:
 
 
 def _fit(arch: LlamaArchitecture, machine: Machine, req: PlanRequest, dtype: str, quant: str | None, tp: int) -> _Fit:
-    weights = shard_weight_bytes(arch, dtype, quant, tp)
+    weights = rank_weight_bytes(arch, dtype, quant, tp)
     act = activation_bytes(arch, req, dtype, tp)
     if machine.has_gpus:
         usable = int(machine.gpu_memory_gib * GIB * GPU_MEMORY_UTILIZATION)
@@ -210,7 +210,7 @@ def _fit(arch: LlamaArchitecture, machine: Machine, req: PlanRequest, dtype: str
         kv_per_token = arch.kv_cache_bytes_per_token(dtype) // tp
         budget = usable - weights - reserved
     else:
-        # One host holds every shard: weights and KV cache add up over the shards.
+        # One host holds every rank: weights and KV cache add up over the ranks.
         usable = int(machine.cpu_memory_gib * GIB * CPU_MEMORY_UTILIZATION)
         reserved = tp * (CPU_PROCESS_RESERVE_BYTES + act)
         kv_per_token = arch.kv_cache_bytes_per_token(dtype)
@@ -242,10 +242,10 @@ def _precisions(req: PlanRequest, machine: Machine) -> tuple[list[tuple[str, str
 
 def _tp_sizes(arch: LlamaArchitecture, machine: Machine, quant: str | None) -> list[int]:
     if quant is not None:
-        return [1]  # bitsandbytes weights are not sharded by AutoTP
+        return [1]  # bitsandbytes weights are not split by AutoTP
     if machine.has_gpus:
         return arch.valid_tp_sizes(machine.gpus_per_node)
-    # On the CPU more shards add compute, not memory: use the cores (one thread per shard).
+    # On the CPU more ranks add compute, not memory: use the cores (one thread per rank).
     return [max(arch.valid_tp_sizes(min(machine.cpu_cores, MAX_CPU_TP)))]
 
 
@@ -307,12 +307,12 @@ def plan_deployment(machine: Machine, req: PlanRequest) -> DevicePlan:
         context_length=req.context_length,
         max_num_seqs=seqs,
         max_batched_tokens=req.max_batched_tokens,
-        cpu_threads_per_shard=1 if gpu or chosen.tp_size > 1 else machine.cpu_cores,
-        weight_bytes_per_shard=chosen.weights,
-        kv_bytes_per_token_per_shard=chosen.kv_per_token,
-        kv_budget_bytes_per_shard=chosen.kv_budget,
-        reserved_bytes_per_shard=chosen.reserved if gpu else chosen.reserved // chosen.tp_size,
-        usable_bytes_per_shard=chosen.usable,
+        cpu_threads_per_rank=1 if gpu or chosen.tp_size > 1 else machine.cpu_cores,
+        weight_bytes_per_rank=chosen.weights,
+        kv_bytes_per_token_per_rank=chosen.kv_per_token,
+        kv_budget_bytes_per_rank=chosen.kv_budget,
+        reserved_bytes_per_rank=chosen.reserved if gpu else chosen.reserved // chosen.tp_size,
+        usable_bytes_per_rank=chosen.usable,
         fallbacks=tuple(fallbacks),
         notes=tuple(notes),
         kv_block_size=req.kv_block_size,
@@ -352,7 +352,7 @@ def _explain_no_fit(spec: ModelSpec, machine: Machine, req: PlanRequest, wanted)
             fixes.append(f"{gpus} GPUs of {_num(machine.gpu_memory_gib)} GiB (tp_size={gpus})")
         if qsizes:
             one = f"one {_num(machine.gpu_memory_gib)} GiB GPU holds {_gib(_fit(arch, machine, req, qdtype, None, 1).usable)}"
-            parts.append(" and ".join(qsizes) + f" on one GPU (quantized weights are not sharded); {one}")
+            parts.append(" and ".join(qsizes) + f" on one GPU (quantized weights are not split); {one}")
         sizes = {q: _gpu_size_needed(arch, machine, req, qdtype, q) for q in ("8bit", "4bit") if q != quant}
         fitting = [q for q, size in sizes.items() if size and size <= machine.gpu_memory_gib]
         if fitting:
@@ -423,14 +423,14 @@ def render_plan(plan: DevicePlan) -> str:
         ("precision", _precision(plan.dtype, plan.quantization)),
         ("tp_size", str(plan.tp_size)),
         ("replicas", f"{plan.replicas} ({plan.replicas_per_node} per node)"),
-        ("weights per shard", _gib(plan.weight_bytes_per_shard)),
-        ("KV cache per shard" if plan.device == "cuda" else "KV cache (host)", _gib(plan.kv_budget_bytes_per_shard)),
+        ("weights per rank", _gib(plan.weight_bytes_per_rank)),
+        ("KV cache per rank" if plan.device == "cuda" else "KV cache (host)", _gib(plan.kv_budget_bytes_per_rank)),
         ("KV tokens per replica", f"{plan.kv_tokens_per_replica:,}"),
         ("KV cache blocks", f"{plan.kv_cache_blocks:,} of {plan.kv_block_size} tokens"),
         ("max_num_seqs", str(plan.max_num_seqs)),
         ("context_length", str(plan.context_length)),
-        ("reserved per shard", _gib(plan.reserved_bytes_per_shard)),
-        ("usable memory", _gib(plan.usable_bytes_per_shard) + (" per GPU" if plan.device == "cuda" else " (host)")),
+        ("reserved per rank", _gib(plan.reserved_bytes_per_rank)),
+        ("usable memory", _gib(plan.usable_bytes_per_rank) + (" per GPU" if plan.device == "cuda" else " (host)")),
     ]
     rows += [("fallback", text) for text in plan.fallbacks]
     rows += [("note", text) for text in plan.notes]
@@ -452,7 +452,7 @@ def plan_for_config(config, machine: Machine | None = None) -> DevicePlan:
 
 
 def apply_plan(config, plan: DevicePlan):
-    """``config`` placed as ``plan`` says (device, dtype, quantization, shards, batch), validated."""
+    """``config`` placed as ``plan`` says (device, dtype, quantization, ranks, batch), validated."""
     from cluster.config import build_model_config
 
     return build_model_config(**{**config.model_dump(), **plan.model_config_fields()})
@@ -481,6 +481,6 @@ __all__ = [
     "local_machine",
     "plan_for_config",
     "apply_plan",
-    "shard_weight_bytes",
+    "rank_weight_bytes",
     "activation_bytes",
 ]

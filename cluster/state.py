@@ -57,12 +57,52 @@ class SessionLimits(BaseModel):
     )
 
 
+class FunctionCallItem(_StateModel):
+    """A call the model made (an assistant message), as the Responses API names it."""
+
+    type: Literal["function_call"] = "function_call"
+    call_id: str
+    name: str
+    arguments: str = Field(description="The arguments as a JSON text.")
+
+
+class FunctionCallOutputItem(_StateModel):
+    """A tool's result for one call (a user message of the Llama 2 prompt)."""
+
+    type: Literal["function_call_output"] = "function_call_output"
+    call_id: str
+    output: str
+
+
+ToolItem = Annotated[FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")]
+
+
 class Message(_StateModel):
     role: Role
     content: str
     token_count: int = Field(0, ge=0, description="Tokens of the content; 0 when not counted.")
     timestamp: float = Field(ge=0, description="Unix time the turn was appended.")
     turn_id: int = Field(ge=0, description="The append (turn) this message belongs to.")
+    tool_items: list[ToolItem] | None = Field(
+        None,
+        description="The typed tool calls of an assistant message, or the tool result a user "
+        "message carries; ``content`` is their text as the model reads it.",
+    )
+
+    @model_validator(mode="after")
+    def _tool_items_fit_the_role(self) -> Message:
+        for item in self.tool_items or ():
+            want = "assistant" if item.type == "function_call" else "user"
+            if self.role != want:
+                raise ValueError(f"a {item.type} item belongs to a {want} message, not {self.role}")
+        return self
+
+    def as_turn(self) -> dict[str, Any]:
+        """``{"role", "content"}``, with ``tool_items`` when the message has them."""
+        turn: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_items:
+            turn["tool_items"] = [item.model_dump() for item in self.tool_items]
+        return turn
 
 
 class ConversationContext(_StateModel):
@@ -209,9 +249,7 @@ class ModelState(_StateModel):
             "turn_count": self.turn_count,
         }
         if with_messages:
-            out["messages"] = [
-                {"role": m.role, "content": m.content} for m in self.conversation_context.messages
-            ]
+            out["messages"] = [m.as_turn() for m in self.conversation_context.messages]
         return out
 
 

@@ -2,7 +2,7 @@
 
     ingress (HTTP + handle API, N replicas) ──► LLMServer "llm-<model>" (one deployment per model)
        │  deployment actors: sessions-0..S-1          └─ per replica: placement group (STRICT_PACK)
-       │  (the session store shards)                      bundle 0: the replica, 1..tp: ShardActors
+       │  (the session store shards)                      bundle 0: the replica, 1..tp: RankActors
        │  and memory-0..M-1 (the memory shards, unless memory.enabled is false)
 
 ``build_app(config)`` returns the Serve application; ``app_builder(args)`` does the same from
@@ -44,6 +44,9 @@ def replica_actor_options(num_cpus: float, serving: ServingConfig) -> dict[str, 
     return {"num_cpus": num_cpus, **({"runtime_env": {"env_vars": env}} if env else {})}
 
 
+SESSION_ROUTER = "deployments.llm_server.routing.SessionAffinityRouter"
+
+
 def llm_deployment_options(
     model: ModelConfig, serving: ServingConfig, live: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -65,6 +68,7 @@ def llm_deployment_options(
         "graceful_shutdown_wait_loop_s": serving.graceful_shutdown_wait_loop_s,
         "user_config": LiveConfig.model_validate(live or {}).model_dump(exclude_none=True),
         **replica_scaling(serving),
+        **({"request_router_config": {"request_router_class": SESSION_ROUTER}} if serving.session_affinity else {}),
     }
 
 

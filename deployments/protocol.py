@@ -150,6 +150,23 @@ class ChatMessage(_Request):
             return {"role": "assistant", "content": f"{text}\n{rendered}" if text else rendered}
         return {"role": self.role, "content": self.text()}
 
+    def stored(self) -> dict[str, Any]:
+        """The message as a session keeps it: its Llama 2 turn (``as_dict``) and, for tool calls
+        and results, their typed ``tool_items`` (``cluster.state.Message``), which the Responses
+        API gives back as function_call / function_call_output items."""
+        turn: dict[str, Any] = self.as_dict()
+        if self.tool_calls:
+            turn["tool_items"] = [
+                {"type": "function_call", "call_id": c.id, "name": c.function.name,
+                 "arguments": c.function.arguments}
+                for c in self.tool_calls
+            ]
+        elif self.role == "tool":
+            turn["tool_items"] = [
+                {"type": "function_call_output", "call_id": self.tool_call_id, "output": self.text()}
+            ]
+        return turn
+
 
 def _json_or_text(arguments: str) -> Any:
     try:
@@ -504,7 +521,11 @@ class SessionInfo(_Response):
     user: str | None = None
     turns: int = Field(0, description="Exchanges so far (a user turn and its reply count as one).")
     message_count: int = Field(0, description="Messages stored (the system prompt not included).")
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = Field(
+        None,
+        description="{role, content}; tool calls and results also carry tool_items (function_call "
+        "{call_id, name, arguments} or function_call_output {call_id, output}).",
+    )
 
 
 class SessionList(_Response):

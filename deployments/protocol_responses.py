@@ -75,7 +75,9 @@ class ResponseCreateRequest(_Request):
     user: str | None = Field(None, max_length=256, description="Whose memory the session feeds.")
     metadata: dict[str, str] | None = Field(None, description="Kept with the response.")
     truncation: Literal["auto", "disabled"] | None = Field(
-        None, description="Accepted: the oldest turns are dropped when the context is full."
+        None,
+        description="disabled (the default): a chain that does not fit the context is a 400; "
+        "auto: the oldest items after instructions are dropped until it fits.",
     )
     include: list[str] | None = Field(None, description="Accepted and ignored.")
     safety_identifier: str | None = Field(None, description="Accepted and ignored.")

@@ -8,7 +8,7 @@
 ``from_config`` runs rank 0 (and the engine core loop, in a thread) in this process and
 starts one process per further tensor-parallel rank (``python -m engine.rank.follower``: the
 caller's script is not imported again, so it needs no ``if __name__ == "__main__":`` guard).
-Inside Ray, the shard actors build the workers themselves and rank 0 calls ``from_worker``.
+Inside Ray, the rank actors build the workers themselves and rank 0 calls ``from_worker``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Coalescing of a request's deltas into fewer stream events.
 
-Every event of a stream costs CPU in each process it crosses (shard actor -> LLM replica ->
-ingress -> HTTP proxy), far more than the token it carries. So the shard sends a delta at once
+Every event of a stream costs CPU in each process it crosses (rank actor -> LLM replica ->
+ingress -> HTTP proxy), far more than the token it carries. So rank 0 sends a delta at once
 when the stream is slow (the previous event is at least one interval old) and, while deltas
 come faster, merges them into one event per interval (the way Ray Serve LLM batches streams).
 The interval grows with the number of concurrent streams so that a replica sends about

@@ -269,14 +269,17 @@ class Tokenizer:
                 sanitize_control_tokens=True,
                 return_dict=False,
             )
+        # split with str.split, not a regex: each call's markers are new, so a pattern would be
+        # compiled on every prompt (re's cache never hits), which cost more than the encoding
         ids: list[int] = []
-        for piece in re.split(f"({re.escape(bos)}|{re.escape(eos)})", text):
-            if piece == bos:
+        for after_bos, between in enumerate(text.split(bos)):
+            if after_bos:
                 ids.append(self.bos_token_id)
-            elif piece == eos:
-                ids.append(self.eos_token_id)
-            elif piece:
-                ids += self.encode(piece, add_bos=False, special_tokens=False)
+            for after_eos, piece in enumerate(between.split(eos)):
+                if after_eos:
+                    ids.append(self.eos_token_id)
+                if piece:
+                    ids += self.encode(piece, add_bos=False, special_tokens=False)
         return ids
 
     @cached_property

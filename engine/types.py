@@ -287,4 +287,4 @@ class AsyncEngineClient(Protocol):
     def stats(self) -> EngineStats: ...
 
     def check_health(self) -> None:
-        """Raise ``EngineDeadError`` when the engine or any shard is gone."""
+        """Raise ``EngineDeadError`` when the engine or any rank is gone."""

@@ -3,7 +3,7 @@
 #   1. installs what is missing: from pip's index, or, offline, from wheels in
 #      $GPU_CHECK_WHEELS (default .whl/, see docs/deployment.md);
 #   2. runs tests/gpu (fp16/bf16 greedy equal to Hugging Face on the tiny and small models,
-#      sharded loading on CUDA, the Ray actor path at tp=1 with Ray's GPU
+#      per-rank loading on CUDA, the Ray actor path at tp=1 with Ray's GPU
 #      isolation, bitsandbytes 8-bit/4-bit), JUnit XML to $OUT_DIR/gpu_tests.xml;
 #   3. measures decode tokens/s of the small model at batch 1 and 32
 #      (benchmarks/gpu_decode.py, $OUT_DIR/gpu_decode.json);
@@ -11,7 +11,7 @@
 #      the figures) and prints it.
 # Exit status: 0 all tests passed, 1 a test failed, 3 no CUDA device (nothing run).
 # One GPU cannot run tensor parallelism over NCCL (tp=2 needs two): tp>1 is covered by the
-# CPU tests (tests/unit/engine/rank/test_sharded_loading.py, tests/unit/engine/test_engine.py).
+# CPU tests (tests/unit/engine/rank/test_slice_loading.py, tests/unit/engine/test_engine.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT_DIR:-out}

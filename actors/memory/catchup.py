@@ -19,15 +19,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from actors.memory.api import history_turns
+from actors.memory.episodic import SessionEpisodes
 
 
-def newest_known(session: object) -> int:
+def newest_known(session: SessionEpisodes) -> int:
     """The newest turn id memory knows of a session (-1: none)."""
-    turns = [t.turn_id for t in (*session.pending, *session.window)]  # type: ignore[attr-defined]
-    return max([session.summarized_through, *turns])  # type: ignore[attr-defined]
+    turns = [t.turn_id for t in (*session.pending, *session.window)]
+    return max([session.summarized_through, *turns])
 
 
-def missed_turns(session: object | None, history: Sequence[dict[str, str]] | None) -> list[tuple[int, list[dict[str, str]]]]:
+def missed_turns(session: SessionEpisodes | None, history: Sequence[dict[str, str]] | None) -> list[tuple[int, list[dict[str, str]]]]:
     """(turn id, messages) of the exchanges in ``history`` (the session store's messages,
     oldest first) that memory has not absorbed, oldest first; none when memory does not
     know the session."""

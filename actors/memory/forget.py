@@ -1,6 +1,7 @@
 """Forgetting a deleted session: what memory absorbed from it goes with it.
 
-Mixed into ``MemoryShard`` (which provides ``users``, ``_jobs`` and ``_schedule_flush``).
+``SessionForgetting`` is held by ``MemoryShard``, with the shard's users, summarizer and
+sentence embeddings; the shard's absorb worker drops the session's queued turns.
 ``DELETE /v1/sessions/{id}`` asks every memory shard to ``forget_session`` before the session
 store deletes the session. On each shard:
 
@@ -21,10 +22,15 @@ not loaded when the session is deleted keeps the session's window in storage unt
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
+
 from actors.memory.episodic import summarize_user
+from actors.memory.users import MemoryUsers
+from cluster.config.memory import EpisodicConfig
 
 FORGOTTEN_KEPT = 100_000
 
@@ -35,34 +41,39 @@ def session_user(session_id: str) -> str:
 
 
 class SessionForgetting:
-    """``forget_session`` and the check that keeps a forgotten session forgotten."""
+    """The forgotten sessions of a shard, and what forgetting one removes."""
 
-    _forgotten: OrderedDict[tuple[str, str], None]  # set in MemoryShard.__init__
+    def __init__(
+        self,
+        users: MemoryUsers,
+        summarizer: Any,
+        embed_sentences: Callable[[list[str]], Awaitable[np.ndarray]],
+        episodic: EpisodicConfig,
+        kept: int = FORGOTTEN_KEPT,
+    ) -> None:
+        self.users = users
+        self.summarizer = summarizer
+        self.embed_sentences = embed_sentences
+        self.episodic = episodic
+        self.kept = kept
+        self._forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def is_forgotten(self, tenant: str, session_id: str) -> bool:
         return (tenant, session_id) in self._forgotten
 
-    async def forget_session(self, tenant: str, session_id: str) -> dict[str, Any]:
-        """Forget what this shard holds of a session (see the module docstring)."""
+    def remember(self, tenant: str, session_id: str) -> None:
+        """From now on, turns of the session are refused."""
         self._forgotten[(tenant, session_id)] = None
         self._forgotten.move_to_end((tenant, session_id))
-        while len(self._forgotten) > FORGOTTEN_KEPT:
+        while len(self._forgotten) > self.kept:
             self._forgotten.popitem(last=False)
-        jobs: deque = self._jobs  # type: ignore[attr-defined]
-        kept = deque(j for j in jobs if not (j.tenant == tenant and j.session_id == session_id))
-        dropped = [j for j in jobs if j.tenant == tenant and j.session_id == session_id]
-        jobs.clear()
-        jobs.extend(kept)
-        for job in dropped:
-            if job.done is not None and not job.done.done():
-                job.done.set_result([])
-        return await self._purge_session(tenant, session_id) | {"turns_dropped": len(dropped)}
 
-    async def _purge_session(self, tenant: str, session_id: str) -> dict[str, Any]:
-        users = self.users  # type: ignore[attr-defined]
-        removed_user = await users.remove(tenant, session_user(session_id))
+    async def purge_session(self, tenant: str, session_id: str) -> dict[str, Any]:
+        """Remove what the loaded users hold of the session (the caller schedules the write
+        when ``windows_removed`` or ``units_removed`` is not zero)."""
+        removed_user = await self.users.remove(tenant, session_user(session_id))
         windows = units = 0
-        for memory in users.loaded():
+        for memory in self.users.loaded():
             if memory.tenant == tenant and memory.units is not None:
                 removed = memory.units.remove_session(session_id)
                 if removed:
@@ -71,12 +82,9 @@ class SessionForgetting:
             if memory.tenant == tenant and memory.episodes.sessions.pop(session_id, None) is not None:
                 # the user summary is rebuilt from the sessions left, so none of this one's
                 # sentences survive in it
-                await summarize_user(memory.episodes, self.absorber.summarizer,  # type: ignore[attr-defined]
-                                     self._embed_cached, self.config.episodic)  # type: ignore[attr-defined]
+                await summarize_user(memory.episodes, self.summarizer, self.embed_sentences, self.episodic)
                 memory.dirty = True
                 windows += 1
-        if windows or units:
-            self._schedule_flush()  # type: ignore[attr-defined]
         return {"object": "memory.session_forgotten", "session_id": session_id,
                 "session_user_removed": removed_user, "windows_removed": windows,
                 "units_removed": units}

@@ -23,20 +23,20 @@ import asyncio
 import os
 import time
 import zlib
-from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
+from actors.memory.absorb_worker import AbsorbWorker
 from actors.memory.api import MemoryApi, history_turns
 from actors.memory.catchup import missed_turns
+from actors.memory.embedding import ShardEmbeddings
 from actors.memory.episodic import expire_sessions, summarize_user
 from actors.memory.forget import SessionForgetting
 from actors.memory.learning.absorb import Absorber, AbsorbJob, UserMemory
 from actors.memory.learning.extraction import ModelFactExtractor, RuleFactExtractor, as_memory_query
 from actors.memory.learning.summarizer import ExtractiveSummarizer, ModelSummarizer
 from actors.memory.recall.context import AssembledContext, ContextAssembler
+from actors.memory.recall.retrieval import RecalledUnit
 from actors.memory.records import Decision, MemoryRecall, RecalledFact, TurnRecord
 from actors.memory.report import MemoryMetrics, memory_report, tenant_usage
 from actors.memory.unit_memory import UnitMemory
@@ -45,13 +45,12 @@ from cluster.config.memory import MemoryConfig
 from cluster.errors import ConfigError
 from cluster.logging_setup import get_logger
 from cluster.plugins import PluginRegistry
-from engine.embeddings import Embedder, build_embedder
+from engine.embeddings import Embedder
 
 log = get_logger("actors.memory.shard")
 
 CLEANUP_EVERY_S = 60.0
 METRICS_EVERY_S = 10.0
-SENTENCE_CACHE = 16_384
 
 
 def shard_for(tenant: str, user: str, shards: int) -> int:
@@ -64,8 +63,10 @@ def approximate_tokens(text: str) -> int:
     return max(1, len(text.encode("utf-8")) // 4) if text else 0
 
 
-class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
-    """The memory of one shard (see the module docstring)."""
+class MemoryShard:
+    """The memory of one shard (see the module docstring). Its parts, each with what it needs:
+    ``users`` (load, write, journal), ``embeddings``, ``units``, ``absorber`` and ``worker``
+    (the background half of a turn), ``forgetting``, ``api`` (the memory API, delegated)."""
 
     def __init__(
         self,
@@ -89,34 +90,31 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
         self.count_tokens: Callable[[str], int] = (
             tokenizer.count_tokens if tokenizer is not None else approximate_tokens
         )
-        self._embedder = embedder
         self.generate = generate
         self.clock = clock
-        self.registry = registry
-        self.users = MemoryUsers(self.config, lambda: self.embedder, clock, read_only=read_only,
-                                 on_loaded=self._requeue_unanalysed, registry=registry)
+        self.embeddings = ShardEmbeddings(self.config, embedder, registry)
+        self.users = MemoryUsers(self.config, lambda: self.embeddings.embedder, clock, read_only=read_only,
+                                 registry=registry)
         self.assembler = ContextAssembler(tokenizer, self.config.context) if tokenizer is not None else None
         self.metrics = MemoryMetrics(shard)
-        self._jobs: deque[AbsorbJob] = deque()
-        self._forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()  # deleted sessions
-        self._wakeup: asyncio.Event | None = None
-        self._idle: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
         self._last_cleanup = self._last_metrics = clock()
-        self._sentence_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self.absorber = Absorber(
-            self.config, self._extractor(), self._summarizer(), self._embed, self._tenant_full,
-            self._embed_cached,
+            self.config, self._extractor(), self._summarizer(), self.embeddings.embed, self._tenant_full,
+            self.embeddings.embed_cached,
         )
+        self.units = UnitMemory(self.config, self.users, self.embeddings, self.count_tokens)
+        self.forgetting = SessionForgetting(self.users, self.absorber.summarizer, self.embeddings.embed_cached,
+                                            self.config.episodic)
+        self.worker = AbsorbWorker(self.config, self.users, self.absorber, self.units, self.forgetting,
+                                   self.embeddings, clock, self._housekeeping)
+        self.users.on_loaded = self.worker.requeue_unanalysed
+        self.api = MemoryApi(self.config, self.users, self.embeddings, clock, self._tenant_full)
 
     # -- components -------------------------------------------------------------------------
 
     @property
     def embedder(self) -> Embedder:
-        if self._embedder is None:
-            ref = self.config.embedder
-            self._embedder = build_embedder(ref.name, ref.options, self.registry)
-        return self._embedder
+        return self.embeddings.embedder
 
     def _extractor(self) -> Any:
         if self.config.extractor == "rules":
@@ -138,26 +136,7 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
                     param="memory.summarizer",
                 )
             return ModelSummarizer(self.generate, self.count_tokens)
-        return _LazyExtractive(self)
-
-    async def _embed(self, texts: list[str]) -> np.ndarray:
-        return await asyncio.to_thread(self.embedder.embed, texts)
-
-    async def _embed_cached(self, texts: list[str]) -> np.ndarray:
-        """Embeddings of summary sentences: summaries of summaries reuse the same sentences,
-        so recent ones are kept (float16, ``SENTENCE_CACHE`` entries)."""
-        cache = self._sentence_vectors
-        missing = list(dict.fromkeys(t for t in texts if t not in cache))
-        if missing:
-            for text, vector in zip(missing, await self._embed(missing)):
-                cache[text] = vector.astype(np.float16)
-        out = np.zeros((len(texts), self.embedder.dimension), dtype=np.float32)
-        for row, text in enumerate(texts):
-            out[row] = cache[text]
-            cache.move_to_end(text)
-        while len(cache) > SENTENCE_CACHE:
-            cache.popitem(last=False)
-        return out
+        return _LazyExtractive(self.embeddings, self.count_tokens)
 
     def _tenant_full(self, tenant: str) -> bool:
         limit = self.config.capacity.tenant_max_bytes
@@ -167,12 +146,6 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
         return used >= limit
 
     # -- users ------------------------------------------------------------------------------
-
-    async def _user(self, tenant: str, user: str) -> UserMemory:
-        return await self.users.get(tenant, user)
-
-    def _schedule_flush(self) -> None:
-        self.users.schedule_flush()
 
     async def flush(self, include_touched: bool = True) -> dict[str, Any]:
         """Write every changed user now; returns users and bytes written."""
@@ -185,14 +158,57 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
     def loaded_users(self) -> list[UserMemory]:
         return self.users.loaded()
 
-    def _requeue_unanalysed(self, memory: UserMemory) -> None:
-        """Turns whose analysis was queued when the previous process stopped are queued again."""
-        for session in memory.episodes.sessions.values():
-            for turn in session.unanalysed():
-                self._jobs.append(AbsorbJob(memory.tenant, memory.user, session.session_id,
-                                            turn.turn_id, turn.messages, turn.created_at))
-        if self._jobs or (memory.units is not None and memory.units.unembedded):
-            self._start_worker()
+    # -- the memory API (actors/memory/api.py) ----------------------------------------------
+
+    async def list_memories(
+        self, tenant: str, user: str, *, include_history: bool = False, limit: int = 100, offset: int = 0
+    ) -> dict[str, Any]:
+        return await self.api.list_memories(tenant, user, include_history=include_history, limit=limit,
+                                            offset=offset)
+
+    async def search_memories(self, tenant: str, user: str, query: str, *, limit: int = 10) -> dict[str, Any]:
+        return await self.api.search_memories(tenant, user, query, limit=limit)
+
+    async def add_memory(
+        self, tenant: str, user: str, text: str, *, kind: str = "attribute", importance: float | None = None,
+        slot: str | None = None, value: str = "",
+    ) -> dict[str, Any]:
+        return await self.api.add_memory(tenant, user, text, kind=kind, importance=importance, slot=slot,
+                                         value=value)
+
+    async def import_memories(self, tenant: str, user: str, items: Sequence[dict[str, Any]],
+                              vectors: Any = None) -> dict[str, Any]:
+        return await self.api.import_memories(tenant, user, items, vectors)
+
+    async def get_memory(self, tenant: str, user: str, memory_id: str) -> dict[str, Any]:
+        return await self.api.get_memory(tenant, user, memory_id)
+
+    async def delete_memory(self, tenant: str, user: str, memory_id: str) -> dict[str, Any]:
+        return await self.api.delete_memory(tenant, user, memory_id)
+
+    async def delete_user_memories(self, tenant: str, user: str) -> dict[str, Any]:
+        return await self.api.delete_user_memories(tenant, user)
+
+    async def search_units(
+        self, tenant: str, user: str, query: str, *, mode: str | None = None, limit: int = 256,
+        session_id: str | None = None,
+    ) -> list[RecalledUnit]:
+        return await self.units.search(tenant, user, query, mode=mode, limit=limit, session_id=session_id)
+
+    # -- forgetting a session (actors/memory/forget.py) -------------------------------------
+
+    def is_forgotten(self, tenant: str, session_id: str) -> bool:
+        return self.forgetting.is_forgotten(tenant, session_id)
+
+    async def forget_session(self, tenant: str, session_id: str) -> dict[str, Any]:
+        """Forget what this shard holds of a session (actors/memory/forget.py): turns of it
+        are refused from now on, its queued turns dropped, its windows and units removed."""
+        self.forgetting.remember(tenant, session_id)
+        dropped = self.worker.drop_session(tenant, session_id)
+        result = await self.forgetting.purge_session(tenant, session_id)
+        if result["windows_removed"] or result["units_removed"]:
+            self.users.schedule_flush()
+        return result | {"turns_dropped": dropped}
 
     # -- absorbing turns --------------------------------------------------------------------
 
@@ -212,11 +228,11 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
         embeddings follow in the background (``wait=True`` returns once they are done, with
         the decisions). ``at``: when the turn was said (epoch seconds; default now), the
         date that units carry and relative dates resolve against."""
-        if self.is_forgotten(tenant, session_id):
+        if self.forgetting.is_forgotten(tenant, session_id):
             return {"queued": False, "reason": f"session {session_id} was deleted"}
-        memory = await self._user(tenant, user)
+        memory = await self.users.get(tenant, user)
         now = self.clock()
-        self._absorb_units(memory, session_id, int(turn_id), messages, now if at is None else float(at))
+        self.units.absorb(memory, session_id, int(turn_id), messages, now if at is None else float(at))
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         tokens = sum(self.count_tokens(m["content"]) for m in messages)
         turn = TurnRecord(int(turn_id), messages, tokens, now)
@@ -224,72 +240,13 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
         if not session.add_turn(turn, self.config.episodic.window_tokens):
             return {"queued": False, "reason": f"turn {turn_id} of {session_id} was absorbed already"}
         memory.dirty = True
-        loop = asyncio.get_running_loop()
         job = AbsorbJob(tenant, user, session_id, int(turn_id), messages, now,
-                        loop.create_future() if wait else None)
-        if len(self._jobs) >= self.config.absorb_queue:
-            dropped = self._jobs.popleft()
-            self._skip(dropped)
-        self._jobs.append(job)
-        self._start_worker()
+                        asyncio.get_running_loop().create_future() if wait else None)
+        self.worker.submit(job)
         if wait and job.done is not None:
             decisions = await job.done
             return {"queued": True, "decisions": [d.public() for d in decisions]}
-        return {"queued": True, "pending": len(self._jobs)}
-
-    def _skip(self, job: AbsorbJob) -> None:
-        """A job dropped from a full queue: its turn is summarized without fact extraction."""
-        log.warning("absorb queue full: oldest turn not analysed",
-                    extra={"tenant": job.tenant, "session": job.session_id, "turn": job.turn_id})
-        memory = self.users.find((job.tenant, job.user))
-        session = memory.episodes.sessions.get(job.session_id) if memory else None
-        turn = session.find_turn(job.turn_id) if session else None
-        if turn is not None:
-            turn.analysed = True
-        if job.done is not None and not job.done.done():
-            job.done.set_result([])
-
-    def _start_worker(self) -> None:
-        if self._wakeup is None:
-            self._wakeup, self._idle = asyncio.Event(), asyncio.Event()
-        self._idle.clear()
-        self._wakeup.set()
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._work())
-
-    async def _work(self) -> None:
-        assert self._wakeup is not None and self._idle is not None
-        while True:
-            while self._jobs or self._has_unembedded():
-                await self._embed_units()
-                if self._jobs:
-                    await self._run_job(self._jobs.popleft())
-            await self._housekeeping()
-            if self._jobs:
-                continue
-            self._idle.set()
-            self._wakeup.clear()
-            await self._wakeup.wait()
-
-    async def _run_job(self, job: AbsorbJob) -> None:
-        try:
-            memory = await self._user(job.tenant, job.user)
-            decisions = await self.absorber.run(memory, job, self.clock())
-            if self.is_forgotten(job.tenant, job.session_id):  # deleted while this turn ran
-                await self._purge_session(job.tenant, job.session_id)
-                decisions = []
-            if memory.episodes.user_summary_dirty and not any(
-                j.tenant == job.tenant and j.user == job.user for j in self._jobs
-            ):
-                await summarize_user(memory.episodes, self.absorber.summarizer, self._embed_cached,
-                                     self.config.episodic)
-            self._schedule_flush()
-            if job.done is not None and not job.done.done():
-                job.done.set_result(decisions)
-        except Exception as exc:
-            log.exception("absorbing a turn failed", extra={"tenant": job.tenant, "session": job.session_id})
-            if job.done is not None and not job.done.done():
-                job.done.set_exception(exc)
+        return {"queued": True, "pending": len(self.worker)}
 
     async def _housekeeping(self) -> None:
         now = self.clock()
@@ -301,11 +258,7 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
 
     async def drain(self) -> None:
         """Wait until every queued turn is absorbed (tests, benchmarks, shutdown)."""
-        while self._jobs or self._has_unembedded() or (self._idle is not None and not self._idle.is_set()):
-            if self._worker is None or self._worker.done():
-                self._start_worker()
-            assert self._idle is not None
-            await self._idle.wait()
+        await self.worker.drain()
 
     # -- context ----------------------------------------------------------------------------
 
@@ -322,7 +275,7 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
         """What memory offers a request: ranked facts for ``query``, the session and user
         summaries (without sentences about superseded facts) and the recent turns. Without
         turns of its own for the session, ``history`` (the session store's messages) is used."""
-        memory = await self._user(tenant, user)
+        memory = await self.users.get(tenant, user)
         if session_id and history:  # turns lost while this shard was down (memory_catchup.py)
             missed = missed_turns(memory.episodes.sessions.get(session_id), history)
             for turn_id, turn in missed:
@@ -341,7 +294,7 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
             # when the rewrite changes nothing, else both go in one batch
             fact_query = as_memory_query(query)
             texts = [query] if fact_query == query else [query, fact_query]
-            vectors = await self._embed(texts)
+            vectors = await self.embeddings.embed(texts)
             unit_vector, fact_vector = vectors[0], vectors[-1]
         if want_facts and fact_vector is not None:
             for item in memory.longterm.search(fact_vector, k, self.clock()):
@@ -350,9 +303,9 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
                                           tuple(record.source_turns)))
             if facts:
                 memory.touched = True  # written with the next flush, or within a minute
-                self._schedule_flush()
+                self.users.schedule_flush()
         session = memory.episodes.sessions.get(session_id) if session_id else None
-        units = self._recall_units(memory, session, query or "", unit_vector)
+        units = self.units.recall(memory, session, query or "", unit_vector)
         query_ms = (time.perf_counter() - started) * 1000
         recall = self._recall_parts(memory, session_id, facts, history, query_ms)
         recall.units = units
@@ -422,14 +375,14 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
                 totals[key] += value
             if session_ttl is not None:
                 gone = await expire_sessions(memory.episodes, self.absorber.summarizer,
-                                             self._embed_cached, self.config.episodic, now - session_ttl)
+                                             self.embeddings.embed_cached, self.config.episodic, now - session_ttl)
                 totals["sessions_expired"] += len(gone)
                 if gone:
                     await summarize_user(memory.episodes, self.absorber.summarizer,
-                                         self._embed_cached, self.config.episodic)
+                                         self.embeddings.embed_cached, self.config.episodic)
             if any(result.values()) or memory.episodes.user_summary_dirty:
                 memory.dirty = True
-        self._schedule_flush()
+        self.users.schedule_flush()
         return totals
 
     async def close(self) -> None:
@@ -437,8 +390,7 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
         await self.drain()
         await self.flush()
         self.users.close()
-        if self._worker is not None and not self._worker.done():
-            self._worker.cancel()
+        self.worker.stop()
 
     # -- operators --------------------------------------------------------------------------
 
@@ -455,7 +407,7 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
             "shard": self.shard,
             "pid": os.getpid(),
             "users": len(self.users.loaded()),
-            "queued_turns": len(self._jobs),
+            "queued_turns": len(self.worker),
             "storage": getattr(getattr(self.users.storage, "location", None), "display", None)
             or (type(self.users.storage).__name__ if self.users.storage else None),
         }
@@ -464,14 +416,15 @@ class MemoryShard(MemoryApi, SessionForgetting, UnitMemory):
 class _LazyExtractive:
     """The extractive summarizer, built when first used (the embedder loads lazily)."""
 
-    def __init__(self, shard: MemoryShard) -> None:
-        self._shard = shard
+    def __init__(self, embeddings: ShardEmbeddings, count_tokens: Callable[[str], int]) -> None:
+        self._embeddings = embeddings
+        self._count_tokens = count_tokens
         self._inner: ExtractiveSummarizer | None = None
         self.name = "extractive"
 
     def summarize(self, sentences: Any, max_tokens: int, embeddings: Any = None) -> Any:
         if self._inner is None:
-            self._inner = ExtractiveSummarizer(self._shard.embedder, self._shard.count_tokens)
+            self._inner = ExtractiveSummarizer(self._embeddings.embedder, self._count_tokens)
         return self._inner.summarize(sentences, max_tokens, embeddings)
 
 

@@ -20,6 +20,7 @@ import bisect
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -60,9 +61,10 @@ class MemoryUnit:
     def who(self) -> str:
         return self.speaker or ROLE_LABEL.get(self.role, self.role.capitalize())
 
-    @property
+    @cached_property
     def line(self) -> str:
-        """How the unit reads in a context: speaker, then the text with resolved dates."""
+        """How the unit reads in a context: speaker, then the text with resolved dates (kept:
+        ranking reads it for every hit of every request, and a unit's words never change)."""
         return f"{self.who}: {annotate(self.text, self.times)}"
 
     @property

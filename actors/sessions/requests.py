@@ -95,7 +95,8 @@ def new_turn(
     usage: ResourceUsage | dict[str, Any] | None = None,
     metrics: TurnMetrics | dict[str, Any] | None = None,
 ) -> AppendOp:
-    """One turn (messages ``{"role", "content", "token_count"?}``) as an append operation."""
+    """One turn (messages ``{"role", "content", "token_count"?, "tool_items"?}``) as an append
+    operation."""
     if not isinstance(messages, list) or not 1 <= len(messages) <= limits.max_messages_per_turn:
         got = len(messages) if isinstance(messages, list) else type(messages).__name__
         raise InvalidRequestError(
@@ -115,6 +116,7 @@ def new_turn(
                 token_count=m.get("token_count") or 0,
                 timestamp=now,
                 turn_id=turn_id,
+                tool_items=m.get("tool_items"),
             )
             for m in messages
         ]

@@ -2,7 +2,7 @@
 
 Rank 0 runs the engine core over its ``TPWorker`` (``LLMEngine.from_worker``) and serves the
 replica's requests: one streaming call per request (``generate``), never one per step. Ranks
-above 0 load their weights shard, then follow rank 0's per-step broadcasts in a thread
+above 0 load their weights rank, then follow rank 0's per-step broadcasts in a thread
 (``TPWorker.serve_forever``) while the actor keeps answering pings.
 
 The engine class is a parameter: one whose ``uses_rank_workers`` is true (the real
@@ -54,7 +54,7 @@ def resolve_engine_cls(engine_cls: str | type | None) -> type:
     return engine_cls
 
 
-class ShardActor:
+class RankActor:
     """A TP rank (see the module docstring); every method is safe to call on any rank."""
 
     def __init__(
@@ -109,7 +109,7 @@ class ShardActor:
             self.engine = self.engine_cls.from_config(cfg, **self.engine_options)
         self._loaded = True
         log.info(
-            "shard loaded",
+            "rank loaded",
             extra={"rank": self.rank, "world_size": self.world_size, "model": cfg.served_name},
         )
         return {"rank": self.rank, "pid": os.getpid()}
@@ -231,4 +231,4 @@ class ShardActor:
         return self.engine
 
 
-__all__ = ["ShardActor", "resolve_engine_cls", "REAL_ENGINE"]
+__all__ = ["RankActor", "resolve_engine_cls", "REAL_ENGINE"]

@@ -1,8 +1,8 @@
-"""The shard actors of one model replica, created in the replica's placement group.
+"""The rank actors of one model replica, created in the replica's placement group.
 
 The replica (a Serve deployment) reserves a STRICT_PACK placement group: bundle 0 for itself,
-bundle ``1 + rank`` for each tensor-parallel rank. ``ShardGroup.start`` puts one
-``ShardActor`` in each rank's bundle, so all ranks share a node and reach each other on
+bundle ``1 + rank`` for each tensor-parallel rank. ``RankGroup.start`` puts one
+``RankActor`` in each rank's bundle, so all ranks share a node and reach each other on
 127.0.0.1 (the rendezvous port is picked free here). The actors are owned by the replica:
 when Serve replaces the replica they die with it.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from actors.tp.rank import ShardActor
+from actors.tp.rank import RankActor
 from cluster.config import ModelConfig
 from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
@@ -24,8 +24,8 @@ MASTER_ADDR = "127.0.0.1"
 
 
 
-class ShardGroup:
-    """Handles to the ``tp_size`` shard actors of one replica; rank 0 serves requests."""
+class RankGroup:
+    """Handles to the ``tp_size`` rank actors of one replica; rank 0 serves requests."""
 
     def __init__(self, actors: list[Any], names: list[str]) -> None:
         self.actors = actors
@@ -45,7 +45,7 @@ class ShardGroup:
         engine_options: dict[str, Any] | None = None,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
-    ) -> ShardGroup:
+    ) -> RankGroup:
         """Create one actor per rank in the current placement group (bundles 1..tp_size)."""
         import ray
         from ray.util.placement_group import get_current_placement_group
@@ -59,7 +59,7 @@ class ShardGroup:
                 f"needs {tp + 1} (one for the replica, one per rank); deploy with build_app's options"
             )
         port = free_port()
-        remote_cls = ray.remote(ShardActor)
+        remote_cls = ray.remote(RankActor)
         actors, names = [], []
         for rank in range(tp):
             name = f"{name_prefix}-rank{rank}"
@@ -80,7 +80,7 @@ class ShardGroup:
             )
             names.append(name)
         log.info(
-            "shard actors created",
+            "rank actors created",
             extra={
                 "model": model_config.served_name,
                 "tp_size": tp,
@@ -98,8 +98,8 @@ class ShardGroup:
         except asyncio.TimeoutError:
             self.kill()
             raise EngineDeadError(
-                f"the {len(self.actors)} shards did not load within {timeout_s:.0f}s; "
-                f"raise serving.shard_start_timeout_s or check the shard logs"
+                f"the {len(self.actors)} ranks did not load within {timeout_s:.0f}s; "
+                f"raise serving.rank_start_timeout_s or check the rank logs"
             ) from None
         except BaseException:
             self.kill()
@@ -115,15 +115,15 @@ class ShardGroup:
                 await asyncio.wait_for(call, timeout_s)
             except asyncio.TimeoutError:
                 raise EngineDeadError(
-                    f"shard rank {rank} did not answer within {timeout_s:.0f}s"
+                    f"rank {rank} did not answer within {timeout_s:.0f}s"
                 ) from None
             except ray.exceptions.RayActorError as exc:
                 raise EngineDeadError(
-                    f"shard rank {rank} ({self.names[rank]}) is dead: {exc}"
+                    f"rank {rank} ({self.names[rank]}) is dead: {exc}"
                 ) from None
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if isinstance(exc.cause, EngineDeadError) else None
-                raise cause or EngineDeadError(f"shard rank {rank} is unhealthy: {exc}") from None
+                raise cause or EngineDeadError(f"rank {rank} is unhealthy: {exc}") from None
 
     def kill(self) -> None:
         import ray
@@ -135,4 +135,4 @@ class ShardGroup:
                 pass
 
 
-__all__ = ["ShardGroup", "free_port", "MASTER_ADDR"]
+__all__ = ["RankGroup", "free_port", "MASTER_ADDR"]

@@ -6,7 +6,7 @@ check notices a dead rank only after several failed periods (three by default, e
 request fails. ``RankSupervisor`` notices at once instead: each rank holds one
 never-answering ``watch()`` call of its replica; the call fails the moment the rank's process
 dies (Ray reports the actor's death to its callers) or its engine / follower thread stops
-(``ShardActor.watch`` checks every ``WATCH_INTERVAL_S``). The replica then rebuilds its rank
+(``RankActor.watch`` checks every ``WATCH_INTERVAL_S``). The replica then rebuilds its rank
 group in place (deployments/llm_server/deployment.py).
 
 While a replica rebuilds, it posts why and for how long on a health board in Ray's key-value

@@ -1,7 +1,7 @@
 """The typed configuration tree of M-AI.
 
 One source of truth, pydantic and frozen: ``ModelConfig`` describes one served model (what
-to load, how to shard it, sampling defaults); ``AppConfig`` is the whole file. Every
+to load, how to split it over ranks, sampling defaults); ``AppConfig`` is the whole file. Every
 validation error names the field, the value and the fix.
 
 Precedence when loading, lowest first (documented in docs/configuration.md):

@@ -50,9 +50,21 @@ def closest(name: str, known: Iterable[str]) -> str | None:
     return match[0] if match else None
 
 
+# Fields renamed when "shard" came to mean a hash partition only (a tensor-parallel process is
+# a rank): an old config names the new field in its error instead of a near miss.
+RENAMED_FIELDS = {
+    "shard_num_cpus": "rank_num_cpus",
+    "shard_num_gpus": "rank_num_gpus",
+    "shard_start_timeout_s": "rank_start_timeout_s",
+    "cpu_threads_per_shard": "cpu_threads_per_rank",
+}
+
+
 def unknown_field_hint(name: str, known: Iterable[str] | None) -> str:
     """``did you mean `x`?`` when a known field is close, else the list of known fields."""
     known = list(known or [])
+    if RENAMED_FIELDS.get(name) in known:
+        return f"it was renamed to `{RENAMED_FIELDS[name]}`"
     suggestion = closest(name, known)
     if suggestion is not None:
         return f"did you mean `{suggestion}`?"
@@ -61,4 +73,4 @@ def unknown_field_hint(name: str, known: Iterable[str] | None) -> str:
     return "remove it"
 
 
-__all__ = ["fields_at", "closest", "unknown_field_hint"]
+__all__ = ["fields_at", "closest", "unknown_field_hint", "RENAMED_FIELDS"]

@@ -1,4 +1,4 @@
-"""One served model's configuration: what to load, how to shard it, sampling defaults.
+"""One served model's configuration: what to load, how to split it over ranks, sampling defaults.
 
 Every validation error names the field, the value and the fix (``config_error``).
 """
@@ -65,9 +65,9 @@ class ModelConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` picks CUDA when present, else the CPU."
     )
-    tp_size: int = Field(1, ge=1, le=64, description="Tensor-parallel shards (GPUs or CPU processes).")
-    cpu_threads_per_shard: int = Field(
-        1, ge=1, le=256, description="torch threads per CPU shard; more than one per core slows decode."
+    tp_size: int = Field(1, ge=1, le=64, description="Tensor-parallel ranks (GPUs or CPU processes).")
+    cpu_threads_per_rank: int = Field(
+        1, ge=1, le=256, description="torch threads per CPU rank; more than one per core slows decode."
     )
     replace_with_kernel_inject: bool = Field(
         False,
@@ -87,7 +87,7 @@ class ModelConfig(_Frozen):
     )
     kv_cache_blocks: int | None = Field(
         None, ge=1,
-        description="Blocks in the KV-cache pool of each shard; None keeps room for max_num_seqs + 4 "
+        description="Blocks in the KV-cache pool of each rank; None keeps room for max_num_seqs + 4 "
         "full-length sequences. `m-ai plan` sizes it from the device's free memory.",
     )
     enable_prefix_caching: bool = Field(
@@ -111,7 +111,7 @@ class ModelConfig(_Frozen):
     seed: int | None = Field(None, description="Default sampling seed; None draws one per request.")
 
     def resolved_kv_cache_blocks(self) -> int:
-        """The KV pool's blocks per shard: ``kv_cache_blocks``, or max_num_seqs + 4 sequences."""
+        """The KV pool's blocks per rank: ``kv_cache_blocks``, or max_num_seqs + 4 sequences."""
         if self.kv_cache_blocks is not None:
             return self.kv_cache_blocks
         return (self.max_num_seqs + 4) * -(-self.context_length // self.kv_block_size)
@@ -194,7 +194,7 @@ class ModelConfig(_Frozen):
         if self.quantization and self.tp_size > 1:
             raise ValueError(
                 f"quantization={self.quantization!r} with tp_size={self.tp_size}: quantized weights are "
-                f"not sharded by DeepSpeed AutoTP; use tp_size=1 (one quantized replica per GPU)"
+                f"not split by DeepSpeed AutoTP; use tp_size=1 (one quantized replica per GPU)"
             )
         if self.device == "cpu" and self.dtype == "float16":
             raise ValueError("dtype='float16' with device='cpu': CPUs run float32 or bfloat16; set dtype")
@@ -203,7 +203,7 @@ class ModelConfig(_Frozen):
                 "replace_with_kernel_inject=True is not supported: DeepSpeed's fused kernels keep the "
                 "KV cache in their own static workspace, which cannot coexist with the engine's cache "
                 "(iteration-level batching, prefix caching); leave replace_with_kernel_inject false "
-                "(DeepSpeed AutoTP shards the model without it)"
+                "(DeepSpeed AutoTP splits the model without it)"
             )
         return self
 

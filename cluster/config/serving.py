@@ -68,23 +68,29 @@ class ServingConfig(BaseModel):
         description="Requests waiting for a replica before new ones get 429 with Retry-After. "
         "None: the model's max_queued_requests; -1: unbounded.",
     )
+    session_affinity: bool = Field(
+        True,
+        description="Send a session's turns to the model replica whose prefix cache holds its "
+        "earlier turns (a consistent hash on the session id; the less loaded of two other "
+        "replicas when that one is full or gone). False: Serve's power of two choices for all.",
+    )
     retry_after_s: float = Field(
         1.0, ge=0, description="Retry-After sent with 429 and 503 answers."
     )
     replica_num_cpus: float = Field(
         1.0, ge=0, description="CPUs of the replica process itself (bundle 0)."
     )
-    shard_num_cpus: float | None = Field(
+    rank_num_cpus: float | None = Field(
         None,
         gt=0,
-        description="CPUs per tensor-parallel shard (one bundle each). None: the model's "
-        "cpu_threads_per_shard on CPU, 1 with a GPU.",
+        description="CPUs per tensor-parallel rank (one bundle each). None: the model's "
+        "cpu_threads_per_rank on CPU, 1 with a GPU.",
     )
-    shard_num_gpus: float | None = Field(
-        None, ge=0, description="GPUs per shard; None: 1 when the model's device is `cuda`, else 0."
+    rank_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per rank; None: 1 when the model's device is `cuda`, else 0."
     )
-    shard_start_timeout_s: float = Field(
-        900.0, gt=0, description="Time the shards of a replica get to load their weights."
+    rank_start_timeout_s: float = Field(
+        900.0, gt=0, description="Time the ranks of a replica get to load their weights."
     )
     health_check_period_s: float = Field(10.0, gt=0, description="Serve health check interval.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health check timeout.")
@@ -223,16 +229,16 @@ class LiveConfig(BaseModel):
 
 def replica_bundles(serving: ServingConfig, model: ModelConfig) -> list[dict[str, float]]:
     """Placement group bundles of one LLM replica: the replica itself, then one per TP rank."""
-    gpus = serving.shard_num_gpus
+    gpus = serving.rank_num_gpus
     if gpus is None:
         gpus = 1.0 if model.device == "cuda" else 0.0
-    cpus = serving.shard_num_cpus
+    cpus = serving.rank_num_cpus
     if cpus is None:
-        cpus = 1.0 if gpus else float(model.cpu_threads_per_shard)
-    shard: dict[str, float] = {"CPU": cpus}
+        cpus = 1.0 if gpus else float(model.cpu_threads_per_rank)
+    rank: dict[str, float] = {"CPU": cpus}
     if gpus:
-        shard["GPU"] = gpus
-    return [{"CPU": serving.replica_num_cpus}] + [dict(shard) for _ in range(model.tp_size)]
+        rank["GPU"] = gpus
+    return [{"CPU": serving.replica_num_cpus}] + [dict(rank) for _ in range(model.tp_size)]
 
 
 def replica_env_vars(serving: ServingConfig) -> dict[str, str]:

@@ -109,7 +109,7 @@ def alert_rules(t: AlertThresholds = AlertThresholds()) -> dict[str, Any]:
                         "sum by (deployment, application) (increase(ray_serve_health_check_failures_total[15m])) > 0",
                         "critical",
                         "A replica of {{ $labels.deployment }} fails its health checks",
-                        "Serve restarts replicas that fail health checks (a dead engine or shard). Check the "
+                        "Serve restarts replicas that fail health checks (a dead engine or rank). Check the "
                         "replica's logs and `m-ai diagnose`.",
                     ),
                 ],
@@ -129,7 +129,7 @@ def alert_rules(t: AlertThresholds = AlertThresholds()) -> dict[str, Any]:
                         f"ray_node_mem_used / ray_node_mem_total > {t.node_memory_usage}",
                         "warning",
                         "Node {{ $labels.ip }} uses {{ $value | humanizePercentage }} of its memory",
-                        "Replicas, shards and the object store share this memory; the OS may kill a shard.",
+                        "Replicas, ranks and the object store share this memory; the OS may kill a rank.",
                     ),
                 ],
             },

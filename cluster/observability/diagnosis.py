@@ -88,7 +88,7 @@ RECOMMENDATIONS = {
     ),
     "decode": (
         "Token generation dominates: each step is bound by the model's forward pass. Use more "
-        "tensor-parallel shards (tp_size) or a faster dtype to cut per-step time, raise "
+        "tensor-parallel ranks (tp_size) or a faster dtype to cut per-step time, raise "
         "max_num_seqs for more throughput per step, or lower max_tokens."
     ),
     "output_processing": (

@@ -102,7 +102,7 @@ ALL: tuple[MetricSpec, ...] = (
     _g("process_cpu_percent", "CPU use of a process (100 = one core).", (*REPLICA_LABELS, "actor"), unit="percent"),
     _g("process_resident_memory_bytes", "Resident memory of a process.", (*REPLICA_LABELS, "actor"), unit="bytes"),
     _g("process_gpu_memory_bytes", "GPU memory a process holds (only where a GPU is present).", (*REPLICA_LABELS, "actor"), unit="bytes"),
-    _g("kv_cache_bytes", "Memory reserved for the KV cache by one tensor-parallel shard.", (*REPLICA_LABELS, "actor"), unit="bytes"),
+    _g("kv_cache_bytes", "Memory reserved for the KV cache by one tensor-parallel rank.", (*REPLICA_LABELS, "actor"), unit="bytes"),
     # -- caching ------------------------------------------------------------------------------
     _c("response_cache_requests_total", "Deterministic requests looked up in the response cache, by result (hit, miss).",
        ("model", "result")),

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 
 from cluster.errors import MAIError
 from deployments.errors import error_response, validation_error
+from deployments.http.replica_header import ReplicaHeader, replica_id
 from deployments.http.request_limits import DEFAULT_MAX_REQUEST_BYTES, BodySizeLimit
 from deployments.protocol import ErrorResponse
 
@@ -43,6 +44,9 @@ def create_http_app(ingress: Any) -> FastAPI:
     retry_after = ingress.serving.retry_after_s if ingress is not None else 1.0
     max_bytes = ingress.serving.max_request_bytes if ingress is not None else DEFAULT_MAX_REQUEST_BYTES
     app.add_middleware(BodySizeLimit, max_bytes=max_bytes)  # 413 before any parsing
+    replica = replica_id()
+    if replica is not None:  # around the routes and the size limit: 4xx answers name it too
+        app.add_middleware(ReplicaHeader, replica=replica)
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         return error_response(validation_error(list(exc.errors())), retry_after)

@@ -58,8 +58,14 @@ from deployments.protocol import (
     SessionList,
     parse_request,
 )
-from deployments.protocol_responses import EmbeddingRequest
-from deployments.responses.api import IngressResponses
+from deployments.protocol_responses import (
+    ConversationCreateRequest,
+    ConversationItemsRequest,
+    EmbeddingRequest,
+    ResponseCreateRequest,
+)
+from deployments.responses.api import ResponsesApi
+from deployments.responses.store import ResponseStore
 from deployments.serve_logging import quiet_client_errors
 
 log = get_logger("deployments.ingress.deployment")
@@ -76,7 +82,13 @@ def _parse(model: type, value: Any) -> Any:
         raise as_mai_error(exc) from None
 
 
-class Ingress(IngressResponses):
+def _routed(handle: Any, session_id: str | None) -> Any:
+    """A session's requests name it, so the model deployment's router (``serving.session_affinity``)
+    sends them to the replica whose prefix cache holds the session's earlier turns."""
+    return handle.options(session_id=session_id) if session_id else handle
+
+
+class Ingress:
     """Routes requests to the models, keeps sessions and their memory (see the module docstring,
     ``deployments.ingress.memory`` and ``deployments.responses.api``)."""
 
@@ -108,6 +120,11 @@ class Ingress(IngressResponses):
         # Memory shards (deployment actors memory-0..M-1); no client when memory is off.
         client = MemoryClient(memory.shards) if memory is not None and memory.enabled else None
         self.memory = IngressMemory(self.sessions, self.observe, client)
+        # /v1/responses and /v1/conversations: on the session store, through the chat path.
+        self.responses = ResponsesApi(
+            store=ResponseStore(self.sessions), memory=self.memory, chat=self.chat,
+            chat_stream=self.chat_stream, delete_session=self.delete_session, check_model=self._model,
+        )
         if not self.auth.enabled:
             log.warning(
                 "authentication is off: serving.api_keys is empty, every caller is tenant "
@@ -138,7 +155,7 @@ class Ingress(IngressResponses):
         context = context or await self.memory.session_context(request, tenant)
         message = self._message(context, tenant, stream=False)
         try:
-            async with aclosing(self._deltas(message)) as deltas:
+            async with aclosing(self._deltas(message, request.session_id)) as deltas:
                 finals = [delta async for delta in deltas]
             with self.observe.timed("output_processing", request.model):
                 response, answer = self.output.chat_response(request, finals, output)
@@ -162,7 +179,9 @@ class Ingress(IngressResponses):
         output = self.output.open_choices(request, tenant)
         context = context or await self.memory.session_context(request, tenant)
         message = self._message(context, tenant, stream=True)
-        stream = ProcessedStream(self._deltas(message), output, request.include_usage, request)
+        stream = ProcessedStream(
+            self._deltas(message, request.session_id), output, request.include_usage, request
+        )
         try:
             async for chunk in stream:
                 yield chunk
@@ -171,7 +190,7 @@ class Ingress(IngressResponses):
         finally:
             await stream.aclose()  # closes the deltas' stream: cancels what still runs
         if request.session_id and stream.complete:
-            await self._store_turn(request, message, stream.text)
+            await self._store_turn(request, message, stream.stored())
 
     async def complete(
         self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
@@ -184,7 +203,7 @@ class Ingress(IngressResponses):
         output = self.output.open_choices(request, tenant)
         message = self._message(SessionContext(request), tenant, stream=False)
         try:
-            async with aclosing(self._deltas(message)) as deltas:
+            async with aclosing(self._deltas(message, None)) as deltas:
                 finals = [delta async for delta in deltas]
             with self.observe.timed("output_processing", request.model):
                 response = self.output.completion_response(request, finals, output)
@@ -200,7 +219,9 @@ class Ingress(IngressResponses):
         self._model(request.model)
         output = self.output.open_choices(request, tenant)
         message = self._message(SessionContext(request), tenant, stream=True)
-        stream = ProcessedStream(self._deltas(message), output, request.include_usage, request)
+        stream = ProcessedStream(
+            self._deltas(message, None), output, request.include_usage, request
+        )
         try:
             async for chunk in stream:
                 yield chunk
@@ -227,6 +248,51 @@ class Ingress(IngressResponses):
         await self.memory.forget_session(tenant, session_id)
         await self.sessions.delete(session_id, tenant)
         return SessionDeleted(id=session_id)
+
+    # -- responses and conversations (``deployments.responses.api``) --------------------------
+
+    async def create_response(
+        self, request: ResponseCreateRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        return await self.responses.create_response(request, tenant)
+
+    async def create_response_stream(
+        self, request: ResponseCreateRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[dict[str, Any]]:
+        events = self.responses.create_response_stream(request, tenant)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    async def get_response(self, response_id: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.responses.get_response(response_id, tenant)
+
+    async def delete_response(self, response_id: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.responses.delete_response(response_id, tenant)
+
+    async def create_conversation(
+        self, request: ConversationCreateRequest | dict | None = None, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        return await self.responses.create_conversation(request, tenant)
+
+    async def get_conversation(self, conversation_id: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.responses.get_conversation(conversation_id, tenant)
+
+    async def delete_conversation(self, conversation_id: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        return await self.responses.delete_conversation(conversation_id, tenant)
+
+    async def list_conversation_items(
+        self, conversation_id: str, tenant: str = DEFAULT_TENANT, limit: int = 20, order: str = "desc",
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        return await self.responses.list_conversation_items(conversation_id, tenant, limit, order, after)
+
+    async def add_conversation_items(
+        self, conversation_id: str, request: ConversationItemsRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        return await self.responses.add_conversation_items(conversation_id, request, tenant)
 
     # -- memory (an M-AI extension; ``deployments.ingress.memory``) ---------------------------
 
@@ -376,11 +442,12 @@ class Ingress(IngressResponses):
         """The one message the request travels in to its model (``deployments.messages``)."""
         return ModelRequest(context, tenant, stream, sent_at=time.time())
 
-    async def _deltas(self, message: ModelRequest) -> AsyncIterator[ChoiceDelta]:
-        """The engine's deltas for ``message`` from its model's replicas. Closing this stream
-        before its end (the client left, or the output pipeline ended the answer) cancels
-        the generation: the one cancellation path, hop by hop down to the engine."""
-        stream = self._streaming[message.body.model].generate.remote(message)
+    async def _deltas(self, message: ModelRequest, session_id: str | None) -> AsyncIterator[ChoiceDelta]:
+        """The engine's deltas for ``message`` from its model's replicas (a session's on the
+        replica that holds its turns, ``_routed``). Closing this stream before its end (the
+        client left, or the output pipeline ended the answer) cancels the generation: the one
+        cancellation path, hop by hop down to the engine."""
+        stream = _routed(self._streaming[message.body.model], session_id).generate.remote(message)
         finished = False
         try:
             async for delta in stream:
@@ -393,13 +460,16 @@ class Ingress(IngressResponses):
             if not finished:
                 stream.cancel()
 
-    async def _store_turn(self, request: ChatCompletionRequest, message: ModelRequest, answer: str) -> None:
-        """The client's turn (not the session history it was sent with) and the answer."""
+    async def _store_turn(
+        self, request: ChatCompletionRequest, message: ModelRequest, answer: dict[str, Any]
+    ) -> None:
+        """The client's turn (not the session history it was sent with) and the answer, with
+        tool calls and results as typed items (``protocol.ChatMessage.stored``)."""
         assert request.session_id
         tenant, context = message.tenant, message.context
         kept = [m for m in request.messages if m.role not in ("system", "developer")]
-        turn = [m.as_dict() for m in kept]
-        turn.append({"role": "assistant", "content": answer})
+        turn = [m.stored() for m in kept]
+        turn.append(answer)
         with self.observe.session_op("append"):
             count = await self.sessions.append(
                 request.session_id, tenant, turn, request_id=message.request_id
@@ -408,10 +478,6 @@ class Ingress(IngressResponses):
         # memory keeps who said what: a message's OpenAI `name` is its speaker
         named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in kept]
         self.memory.remember_turn(context, tenant, request.session_id, count, [*named, turn[-1]])
-
-    async def session_context(self, request: ChatCompletionRequest, tenant: str) -> SessionContext:
-        """The session's context for ``request`` (``deployments.ingress.memory``)."""
-        return await self.memory.session_context(request, tenant)
 
 
 def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:

@@ -7,7 +7,7 @@ queue) when it is scraped, so running and waiting requests are those of that mom
 names follow vLLM's (``vllm:num_requests_running``, ...), so dashboards and autoscalers made
 for vLLM read them unchanged; ``model_name`` and ``replica`` label each series.
 
-The rank-0 actors are found by name (``m-ai-shard-<app>-<deployment>-<replica>[-g<n>]-rank0``,
+The rank-0 actors are found by name (``m-ai-rank-<app>-<deployment>-<replica>[-g<n>]-rank0``,
 deployments/llm_server/deployment.py and rank_recovery.py); the list is cached ``ACTORS_CACHE_S``.
 """
 
@@ -59,7 +59,7 @@ class EngineMetrics:
         if self._actors is not None and now - self._actors[0] < ACTORS_CACHE_S:
             return self._actors[1]
         prefixes = {
-            _label(f"m-ai-shard-{h.app_name}-{h.deployment_name}-"): name for name, h in self.models.items()
+            _label(f"m-ai-rank-{h.app_name}-{h.deployment_name}-"): name for name, h in self.models.items()
         }
         found = []
         for entry in ray.util.list_named_actors(all_namespaces=True):

@@ -54,10 +54,16 @@ class IngressMemory:
     def enabled(self) -> bool:
         return self.client is not None
 
-    async def session_context(self, request: ChatCompletionRequest, tenant: str) -> SessionContext:
-        """The request with its session's context: a memory recall, or the earlier turns."""
+    async def session_context(
+        self, request: ChatCompletionRequest, tenant: str, whole: bool = False
+    ) -> SessionContext:
+        """The request with its session's context: a memory recall, or the earlier turns.
+        ``whole``: every earlier turn, none to be dropped and no recall (the Responses API's
+        ``truncation="disabled"``: too long a history is the request's 400)."""
         if not request.session_id:
             return SessionContext(request, 0)
+        if whole:
+            return await self._whole_session(request, tenant)
         sid = request.session_id
         with self.observe.timed("memory_retrieval", request.model):
             with self.observe.session_op("context"):
@@ -68,7 +74,8 @@ class IngressMemory:
                     session = await self.sessions.details(sid, tenant)
             if self.client is not None:
                 system_prompt = session.get("system_prompt")
-                messages = session.get("messages") or []
+                # the model reads each message's text (tool items rendered as the model wrote them)
+                messages = [{"role": m["role"], "content": m["content"]} for m in session.get("messages") or []]
                 user = memory_user(request.user, session.get("user"), sid)
                 recall = await self.client.recall(tenant, user, sid, _last_user_text(request), messages)
                 if recall is not None:
@@ -81,6 +88,23 @@ class IngressMemory:
         return SessionContext(
             request.model_copy(update=update), len(history), user if self.client else None
         )
+
+    async def _whole_session(self, request: ChatCompletionRequest, tenant: str) -> SessionContext:
+        sid = request.session_id
+        with self.observe.timed("memory_retrieval", request.model):
+            with self.observe.session_op("context"):
+                session = await self.sessions.details(sid, tenant)
+        system_prompt = session.get("system_prompt")
+        head = [ChatMessage(role="system", content=system_prompt)] if system_prompt else []
+        history = [ChatMessage(role=m["role"], content=m["content"]) for m in session.get("messages") or []]
+        # the request's own system messages (instructions) lead, then the history, then the turn
+        lead = 0
+        while lead < len(request.messages) and request.messages[lead].role in ("system", "developer"):
+            lead += 1
+        full = head + list(request.messages[:lead]) + history + list(request.messages[lead:])
+        user = memory_user(request.user, session.get("user"), sid) if self.client else None
+        plain = request.model_copy(update={"messages": full, "session_id": None})
+        return SessionContext(plain, 0, user)
 
     def remember_turn(
         self, context: SessionContext, tenant: str, session_id: str, turn_id: int, turn: list[dict[str, str]]

@@ -7,6 +7,10 @@ the last one the finish reason and the pipeline's report. The builders here turn
 ``n``-choice chunks (the role on a choice's first, tool calls as ``tool_calls`` deltas: per
 call id, type and name, then the arguments; ``finish_reason`` ``tool_calls``), the usage
 chunk, and whole responses, with log probabilities in OpenAI's shapes (``TokenTexts``).
+When decoding is constrained to a call (``required``, a named function) the calls stream as
+they are decoded: pieces with ``call_deltas`` carry their ``tool_calls`` deltas (per call:
+index, id, type, name and empty arguments first, then argument fragments;
+``deployments.ingress.tool_call_stream``).
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ class Piece:
     tool_calls: list[ToolCallOut] | None = None
     report: OutputReport | None = None
     echo: str = ""
+    call_deltas: list[ToolCallDelta] | None = None  # streamed calls: this step's deltas
 
 
 def _tool_call_deltas(calls: list) -> list[ToolCallDelta]:
@@ -154,12 +159,22 @@ class ChatChunks:
     def chunk(self, piece: Piece) -> ChatCompletionChunk | None:
         """The chunk for ``piece`` (None when it carries nothing to see)."""
         index, sent = piece.index, self.sent_role[piece.index]
-        if not piece.tool_calls and not piece.text and piece.finish_reason is None and sent and not piece.logprobs:
+        shows = piece.tool_calls or piece.call_deltas or piece.text or piece.logprobs
+        if not shows and piece.finish_reason is None and sent:
             return None
         self.sent_role[index] = True
         role = None if sent else "assistant"
         lp = self.texts.chat(piece.logprobs) if self.texts is not None else None
-        if piece.tool_calls:
+        if piece.call_deltas is not None:  # the calls streamed: this step's deltas, no whole calls
+            choices = []
+            if piece.call_deltas or piece.logprobs or not sent:
+                delta = DeltaMessage(role=role, tool_calls=piece.call_deltas or None)
+                choices.append(ChatChunkChoice(index=index, delta=delta, finish_reason=None, logprobs=lp))
+            if piece.finish_reason is not None:
+                choices.append(ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=piece.finish_reason))
+            if not choices:
+                return None
+        elif piece.tool_calls:
             delta = DeltaMessage(role=role, tool_calls=_tool_call_deltas(piece.tool_calls))
             choices = [
                 ChatChunkChoice(index=index, delta=delta, finish_reason=None, logprobs=lp),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
+from typing import Any
 
 from cluster.config.output import OutputConfig
 from cluster.errors import InvalidRequestError
@@ -132,11 +133,11 @@ class ResponseProcessor:
         request: ChatCompletionRequest,
         finals: list[ChoiceDelta],
         output: OutputStream | list[OutputStream] | None,
-    ) -> tuple[ChatCompletionResponse, str]:
+    ) -> tuple[ChatCompletionResponse, dict[str, Any]]:
         """The whole chat answer from each choice's final delta, processed, built once; and
-        what a session stores of it (``AnswerShaper.text``)."""
+        what a session stores of it (``AnswerShaper.stored``)."""
         choices, shaper = whole_answer(request, finals, output)
-        return chat_response(choices, request.model, shaper.usage(), shaper.texts), shaper.text
+        return chat_response(choices, request.model, shaper.usage(), shaper.texts), shaper.stored()
 
     def completion_response(
         self,
@@ -155,9 +156,9 @@ class AnswerShaper:
     answers go through it alike, so both are shaped once and the same way.
 
     ``cut`` tells that the pipeline ended every choice itself (stop reading the generation);
-    ``complete`` that choice 0's last piece was produced, and ``text`` is then what a session
-    stores of it (its text as the client got it, or its tool calls as the JSON the model
-    wrote). ``texts`` learns the token texts the replica sends for log probabilities.
+    ``complete`` that choice 0's last piece was produced, and ``stored()`` is then what a
+    session stores of it (its text as the client got it, or its tool calls as the JSON the
+    model wrote, with their typed items). ``texts`` learns the token texts the replica sends for log probabilities.
     """
 
     def __init__(
@@ -190,12 +191,18 @@ class AnswerShaper:
 
     @property
     def text(self) -> str:
+        return self.stored()["content"]
+
+    def stored(self) -> dict[str, Any]:
+        """Choice 0 as a session keeps it: its text, or its tool calls as the JSON the model
+        wrote with their typed items (``protocol.ChatMessage.stored``)."""
         if self._calls:
             calls = [c.model_dump() for c in self._calls]
             return ChatMessage.model_validate(
                 {"role": "assistant", "content": None, "tool_calls": calls}
-            ).as_dict()["content"]
-        return self.result.text if self.result is not None else "".join(self._passed)
+            ).stored()
+        text = self.result.text if self.result is not None else "".join(self._passed)
+        return {"role": "assistant", "content": text}
 
     def usage(self) -> Usage:
         prompt = next((last.prompt_tokens for last in self.lasts if last is not None), 0)
@@ -231,7 +238,7 @@ class AnswerShaper:
         assert outputs is not None
         if index in self.ended:
             return []
-        if piece.tool_calls:
+        if piece.tool_calls or piece.call_deltas is not None:
             self.tools.add(index)
             self._note(piece)
             return [piece]
@@ -314,6 +321,9 @@ class ProcessedStream:
     @property
     def text(self) -> str:
         return self.shaper.text
+
+    def stored(self) -> dict[str, Any]:
+        return self.shaper.stored()
 
     async def _run(self) -> AsyncIterator[Chunk]:
         shaper, builder = self.shaper, self.builder

@@ -1,7 +1,7 @@
-"""One replica of one model: its shard actors, its request path, its live configuration.
+"""One replica of one model: its rank actors, its request path, its live configuration.
 
 A plain class (``serve.deployment`` is applied in ``app.py``) that takes the engine class as a
-parameter. On start it creates the replica's tensor-parallel ``ShardActor``s in the placement
+parameter. On start it creates the replica's tensor-parallel ``RankActor``s in the placement
 group Serve reserved with the replica (``actors.tp.rank_group``), waits until they have loaded,
 and loads the tokenizer of the engine's checkpoint. Each request (one ``ModelRequest``) is
 templated and its context length checked here, then handed to rank 0 in one streaming Ray call
@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from actors.memory.recall.context import ContextAssembler
 from actors.tp.rank import resolve_engine_cls
-from actors.tp.rank_group import ShardGroup
+from actors.tp.rank_group import RankGroup
 from cluster.autoscaling.latency_window import LatencyWindow
 from cluster.autoscaling.policy import QUEUE_KEY, TTFT_KEY
 from cluster.config import LIVE_FIELDS, ModelConfig, plan_update
@@ -56,7 +56,7 @@ log = get_logger("deployments.llm_server.deployment")
 
 
 def _replica_label() -> str:
-    """A name unique to this replica (Serve's replica id), for its shard actors."""
+    """A name unique to this replica (Serve's replica id), for its rank actors."""
     try:
         from ray import serve
 
@@ -100,21 +100,21 @@ class LLMServer:
         self.pacing = StreamPacing(
             self.serving.stream_interval_ms / 1000, self.serving.stream_max_events_per_s
         )
-        shard_bundle = replica_bundles(self.serving, model_config)[1]
+        rank_bundle = replica_bundles(self.serving, model_config)[1]
         group_options = {
-            "name_prefix": f"m-ai-shard-{_replica_label()}",
+            "name_prefix": f"m-ai-rank-{_replica_label()}",
             "engine_cls": engine_cls,
             "engine_options": engine_options,
-            "num_cpus": shard_bundle["CPU"],
-            "num_gpus": shard_bundle.get("GPU", 0.0),
+            "num_cpus": rank_bundle["CPU"],
+            "num_gpus": rank_bundle.get("GPU", 0.0),
         }
         started = time.monotonic()
-        group = ShardGroup.start(model_config, **group_options)
-        await group.wait_loaded(self.serving.shard_start_timeout_s)  # ends the group if it fails
+        group = RankGroup.start(model_config, **group_options)
+        await group.wait_loaded(self.serving.rank_start_timeout_s)  # ends the group if it fails
         # The rank group, watched and rebuilt at once when a rank dies (rank_recovery.py).
-        self.ranks = RankRecovery(
+        self.recovery = RankRecovery(
             group, group_options, time.monotonic() - started,
-            name=self.name, start_timeout_s=self.serving.shard_start_timeout_s,
+            name=self.name, start_timeout_s=self.serving.rank_start_timeout_s,
             config=lambda: self.config, on_stop=self._stop_monitor, on_start=self._start_monitor,
         )
         # Loaded here, where prompts are templated and counted (the ranks have it cached).
@@ -131,13 +131,13 @@ class LLMServer:
         log.info("model replica ready", extra={"model": self.name, "tp_size": model_config.tp_size})
 
     @property
-    def shards(self) -> ShardGroup:
+    def ranks(self) -> RankGroup:
         """The rank group that serves now (a new one after a rebuild)."""
-        return self.ranks.group
+        return self.recovery.group
 
     def _start_monitor(self) -> None:
         self.monitor = ReplicaMonitor(
-            self.recorder, self.shards, self.config, self.serving.metrics_interval_s, self.latency
+            self.recorder, self.ranks, self.config, self.serving.metrics_interval_s, self.latency
         ).start()
 
     def _stop_monitor(self) -> None:
@@ -190,7 +190,7 @@ class LLMServer:
             live.stream_max_events_per_s or self.serving.stream_max_events_per_s,
         )
         if update.config != self.config:
-            await self.shards.rank0.update_config.remote(update.config)
+            await self.ranks.rank0.update_config.remote(update.config)
             self.config = update.config
         log.info(
             "live configuration applied",
@@ -333,12 +333,12 @@ class LLMServer:
         import ray
 
         timing = RequestTrace(self.recorder, self.latency, request.choice_id(index), request.sent_at)
-        down = self.ranks.unavailable()
+        down = self.recovery.unavailable()
         if down is not None:  # the ranks are being rebuilt: say so at once
             timing.fail(down)
             raise down
         extra = {"share_prompt_of": request.choice_id(0)} if index else {}
-        refs = self.shards.rank0.generate.remote(prompt_ids, params, timing.request_id, pacing, **extra)
+        refs = self.ranks.rank0.generate.remote(prompt_ids, params, timing.request_id, pacing, **extra)
         finished = False
         text: list[str] = []
         try:
@@ -347,7 +347,7 @@ class LLMServer:
                     out: RequestOutput = await ref
                 except Exception as exc:
                     # a rank that died names itself
-                    error = self.ranks.unavailable() or as_mai_error(exc)
+                    error = self.recovery.unavailable() or as_mai_error(exc)
                     timing.fail(error)
                     raise error from None
                 timing.on_output(out)
@@ -379,9 +379,9 @@ class LLMServer:
     async def check_health(self) -> None:
         """Serve's health check: a dead engine or rank raises, and Serve replaces the replica;
         not while the replica rebuilds its ranks itself (rank_recovery.py), unless that failed."""
-        if self.ranks.check():
+        if self.recovery.check():
             return
-        await self.shards.check_health(timeout_s=min(10.0, self.serving.health_check_timeout_s))
+        await self.ranks.check_health(timeout_s=min(10.0, self.serving.health_check_timeout_s))
 
     async def health(self) -> dict[str, Any]:
         """The engine's stats (and a refused live update), or ``EngineDeadError``. A handle call:
@@ -394,13 +394,13 @@ class LLMServer:
 
     async def stats(self) -> dict[str, Any]:
         try:
-            stats = await self.shards.rank0.stats.remote()
+            stats = await self.ranks.rank0.stats.remote()
         except Exception as exc:
             raise as_mai_error(exc) from None
         return asdict(stats)
 
     async def describe(self) -> dict[str, Any]:
-        """This replica's shards (actor names, rank order, and their namespace) and its
+        """This replica's ranks (actor names, rank order, and their namespace) and its
         placement group, for operators and tests."""
         import ray
         from ray.util.placement_group import get_current_placement_group
@@ -409,9 +409,9 @@ class LLMServer:
         table = ray.util.placement_group_table(pg) if pg is not None else {}
         return {
             "model": self.name,
-            "shard_names": list(self.shards.names),
+            "rank_names": list(self.ranks.names),
             "namespace": ray.get_runtime_context().namespace,
-            "shards": [await a.describe.remote() for a in self.shards.actors],
+            "ranks": [await a.describe.remote() for a in self.ranks.actors],
             "placement_group": {
                 "id": pg.id.hex() if pg else None,
                 "strategy": table.get("strategy"),
@@ -424,9 +424,9 @@ class LLMServer:
         graceful_shutdown_timeout_s``): what still runs ends with a typed 503 saying so."""
         grace = getattr(getattr(self, "serving", None), "graceful_shutdown_timeout_s", 0)
         self._stop_monitor()
-        ranks = getattr(self, "ranks", None)  # None when the start failed before them
-        if ranks is not None:
-            ranks.stop(
+        recovery = getattr(self, "recovery", None)  # None when the start failed before it
+        if recovery is not None:
+            recovery.stop(
                 f"model {getattr(self, 'name', '?')}: the replica stopped (scale-down, redeploy or "
                 f"shutdown) before this request finished (drain serving.graceful_shutdown_timeout_s="
                 f"{grace:g}); retry"

@@ -1,10 +1,10 @@
 """A replica's periodic figures: engine state and resource usage, every few seconds.
 
 Started by each LLMServer replica as an asyncio task. Every ``interval_s`` it asks the rank-0
-shard for the engine's stats (an actor call: it does not wait in Serve's request queue) and
-samples the CPU and memory of the replica process and of each shard actor, and sets the
+rank for the engine's stats (an actor call: it does not wait in Serve's request queue) and
+samples the CPU and memory of the replica process and of each rank actor, and sets the
 gauges: requests running and waiting, mean batch size over the interval, KV block use, prefix
-cache hit rate (and the hit, query and preemption counters), per-process CPU / RSS / GPU memory, KV cache bytes per shard, and the latency
+cache hit rate (and the hit, query and preemption counters), per-process CPU / RSS / GPU memory, KV cache bytes per rank, and the latency
 this replica reports to the autoscaler.
 """
 
@@ -26,13 +26,13 @@ class ReplicaMonitor:
     def __init__(
         self,
         recorder: MetricsRecorder,
-        shards: Any,
+        ranks: Any,
         config: Any,
         interval_s: float,
         window: LatencyWindow | None = None,
     ) -> None:
         self.recorder = recorder
-        self.shards = shards
+        self.ranks = ranks
         self.config = config
         self.interval_s = interval_s
         self.window = window
@@ -52,11 +52,11 @@ class ReplicaMonitor:
 
     async def _run(self) -> None:
         try:
-            for i, actor in enumerate(self.shards.actors):
+            for i, actor in enumerate(self.ranks.actors):
                 info = await actor.describe.remote()
-                self._pids[f"shard-{i}"] = int(info["pid"])
+                self._pids[f"rank-{i}"] = int(info["pid"])
         except Exception:
-            log.warning("shard pids unknown; only the replica's resources are reported", exc_info=True)
+            log.warning("rank pids unknown; only the replica's resources are reported", exc_info=True)
         while True:
             try:
                 await self.sample_once()
@@ -68,7 +68,7 @@ class ReplicaMonitor:
 
     async def sample_once(self) -> None:
         rec = self.recorder
-        stats = await self.shards.rank0.stats.remote()
+        stats = await self.ranks.rank0.stats.remote()
         rec.set("num_requests_running", stats.running)
         rec.set("num_requests_waiting", stats.waiting)
         if stats.kv_blocks_total:
@@ -88,7 +88,7 @@ class ReplicaMonitor:
             tokens = stats.generated_tokens - self._last[1]
             rec.set("batch_size", tokens / steps if steps > 0 else 0.0)
         self._last = (stats.steps, stats.generated_tokens)
-        shard_kv = kv_cache_bytes(self.config)
+        rank_kv = kv_cache_bytes(self.config)
         for actor, pid in self._pids.items():
             usage = self.sampler.sample(pid)
             if usage is None:
@@ -97,8 +97,8 @@ class ReplicaMonitor:
             rec.set("process_resident_memory_bytes", usage.rss_bytes, actor=actor)
             if usage.gpu_bytes is not None:
                 rec.set("process_gpu_memory_bytes", usage.gpu_bytes, actor=actor)
-            if actor.startswith("shard-"):
-                rec.set("kv_cache_bytes", shard_kv, actor=actor)
+            if actor.startswith("rank-"):
+                rec.set("kv_cache_bytes", rank_kv, actor=actor)
         if self.window is not None:
             report = self.window.report()
             rec.set("autoscaling_signal_seconds", report["ttft"], signal="ttft")

@@ -9,7 +9,7 @@ Here (actors/tp/supervision.py) the replica learns of the death the moment it ha
    ``Retry-After`` = the rest of the expected rebuild time: the group's last load time);
 2. answers new requests at once with a 503 that says the same, in our words;
 3. ends the rest of the old group, starts a new one in the same placement group bundles and
-   waits until it has loaded (``serving.shard_start_timeout_s``), then serves again and clears
+   waits until it has loaded (``serving.rank_start_timeout_s``), then serves again and clears
    the board. A rebuild that fails makes ``check_health`` raise: Serve replaces the replica.
 
 Recovery therefore takes one group load, less than a whole replica's replacement (health
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from actors.tp.rank_group import ShardGroup
+from actors.tp.rank_group import RankGroup
 from actors.tp.supervision import RankSupervisor, clear_failure, post_failure
 from cluster.config import ModelConfig
 from cluster.errors import EngineDeadError
@@ -52,7 +52,7 @@ class RankRecovery:
 
     def __init__(
         self,
-        group: ShardGroup,
+        group: RankGroup,
         group_options: dict[str, Any],
         load_s: float,
         *,
@@ -63,7 +63,7 @@ class RankRecovery:
         on_start: Callable[[], None],
     ) -> None:
         self.group = group
-        self._group_options = group_options  # how ``ShardGroup.start`` made the group
+        self._group_options = group_options  # how ``RankGroup.start`` made the group
         self._load_s = load_s
         self._name = name
         self._start_timeout_s = start_timeout_s
@@ -111,7 +111,7 @@ class RankRecovery:
         options = dict(self._group_options)
         options["name_prefix"] = f"{options['name_prefix']}-g{self._generation}"
         try:
-            group = ShardGroup.start(self._config(), **options)
+            group = RankGroup.start(self._config(), **options)
             await group.wait_loaded(self._start_timeout_s)
         except Exception as exc:
             self.rebuild_failed = (

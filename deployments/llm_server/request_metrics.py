@@ -11,7 +11,7 @@ A ``RequestTrace`` follows one request through the replica. Its stages (``cluste
   taking it); the ingress records its own pipeline and chunk building.
 
 The engine's times come from ``RequestOutput.arrival_time`` / ``first_token_time``
-(``time.monotonic()`` of the rank-0 shard, which shares the replica's node and clock).
+(``time.monotonic()`` of rank 0, which shares the replica's node and clock).
 Every finished request records the histograms, token counters, output-quality figures and
 the breakdown; the replica's ``LatencyWindow`` gets TTFT and queue time for the autoscaler.
 The ingress adds its own stages (memory retrieval, its output pipeline) to the same histogram:

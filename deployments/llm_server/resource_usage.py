@@ -3,8 +3,8 @@
 ``ProcessSampler`` reads a process by pid with psutil (CPU percent since the previous sample
 of that pid, 100 = one core; resident memory), and GPU memory per pid through NVML where
 NVIDIA's driver library is present (``nvidia-ml-py``; otherwise None). A replica samples
-itself and its shard actors: they share its node (the placement group is STRICT_PACK).
-``kv_cache_bytes`` is the KV cache one shard reserves, from the model's configuration.
+itself and its rank actors: they share its node (the placement group is STRICT_PACK).
+``kv_cache_bytes`` is the KV cache one rank reserves, from the model's configuration.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class ProcessSampler:
 
 
 def kv_cache_bytes(config: Any) -> int:
-    """KV cache bytes one tensor-parallel shard of ``config`` (a ``ModelConfig``) reserves."""
+    """KV cache bytes one tensor-parallel rank of ``config`` (a ``ModelConfig``) reserves."""
     from cluster.catalog import architecture
 
     arch = architecture(config.model_size)

@@ -1,35 +1,47 @@
-"""The Responses API and conversations, mixed into the ingress (``deployments.ingress.deployment``).
+"""The Responses API and conversations: a part the ingress holds (``Ingress.responses``).
 
 A response is a chat completion on a server-side session (``deployments.responses.store``):
 its ``input`` items become the new turn, ``instructions`` a system message for this response
-only, and the answer goes through the same path as a chat request with ``session_id`` (the
-user's memory recall, the output pipeline, the session append, memory absorption). Output is
-OpenAI's items: a ``message`` with ``output_text``, or ``function_call`` items. A stream sends
-the typed events ``response.created``, ``response.in_progress``,
-``response.output_item.added``, ``response.content_part.added``,
-``response.output_text.delta`` ... ``response.output_text.done``,
-``response.content_part.done``, ``response.output_item.done`` (or
-``response.function_call_arguments.delta``/``.done`` for calls) and ``response.completed``.
+only, and the answer goes through the ingress's chat path (the output pipeline, the session
+append, memory absorption). Output is OpenAI's items: a ``message`` with ``output_text``, or
+``function_call`` items; calls and their results are stored typed, so GET, conversation items
+and a fork give them back as items. A stream sends the typed events of
+``deployments.responses.events`` between ``response.created``/``response.in_progress`` and
+``response.completed``.
+
+``truncation``: ``"disabled"`` (OpenAI's default) sends the whole chain (instructions, every
+earlier item, the input) and nothing is dropped: one that does not fit the model's context is
+a 400 naming the context length. ``"auto"`` lets the server fit it: the oldest items after the
+instructions are dropped (with memory on, the user's memory recall assembles the context).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from cluster.errors import InvalidRequestError
 from deployments.ingress.auth import DEFAULT_TENANT
-from deployments.protocol import ChatCompletionRequest, ChatMessage, parse_request
+from deployments.ingress.memory import IngressMemory, SessionContext
+from deployments.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    parse_request,
+)
 from deployments.protocol_responses import (
     ConversationCreateRequest,
     ConversationItemsRequest,
     ResponseCreateRequest,
 )
+from deployments.responses.events import ResponseEvents
 from deployments.responses.items import (
     conversation_items,
     input_messages,
+    model_view,
     output_items,
     response_object,
 )
@@ -41,6 +53,12 @@ from deployments.responses.store import (
     response_id,
 )
 
+# The ingress's chat path (``Ingress.chat`` / ``Ingress.chat_stream``): a request, its tenant and
+# the session context this part built.
+ChatCall = Callable[[ChatCompletionRequest, str, SessionContext], Awaitable[ChatCompletionResponse]]
+ChatStreamCall = Callable[[ChatCompletionRequest, str, SessionContext], AsyncIterator[ChatCompletionChunk]]
+DeleteSession = Callable[[str, str], Awaitable[Any]]
+
 
 def _parse(model: type, value: Any) -> Any:
     from deployments.errors import as_mai_error
@@ -51,16 +69,39 @@ def _parse(model: type, value: Any) -> Any:
         raise as_mai_error(exc) from None
 
 
-class IngressResponses:
-    """``/v1/responses`` and ``/v1/conversations`` (needs the ingress's ``sessions``,
-    ``chat``, ``chat_stream``, ``session_context``, ``delete_session`` and ``_model``)."""
+def _too_long(exc: BaseException) -> BaseException:
+    """A context-length refusal names ``truncation`` as the way out."""
+    if isinstance(exc, InvalidRequestError) and "maximum context length" in exc.message:
+        return InvalidRequestError(
+            f"{exc.message} With truncation='disabled' (the default) no earlier item is dropped; "
+            "send truncation='auto' to drop the oldest ones, or shorten the input.",
+            param="input",
+        )
+    return exc
 
-    @property
-    def responses(self) -> ResponseStore:
-        store = self.__dict__.get("_response_store")
-        if store is None:
-            store = self.__dict__["_response_store"] = ResponseStore(self.sessions)  # type: ignore[attr-defined]
-        return store
+
+class ResponsesApi:
+    """``/v1/responses`` and ``/v1/conversations`` over the session store (``store``), the
+    ingress's chat path (``chat``, ``chat_stream``), its session contexts (``memory``),
+    ``delete_session`` (which makes memory forget too) and ``check_model`` (404 for a model
+    not served)."""
+
+    def __init__(
+        self,
+        *,
+        store: ResponseStore,
+        memory: IngressMemory,
+        chat: ChatCall,
+        chat_stream: ChatStreamCall,
+        delete_session: DeleteSession,
+        check_model: Callable[[str], Any],
+    ) -> None:
+        self.store = store
+        self.memory = memory
+        self.chat = chat
+        self.chat_stream = chat_stream
+        self.delete_session = delete_session
+        self.check_model = check_model
 
     # -- responses ----------------------------------------------------------------------------
 
@@ -69,7 +110,10 @@ class IngressResponses:
     ) -> dict[str, Any]:
         body = _parse(ResponseCreateRequest, request)
         chat, context, previous, _ = await self._response_chat(body, tenant, stream=False)
-        answer = await self.chat(chat, tenant, context)  # type: ignore[attr-defined]
+        try:
+            answer = await self.chat(chat, tenant, context)
+        except Exception as exc:
+            raise _too_long(exc) from None
         items = output_items(answer.choices[0])
         rid = self._response_id(chat, context)
         response = response_object(
@@ -83,117 +127,75 @@ class IngressResponses:
     ) -> AsyncIterator[dict[str, Any]]:
         body = _parse(ResponseCreateRequest, request)
         chat, context, previous, base = await self._response_chat(body, tenant, stream=True)
-        events = _Events()
+        events = ResponseEvents()
         # The id the response will have once stored (the session's count after this turn).
         turn = [m for m in chat.messages if m.role not in ("system", "developer")]
         expected = response_id(chat.session_id, base + len(turn) + 1) if chat.session_id else None
         draft = response_object(
             expected or f"resp_{uuid.uuid4().hex}", body, [], None, None, previous, "in_progress"
         )
-        chunks = self.chat_stream(chat, tenant, context)  # type: ignore[attr-defined]
-        first = await chunks.__anext__()  # a failure here is the request's error status
+        chunks = self.chat_stream(chat, tenant, context)
+        try:
+            first = await chunks.__anext__()  # a failure here is the request's error status
+        except Exception as exc:
+            raise _too_long(exc) from None
         yield events.make("response.created", response=draft)
         yield events.make("response.in_progress", response=draft)
-        text, usage, finish, calls = [], None, None, {}
-        message_id = f"msg_{uuid.uuid4().hex[:24]}"
-        started = False
-
-        async def all_chunks():
-            yield first
-            async for chunk in chunks:
-                yield chunk
-
-        async for chunk in all_chunks():
-            if chunk.usage is not None:
-                usage = chunk.usage
-            for choice in chunk.choices:
-                delta = choice.delta
-                finish = choice.finish_reason or finish
-                for call in delta.tool_calls or ():
-                    entry = calls.setdefault(call.index, {"id": call.id, "name": "", "arguments": ""})
-                    entry["name"] += call.function.name or ""
-                    entry["arguments"] += call.function.arguments or ""
-                if delta.content:
-                    if not started:
-                        started = True
-                        for event in events.message_start(message_id):
-                            yield event
-                    text.append(delta.content)
-                    yield events.make(
-                        "response.output_text.delta", item_id=message_id, output_index=0,
-                        content_index=0, delta=delta.content, logprobs=[],
-                    )
-        from deployments.protocol_tools import FunctionCallOut, ToolCallOut
-
-        tool_calls = [
-            ToolCallOut(id=c["id"] or f"call_{uuid.uuid4().hex[:24]}",
-                        function=FunctionCallOut(name=c["name"], arguments=c["arguments"]))
-            for _, c in sorted(calls.items())
-        ]
-        items = output_items(None, "".join(text), tool_calls, message_id)
-        for index, item in enumerate(items):
-            if item["type"] == "message":
-                if not started:
-                    for event in events.message_start(message_id):
-                        yield event
-                for event in events.message_done(item, index):
-                    yield event
-            else:
-                yield events.make("response.output_item.added", output_index=index,
-                                  item={**item, "arguments": "", "status": "in_progress"})
-                yield events.make("response.function_call_arguments.delta", item_id=item["id"],
-                                  output_index=index, delta=item["arguments"])
-                yield events.make("response.function_call_arguments.done", item_id=item["id"],
-                                  output_index=index, arguments=item["arguments"])
-                yield events.make("response.output_item.done", output_index=index, item=item)
+        for event in events.on_chunk(first):
+            yield event
+        async for chunk in chunks:
+            for event in events.on_chunk(chunk):
+                yield event
+        closing, items = events.finish()
+        for event in closing:
+            yield event
         rid = self._response_id(chat, context)
-        response = response_object(rid, body, items, usage, finish, previous)
+        response = response_object(rid, body, items, events.usage, events.finish_reason, previous)
         await self._keep(chat, tenant, context, response)
         yield events.make("response.completed", response=response)
 
     async def get_response(self, rid: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
-        _, _, stored = await self.responses.load_response(rid, tenant, "response_id")
+        _, _, stored = await self.store.load_response(rid, tenant, "response_id")
         return stored
 
     async def delete_response(self, rid: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
-        sid, empty = await self.responses.forget(rid, tenant)
+        sid, empty = await self.store.forget(rid, tenant)
         if empty:
-            await self.delete_session(sid, tenant)  # type: ignore[attr-defined]
+            await self.delete_session(sid, tenant)
         return {"id": rid, "object": "response", "deleted": True}
 
     async def _response_chat(
         self, body: ResponseCreateRequest, tenant: str, stream: bool
-    ) -> tuple[ChatCompletionRequest, Any, str | None, int]:
+    ) -> tuple[ChatCompletionRequest, SessionContext, str | None, int]:
         """The chat request of a response (with ``session_id`` when it is stored), its session
         context, ``previous_response_id`` and the session's message count before it."""
-        self._model(body.model)  # type: ignore[attr-defined]
+        self.check_model(body.model)
         new = input_messages(body.input)
-        history: list[dict[str, str]] = []
+        history: list[dict[str, Any]] = []
         sid = None
         base = 0
         previous = body.previous_response_id
         if previous:
-            session, count, _ = await self.responses.load_response(previous, tenant, "previous_response_id")
+            session, count, _ = await self.store.load_response(previous, tenant, "previous_response_id")
             if not body.store:
                 history = list(session.get("messages") or [])[:count]
-            elif session["turns"] == count:
+            elif session["message_count"] == count:  # the chain's latest response
                 sid, base = session["id"], count
             else:
-                sid, base = await self.responses.fork(tenant, session, count), count
+                sid, base = await self.store.fork(tenant, session, count), count
         elif body.conversation_id:
             csid = parse_conversation_id(body.conversation_id)
-            session = await self.responses.load(csid, tenant, "conversation", "conversation")
+            session = await self.store.load(csid, tenant, "conversation", "conversation")
             if body.store:
-                sid, base = csid, session["turns"]
+                sid, base = csid, session["message_count"]
             else:
                 history = list(session.get("messages") or [])
         elif body.store:
-            sid = (await self.responses.create(tenant, "responses", body.user))["id"]
+            sid = (await self.store.create(tenant, "responses", body.user))["id"]
         head = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
-        messages = head + [ChatMessage.model_validate(m) for m in history] + new
         fields: dict[str, Any] = {
-            "model": body.model, "messages": messages, "session_id": sid, "stream": stream,
-            "max_tokens": body.max_output_tokens, "temperature": body.temperature,
+            "model": body.model, "messages": head + model_view(history) + new, "session_id": sid,
+            "stream": stream, "max_tokens": body.max_output_tokens, "temperature": body.temperature,
             "top_p": body.top_p, "user": body.user, "parallel_tool_calls": body.parallel_tool_calls,
         }
         if stream:
@@ -220,18 +222,23 @@ class IngressResponses:
             from deployments.errors import as_mai_error
 
             raise as_mai_error(exc) from None
-        context = await self.session_context(chat, tenant)  # type: ignore[attr-defined]
+        auto = body.truncation == "auto"
+        if sid is None:  # unstored: the history travels in the request; "auto" may drop it
+            return chat, SessionContext(chat, len(head) + len(history) if auto else 0), previous, base
+        context = await self.memory.session_context(chat, tenant, whole=not auto)
         return chat, context, previous, base
 
     @staticmethod
-    def _response_id(chat: ChatCompletionRequest, context: Any) -> str:
+    def _response_id(chat: ChatCompletionRequest, context: SessionContext) -> str:
         if chat.session_id and context.stored_count is not None:
             return response_id(chat.session_id, context.stored_count)
         return f"resp_{uuid.uuid4().hex}"
 
-    async def _keep(self, chat: ChatCompletionRequest, tenant: str, context: Any, response: dict) -> None:
+    async def _keep(
+        self, chat: ChatCompletionRequest, tenant: str, context: SessionContext, response: dict
+    ) -> None:
         if chat.session_id and context.stored_count is not None:
-            await self.responses.record(chat.session_id, tenant, context.stored_count, response)
+            await self.store.record(chat.session_id, tenant, context.stored_count, response)
 
     # -- conversations ------------------------------------------------------------------------
 
@@ -239,21 +246,21 @@ class IngressResponses:
         self, request: ConversationCreateRequest | dict | None = None, tenant: str = DEFAULT_TENANT
     ) -> dict[str, Any]:
         body = _parse(ConversationCreateRequest, request or {})
-        info = await self.responses.create(tenant, "conversation", None, body.metadata)
+        info = await self.store.create(tenant, "conversation", None, body.metadata)
         if body.items:
-            messages = [m.as_dict() for m in input_messages(body.items, "items")]
-            await self.responses.append(info["id"], tenant, messages)
+            messages = [m.stored() for m in input_messages(body.items, "items")]
+            await self.store.append(info["id"], tenant, messages)
         return _conversation(info)
 
     async def get_conversation(self, cid: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
-        session = await self.responses.load(parse_conversation_id(cid, "conversation_id"), tenant,
-                                            "conversation_id", "conversation")
+        session = await self.store.load(parse_conversation_id(cid, "conversation_id"), tenant,
+                                        "conversation_id", "conversation")
         return _conversation(session)
 
     async def delete_conversation(self, cid: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
         sid = parse_conversation_id(cid, "conversation_id")
-        await self.responses.load(sid, tenant, "conversation_id", "conversation")
-        await self.delete_session(sid, tenant)  # type: ignore[attr-defined]
+        await self.store.load(sid, tenant, "conversation_id", "conversation")
+        await self.delete_session(sid, tenant)
         return {"id": cid, "object": "conversation.deleted", "deleted": True}
 
     async def list_conversation_items(
@@ -262,8 +269,8 @@ class IngressResponses:
     ) -> dict[str, Any]:
         if order not in ("asc", "desc"):
             raise InvalidRequestError(f"order={order!r} is not asc or desc", param="order")
-        session = await self.responses.load(parse_conversation_id(cid, "conversation_id"), tenant,
-                                            "conversation_id", "conversation")
+        session = await self.store.load(parse_conversation_id(cid, "conversation_id"), tenant,
+                                        "conversation_id", "conversation")
         items = conversation_items(session)
         if order == "desc":
             items.reverse()
@@ -281,12 +288,12 @@ class IngressResponses:
     ) -> dict[str, Any]:
         body = _parse(ConversationItemsRequest, request)
         sid = parse_conversation_id(cid, "conversation_id")
-        session = await self.responses.load(sid, tenant, "conversation_id", "conversation")
-        before = session["turns"]
-        messages = [m.as_dict() for m in input_messages(body.items, "items")]
-        await self.responses.append(sid, tenant, messages)
-        session = await self.responses.load(sid, tenant, "conversation_id", "conversation")
-        added = conversation_items(session)[before:]
+        session = await self.store.load(sid, tenant, "conversation_id", "conversation")
+        before = session["message_count"]
+        messages = [m.stored() for m in input_messages(body.items, "items")]
+        await self.store.append(sid, tenant, messages)
+        session = await self.store.load(sid, tenant, "conversation_id", "conversation")
+        added = conversation_items(session, before)
         return {
             "object": "list", "data": added, "has_more": False,
             "first_id": added[0]["id"] if added else None, "last_id": added[-1]["id"] if added else None,
@@ -301,35 +308,4 @@ def _conversation(session: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _Events:
-    """Typed stream events with their ``sequence_number``."""
-
-    def __init__(self) -> None:
-        self.sequence = 0
-
-    def make(self, kind: str, **fields: Any) -> dict[str, Any]:
-        event = {"type": kind, "sequence_number": self.sequence, **fields}
-        self.sequence += 1
-        return event
-
-    def message_start(self, message_id: str) -> list[dict[str, Any]]:
-        item = {"type": "message", "id": message_id, "status": "in_progress", "role": "assistant", "content": []}
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        return [
-            self.make("response.output_item.added", output_index=0, item=item),
-            self.make("response.content_part.added", item_id=message_id, output_index=0,
-                      content_index=0, part=part),
-        ]
-
-    def message_done(self, item: dict[str, Any], index: int) -> list[dict[str, Any]]:
-        part = item["content"][0]
-        return [
-            self.make("response.output_text.done", item_id=item["id"], output_index=index,
-                      content_index=0, text=part["text"], logprobs=[]),
-            self.make("response.content_part.done", item_id=item["id"], output_index=index,
-                      content_index=0, part=part),
-            self.make("response.output_item.done", output_index=index, item=item),
-        ]
-
-
-__all__ = ["IngressResponses"]
+__all__ = ["ResponsesApi", "ChatCall", "ChatStreamCall", "DeleteSession"]

@@ -4,9 +4,10 @@ output items, the response object, and a session's messages as conversation item
 Input items: messages (``{"role", "content"}``, ``type`` optional; content a string or
 ``input_text``/``output_text`` parts; roles user, system, developer, assistant),
 ``function_call`` (an earlier call of the model) and ``function_call_output`` (its result).
-The session store keeps text turns (roles system/user/assistant): a call is kept as the
-JSON the model wrote and a result as a user turn ``[result of tool call <id>]``, so a
-conversation's items list shows them as messages.
+The session store keeps turns of roles system/user/assistant whose text is what the model
+reads (a call as the JSON the model wrote, a result as a user turn ``[result of tool call
+<id>]``); calls and results also keep their typed ``tool_items`` (``cluster.state.Message``),
+so a conversation's items and a fork give them back as function_call / function_call_output.
 """
 
 from __future__ import annotations
@@ -152,10 +153,26 @@ def response_object(
     }
 
 
-def conversation_items(session: dict[str, Any]) -> list[dict[str, Any]]:
-    """A session's messages as conversation items, oldest first (ids ``msg_<position>``)."""
-    items = []
+def conversation_items(session: dict[str, Any], start: int = 0) -> list[dict[str, Any]]:
+    """A session's messages from position ``start`` on as conversation items, oldest first
+    (ids ``msg_<position>``; a call ``fc_<position>_<k>``, a result ``fco_<position>_<k>``)."""
+    items: list[dict[str, Any]] = []
     for i, m in enumerate(session.get("messages") or []):
+        if i < start:
+            continue
+        for k, tool in enumerate(m.get("tool_items") or ()):
+            if tool["type"] == "function_call":
+                items.append({
+                    "type": "function_call", "id": f"fc_{i}_{k}", "call_id": tool["call_id"],
+                    "name": tool["name"], "arguments": tool["arguments"], "status": "completed",
+                })
+            else:
+                items.append({
+                    "type": "function_call_output", "id": f"fco_{i}_{k}", "call_id": tool["call_id"],
+                    "output": tool["output"], "status": "completed",
+                })
+        if m.get("tool_items"):
+            continue
         kind = "output_text" if m["role"] == "assistant" else "input_text"
         items.append({
             "type": "message", "id": f"msg_{i}", "status": "completed", "role": m["role"],
@@ -164,4 +181,9 @@ def conversation_items(session: dict[str, Any]) -> list[dict[str, Any]]:
     return items
 
 
-__all__ = ["input_messages", "output_items", "response_object", "conversation_items"]
+def model_view(messages: list[dict[str, Any]]) -> list[ChatMessage]:
+    """Stored messages as the model reads them (their text; tool items rendered)."""
+    return [ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+
+
+__all__ = ["input_messages", "output_items", "response_object", "conversation_items", "model_view"]

@@ -3,7 +3,7 @@
 At batch 32 on the tiny model a decode step is dominated by per-call overhead, not FLOPs, so
 three q/k/v matmuls and two gate/up matmuls per layer cost more than one of each. The fused
 weight is the concatenation of *this rank's* modules' weights: with DeepSpeed AutoTP each
-rank holds column shards of q, k, v, gate and up, and concatenating its own shards gives its
+rank holds column slices of q, k, v, gate and up, and concatenating its own slices gives its
 own slice of every output, so tensor parallelism is unchanged (o_proj and down_proj, the
 row-parallel layers that all-reduce, are still called as modules). The modules keep working
 on views of the fused tensor: the weights are not held twice.

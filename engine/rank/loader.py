@@ -1,17 +1,17 @@
-"""Load a Llama 2 checkpoint (Hugging Face layout) and shard or quantize it.
+"""Load a Llama 2 checkpoint (Hugging Face layout) and slice or quantize it.
 
-Unquantized weights are loaded sharded (``engine.rank.sharded_loader``): the model is built on the
+Unquantized weights are loaded sliced (``engine.rank.slice_loader``): the model is built on the
 meta device, DeepSpeed AutoTP cuts its shapes, and each rank reads only its own slices from
-the safetensors files, so a rank holds its shard, never the whole model.
-``load_full_then_shard`` is the former way (``from_pretrained`` of the whole model, then
-AutoTP); it stays as the reference the sharded result is tested against. Quantized weights
+the safetensors files, so a rank holds its slice, never the whole model.
+``load_full_then_slice`` is the former way (``from_pretrained`` of the whole model, then
+AutoTP); it stays as the reference the sliced result is tested against. Quantized weights
 go through ``from_pretrained`` (bitsandbytes quantizes while loading). Tensor parallelism and
 quantization are applied after construction: the model code stays model code.
 
 - ``resolve_checkpoint`` turns ``config.checkpoint`` (directory, store version, cached
   ``name@version``, ``hf://``) into a verified local directory (``cluster.checkpoints.resolve``).
 - ``quantization`` (8bit, 4bit NF4) goes through bitsandbytes' ``BitsAndBytesConfig``, on the
-  CPU and on CUDA alike; quantized weights are not sharded (the config demands tp_size=1).
+  CPU and on CUDA alike; quantized weights are not sliced (the config demands tp_size=1).
 - ``lazy_load`` builds the model on the meta device and reads the weights when the first
   request reaches the model (a forward pre-hook on the embedding); the wait is logged.
 """
@@ -198,7 +198,7 @@ def disable_deepspeed_shm_allreduce() -> None:
 
 
 def load_model(config: ModelConfig, path: Path, *, tp_size: int = 1) -> torch.nn.Module:
-    """The model of ``path`` in ``config``'s dtype, sharded over ``tp_size`` ranks when > 1.
+    """The model of ``path`` in ``config``'s dtype, sliced over ``tp_size`` ranks when > 1.
 
     For ``tp_size > 1`` the process group must already be initialised (``TPWorker`` does it).
     With ``config.lazy_load`` the weights are read on the first forward (see ``LazyWeights``).
@@ -212,14 +212,14 @@ def load_model(config: ModelConfig, path: Path, *, tp_size: int = 1) -> torch.nn
 
 def _load_now(config: ModelConfig, path: Path, tp_size: int) -> torch.nn.Module:
     if config.quantization is None:
-        from engine.rank.sharded_loader import load_sharded
+        from engine.rank.slice_loader import load_rank_slices
 
         dtype = TORCH_DTYPES[config.resolved_dtype()]
-        return load_sharded(path, dtype=dtype, device=config.resolved_device(), tp_size=tp_size)
-    return load_full_then_shard(config, path, tp_size)
+        return load_rank_slices(path, dtype=dtype, device=config.resolved_device(), tp_size=tp_size)
+    return load_full_then_slice(config, path, tp_size)
 
 
-def load_full_then_shard(config: ModelConfig, path: Path, tp_size: int) -> torch.nn.Module:
+def load_full_then_slice(config: ModelConfig, path: Path, tp_size: int) -> torch.nn.Module:
     """The whole model through ``from_pretrained``, then DeepSpeed AutoTP (or bitsandbytes)."""
     from transformers import LlamaForCausalLM
 

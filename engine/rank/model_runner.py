@@ -1,14 +1,14 @@
-"""The forward pass of one tensor-parallel shard over a block-paged KV cache.
+"""The forward pass of one tensor-parallel slice over a block-paged KV cache.
 
 The model stays Hugging Face's ``LlamaForCausalLM`` (possibly with its linear layers replaced
-by DeepSpeed AutoTP's sharded ones, or by bitsandbytes' quantized ones): this runner uses its
+by DeepSpeed AutoTP's sliced ones, or by bitsandbytes' quantized ones): this runner uses its
 modules' weights, and only owns what iteration-level batching needs — the KV cache and the
 attention over sequences of different lengths. Every tensor-parallel rank runs the same
-calls with the same inputs; the sharded linears do the all-reduces.
+calls with the same inputs; the sliced linears do the all-reduces.
 
 A step is one pass through the layers: its decode tokens and prompt chunks share the norms
 and projections, and only attention runs per sequence. Per layer, q/k/v run as one matmul and
-gate/up as another (``engine.rank.fused_projections``: each rank concatenates its own shards, so
+gate/up as another (``engine.rank.fused_projections``: each rank concatenates its own slices, so
 tensor parallelism is unchanged), and rotary embedding is applied to queries and keys
 together. The arithmetic of every element is Hugging Face's own, so greedy outputs stay token
 for token equal to ``generate``.
@@ -214,7 +214,7 @@ class ModelRunner:
         return cos.unsqueeze(2), signed.unsqueeze(2)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """``[B, 1, hidden] -> [B, vocab]``; AutoTP's sharded lm_head slices a 3-D input."""
+        """``[B, 1, hidden] -> [B, vocab]``; AutoTP's sliced lm_head slices a 3-D input."""
         return self.lm_head(rms_norm(self.norm, h))[:, 0]
 
     def _attend(self, q, keys, values, mask, causal: bool = False):

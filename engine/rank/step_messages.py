@@ -3,7 +3,7 @@
 One fixed-size int64 header, then one int64 payload, both broadcast on the control channel
 (``engine.rank.control_channel``: a gloo group of its own, on CPU and CUDA alike; the forward's
 all-reduces use the default group, NCCL on CUDA). Every rank then runs the same forward with the same inputs, so
-their KV caches stay identical in layout and the sharded linears' all-reduces line up. This
+their KV caches stay identical in layout and the split linears' all-reduces line up. This
 module is the only place that knows the layout.
 """
 

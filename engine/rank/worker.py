@@ -1,6 +1,6 @@
-"""One tensor-parallel rank: joins the process group, holds a weights shard and its KV cache.
+"""One tensor-parallel rank: joins the process group, holds a weights rank and its KV cache.
 
-A plain class with no Ray inside (the shard actor wraps it). Rank 0 runs the engine core and
+A plain class with no Ray inside (the rank actor wraps it). Rank 0 runs the engine core and
 calls ``execute`` each step, which broadcasts the step's inputs before running them; the other
 ranks sit in ``serve_forever`` receiving the same inputs and running the same forward.
 No Ray call is made per step: torch.distributed carries everything — the step messages on a
@@ -43,7 +43,7 @@ HEARTBEAT_S = 10.0
 
 
 class TPWorker:
-    """A tensor-parallel shard of one model replica."""
+    """A tensor-parallel rank of one model replica."""
 
     def __init__(
         self,
@@ -77,11 +77,11 @@ class TPWorker:
     # -- start and stop ---------------------------------------------------------------------
 
     def load(self) -> None:
-        """Join the process group (blocks until every rank joins) and load this shard."""
+        """Join the process group (blocks until every rank joins) and load this rank."""
         cfg = self.config
         device = cfg.resolved_device()
         if device == "cpu":
-            torch.set_num_threads(cfg.cpu_threads_per_shard)
+            torch.set_num_threads(cfg.cpu_threads_per_rank)
         path = self.checkpoint_dir or resolve_checkpoint(cfg)
         # The device first: NCCL binds its communicator to the current CUDA device, and
         # DeepSpeed places this rank on cuda:LOCAL_RANK.
@@ -104,7 +104,7 @@ class TPWorker:
         self.checkpoint_path = path
         self._alive = True
         log.info(
-            "shard ready",
+            "rank ready",
             extra={
                 "rank": self.rank, "world_size": self.world_size, "device": str(self.device),
                 "gpu_id": choice.gpu_id, "kv_cache_mib": self.runner.kv_cache_bytes >> 20,
@@ -189,7 +189,7 @@ class TPWorker:
                 self._alive = False
                 log.error("collective failed during the forward", exc_info=True)
                 raise EngineDeadError(
-                    "a tensor-parallel shard stopped answering during a forward step; the "
+                    "a tensor-parallel rank stopped answering during a forward step; the "
                     "replica is restarting"
                 ) from exc
         return self._run(plan)
@@ -207,7 +207,7 @@ class TPWorker:
             raise
         except Exception as exc:
             self._alive = False
-            raise EngineDeadError(f"a tensor-parallel shard stopped answering: {exc}") from exc
+            raise EngineDeadError(f"a tensor-parallel rank stopped answering: {exc}") from exc
 
     # -- ranks > 0 --------------------------------------------------------------------------
 

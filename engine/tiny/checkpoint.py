@@ -3,7 +3,7 @@
 ``make_tiny_checkpoint`` writes a complete Hugging Face layout directory (config, safetensors,
 SentencePiece tokenizer with the Llama 2 chat template, generation config) from a seed in a
 few seconds; ``ensure_tiny_checkpoint`` makes the embedded default once per machine, safely
-when several processes (tensor-parallel shards, test workers) ask for it at the same time.
+when several processes (tensor-parallel ranks, test workers) ask for it at the same time.
 """
 
 from __future__ import annotations

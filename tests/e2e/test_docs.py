@@ -22,7 +22,7 @@ ERROR_BODY = re.compile(r'"error":\s*\{')
 @pytest.fixture(scope="module")
 def docs_app(serve_cluster):
     config = app_config(
-        models=[{"max_tokens": 16, "max_num_seqs": 4, "context_length": 1024}], shard_num_cpus=0.5
+        models=[{"max_tokens": 16, "max_num_seqs": 4, "context_length": 1024}], rank_num_cpus=0.5
     )
     deployed = serve_cluster.deploy(config, prefix="docs", engine_cls=None)  # the real engine
     yield deployed

@@ -30,7 +30,7 @@ def app(serve_cluster, tiny_checkpoint):
     config = build_app_config(
         {
             "serving": {**FAST_SERVING, "session_state_uri": base.serving.session_state_uri,
-                        "shard_num_cpus": 1.0, "api_keys": {hash_api_key(KEY): "acme"}},
+                        "rank_num_cpus": 1.0, "api_keys": {hash_api_key(KEY): "acme"}},
             "memory": base.memory.model_dump(mode="json"),
             "models": [{"checkpoint": str(tiny_checkpoint), "max_num_seqs": 8, "max_tokens": 48,
                         "context_length": 1024}],

@@ -24,7 +24,7 @@ def app(serve_cluster):
         memory={"persist_interval_s": 0.2},
     )
     deployed = serve_cluster.deploy(
-        config, prefix="memory", engine_options={"reply": "echo", "repeat": True, "tokens_per_s": 4000}
+        config, prefix="memory", engine_options={"reply": "echo", "tokens_per_s": 4000}
     )
     yield deployed
     deployed.delete()
@@ -51,7 +51,7 @@ def chat(http: httpx.Client, session_id: str, content: str, user: str | None = N
         "model": MODEL,
         "session_id": session_id,
         "messages": [{"role": "user", "content": content}],
-        "max_tokens": 160,
+        "max_tokens": 1000,  # the echo is the whole prompt: the memory block, then the window
         "temperature": 0,
     }
     if user is not None:
@@ -87,7 +87,11 @@ def test_a_fact_from_one_session_reaches_the_users_next_session(acme):
     second = new_session(acme)
     reply = chat(acme, second, "Am I allergic to anything?", user="ada")
     assert FACTS_HEADER in reply and "allergic to peanuts" in reply
-    assert "My name is Ada" not in reply  # session B holds facts, not session A's turns
+    # session A's turn reaches session B as a memory (after the memory header, dated), never
+    # as a message of session B: B's own history holds only its question (and the echo's answer)
+    assert reply.index("User: My name is Ada.") > reply.index(FACTS_HEADER)
+    own = acme.get(f"/v1/sessions/{second}").json()["messages"]
+    assert [m["content"] for m in own if m["role"] == "user"] == ["Am I allergic to anything?"]
 
     stranger = new_session(acme)
     other = chat(acme, stranger, "Am I allergic to anything?", user="bob")

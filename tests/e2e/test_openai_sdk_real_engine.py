@@ -15,6 +15,7 @@ import pytest
 
 from cluster.config import build_app_config
 from cluster.config.serving import hash_api_key
+from deployments.http.replica_header import REPLICA_HEADER
 from tests.support.serve_harness import FAST_SERVING, app_config
 
 MODEL = "m-ai-tiny"
@@ -61,7 +62,7 @@ def make_config(tiny_checkpoint, state_uri: str):
                 "session_state_uri": state_uri,
                 "session_store_shards": 2,
                 "ingress_replicas": 2,
-                "shard_num_cpus": 1.0,
+                "rank_num_cpus": 1.0,
                 "api_keys": {hash_api_key(KEY): "acme", hash_api_key(KEY_OTHER): "globex"},
             },
             "memory": base.memory.model_dump(mode="json"),
@@ -275,10 +276,12 @@ def test_streamed_tool_calls_have_openais_delta_shape(client):
     ))
     calls: dict[int, dict] = {}
     reasons = []
+    deltas = []
     for chunk in stream:
         for choice in chunk.choices:
             reasons.append(choice.finish_reason)
             for d in choice.delta.tool_calls or ():
+                deltas.append(d)
                 entry = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
                 entry["id"] = entry["id"] or d.id
                 entry["name"] += (d.function.name or "") if d.function else ""
@@ -286,6 +289,11 @@ def test_streamed_tool_calls_have_openais_delta_shape(client):
     assert [r for r in reasons if r] == ["tool_calls"]
     assert list(calls) == [0] and calls[0]["id"].startswith("call_") and calls[0]["name"] == "get_weather"
     jsonschema.validate(json.loads(calls[0]["arguments"]), SCHEMAS["get_weather"])
+    # OpenAI's shape: the first delta names the call with empty arguments, fragments follow
+    first = deltas[0]
+    assert (first.type, first.function.name, first.function.arguments) == ("function", "get_weather", "")
+    fragments = [d.function.arguments for d in deltas[1:]]
+    assert len(fragments) > 1 and all(f and d.id is None for f, d in zip(fragments, deltas[1:]))
 
 
 # -- embeddings ---------------------------------------------------------------------------------
@@ -312,16 +320,34 @@ def test_embeddings_float_base64_and_batch(client, app):
 # -- responses and conversations ----------------------------------------------------------------
 
 
+def created_on(raw) -> tuple[object, str]:
+    """A response and the ingress replica that made it (the diagnostic header)."""
+    replica = raw.headers.get(REPLICA_HEADER)
+    assert replica, f"no {REPLICA_HEADER} header"
+    return raw.parse(), replica
+
+
 def test_responses_chain_across_replicas_get_delete_and_tenants(client, app):
-    first = client.responses.create(model=MODEL, input="My name is Ada.", instructions="Be brief.",
-                                    max_output_tokens=8, temperature=0)
+    first, replica = created_on(client.responses.with_raw_response.create(
+        model=MODEL, input="My name is Ada.", instructions="Be brief.", max_output_tokens=8, temperature=0,
+    ))
     assert first.id.startswith("resp_") and first.status in ("completed", "incomplete")
     assert first.output[0].type == "message" and first.output_text == first.output[0].content[0].text
-    chain = [first]
-    for turn in range(4):  # two ingress replicas: the chain lives in the session store
-        chain.append(client.responses.create(
+    chain, replicas = [first], [replica]
+    # Two ingress replicas, the chain in the session store: continue it until a response made
+    # on one replica has been continued on the other (Serve picks the replica; bounded).
+    for turn in range(24):
+        hopped = any(a != b for a, b in zip(replicas, replicas[1:]))
+        if hopped and len(chain) >= 5:
+            break
+        response, replica = created_on(client.responses.with_raw_response.create(
             model=MODEL, input=f"Turn {turn}", previous_response_id=chain[-1].id, max_output_tokens=6, temperature=0,
         ))
+        assert response.previous_response_id == chain[-1].id
+        chain.append(response)
+        replicas.append(replica)
+    assert len(set(replicas)) == 2, f"one replica answered all {len(replicas)} requests"
+    assert any(a != b for a, b in zip(replicas, replicas[1:]))
     assert len({r.id for r in chain}) == len(chain)
     got = client.responses.retrieve(chain[2].id)
     assert got.id == chain[2].id and got.output_text == chain[2].output_text
@@ -372,6 +398,71 @@ def test_responses_stream_typed_events_and_tools(client):
     ))
     kinds = [e.type for e in streamed]
     assert "response.function_call_arguments.done" in kinds and kinds[-1] == "response.completed"
+    fragments = [e.delta for e in streamed if e.type == "response.function_call_arguments.delta"]
+    (done,) = [e for e in streamed if e.type == "response.function_call_arguments.done"]
+    assert len(fragments) > 1 and "".join(fragments) == done.arguments
+    jsonschema.validate(json.loads(done.arguments), SCHEMAS["get_weather"])
+    assert streamed[-1].response.output[0].arguments == done.arguments
+
+
+LONG = "Llamas live in the high Andes and eat grass. " * 40  # about 600 of the 1024 tokens
+
+
+def test_truncation_disabled_refuses_an_over_long_chain_and_auto_drops_the_oldest(client):
+    first = client.responses.create(model=MODEL, input=LONG, max_output_tokens=4, temperature=0)
+    assert 500 < first.usage.input_tokens < 1024 - 4  # one fits, two do not
+    for stream in (False, True):  # OpenAI's default: nothing is dropped, the request is refused
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model=MODEL, input=LONG, previous_response_id=first.id,
+                                    max_output_tokens=4, stream=stream)
+        assert "maximum context length is 1024 tokens" in err.value.message
+        assert "truncation" in err.value.message and err.value.param == "input"
+    auto = client.responses.create(model=MODEL, input=LONG, previous_response_id=first.id, truncation="auto",
+                                   instructions="Answer in one word.", max_output_tokens=4, temperature=0)
+    assert auto.truncation == "auto" and auto.previous_response_id == first.id
+    assert first.usage.input_tokens <= auto.usage.input_tokens <= 1024 - 4
+    # the refused requests stored nothing: the chain goes on from the auto response
+    later = client.responses.create(model=MODEL, input="Where?", previous_response_id=auto.id, truncation="auto",
+                                    max_output_tokens=4)
+    assert later.previous_response_id == auto.id
+
+
+def test_tool_calls_and_results_round_trip_as_typed_items(client, app):
+    import httpx
+
+    tool = {"type": "function", **WEATHER["function"]}
+    conv = client.conversations.create()
+    called = client.responses.create(
+        model=MODEL, conversation=conv.id, input="Weather in Oslo?", tools=[tool], tool_choice="required",
+        parallel_tool_calls=False, max_output_tokens=160, temperature=0,
+    )
+    call = called.output[0]
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id
+    kept = client.responses.retrieve(called.id).output[0]
+    assert (kept.type, kept.call_id, kept.name, kept.arguments) == ("function_call", call.call_id, call.name, call.arguments)
+    client.responses.create(
+        model=MODEL, conversation=conv.id, tools=[tool], max_output_tokens=6, temperature=0,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}],
+    )
+    items = client.conversations.items.list(conv.id, order="asc").data
+    assert [i.type for i in items[:3]] == ["message", "function_call", "function_call_output"]
+    assert (items[1].call_id, items[1].name, items[1].arguments) == (call.call_id, "get_weather", call.arguments)
+    assert (items[2].call_id, items[2].output) == (call.call_id, "Sunny, 21 C")
+    # A chain by previous_response_id: the client's own call and result items, then a fork from
+    # the first response, keep their types in the session store (GET /v1/sessions/{id}).
+    mine = {"type": "function_call", "call_id": "call_mine", "name": "get_weather",
+            "arguments": '{"city": "Lima", "days": 2}'}
+    text_only = {"model": MODEL, "tools": [tool], "tool_choice": "none", "max_output_tokens": 4, "temperature": 0}
+    result = {"type": "function_call_output", "call_id": "call_mine", "output": "Rain"}
+    first = client.responses.create(input=[{"role": "user", "content": "Lima?"}, mine, result], **text_only)
+    second = client.responses.create(previous_response_id=first.id, input="And tomorrow?", **text_only)
+    fork = client.responses.create(previous_response_id=first.id, input="Thanks.", **text_only)
+    sessions = httpx.Client(base_url=f"{app.url}/v1", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    for response in (second, fork):
+        session_id = "sess-" + response.id.removeprefix("resp_").rpartition(".")[0]
+        stored = sessions.get(f"/sessions/{session_id}").json()["messages"]
+        assert [m["tool_items"] for m in stored if m.get("tool_items")] == [[mine], [result]]
+    assert second.id.rpartition(".")[0] != fork.id.rpartition(".")[0]  # the fork is a new session
 
 
 def test_conversations_create_items_respond_delete(client):

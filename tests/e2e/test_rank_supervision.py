@@ -41,7 +41,7 @@ def test_a_dead_rank_shows_at_once_and_heals_faster_than_a_replica_is_replaced(a
     with httpx.Client(base_url=app.url, timeout=30) as http:
         assert http.post("/v1/chat/completions", json=ASK).status_code == 200
         before = app.llm().describe.remote().result()
-        rank1 = ray.get_actor(before["shard_names"][1], namespace=before["namespace"])
+        rank1 = ray.get_actor(before["rank_names"][1], namespace=before["namespace"])
         ray.kill(rank1, no_restart=True)
         killed = time.monotonic()
         health = None
@@ -57,7 +57,7 @@ def test_a_dead_rank_shows_at_once_and_heals_faster_than_a_replica_is_replaced(a
         assert int(health.headers["Retry-After"]) >= 1
         rank_recovery = serving_again(http, killed)
         after = app.llm().describe.remote().result()
-        assert after["shard_names"] != before["shard_names"]  # new ranks
+        assert after["rank_names"] != before["rank_names"]  # new ranks
 
         # the same application, its whole replica killed: Serve's health check replaces it
         replica = [a for a in ray.util.list_named_actors(all_namespaces=True)
@@ -75,7 +75,7 @@ def test_a_request_during_the_rebuild_is_told_why_in_our_words(app):
     with httpx.Client(base_url=app.url, timeout=30) as http:
         serving_again(http, time.monotonic())
         info = app.llm().describe.remote().result()
-        ray.kill(ray.get_actor(info["shard_names"][0], namespace=info["namespace"]), no_restart=True)
+        ray.kill(ray.get_actor(info["rank_names"][0], namespace=info["namespace"]), no_restart=True)
         refused = None
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

@@ -1,7 +1,7 @@
 """Faults under the real engine (the tiny model at tensor-parallel size 2), over HTTP:
 
 - a client that disconnects mid-stream: its sequence leaves the running batch at once;
-- a TP shard killed while streams run: they end with an error (none hangs), the replica is
+- a TP rank killed while streams run: they end with an error (none hangs), the replica is
   marked unhealthy and replaced, and the replacement serves;
 - an engine step that raises (``FaultyEngine``): every request in flight gets an error, as
   with vLLM's ``EngineDeadError``, new ones get 503 until Serve has restarted the replica.
@@ -35,7 +35,7 @@ def ask(content: str = "Tell me about llamas.", **fields):
 def real_app(serve_cluster):
     config = app_config(
         models=[{"tp_size": 2, "max_num_seqs": 8, "temperature": 0.0}],
-        shard_num_cpus=1.0,
+        rank_num_cpus=1.0,
         health_check_period_s=1.0,
     )
     deployed = serve_cluster.deploy(config, prefix="realfault", engine_cls=FAULTY_ENGINE)
@@ -47,12 +47,12 @@ def engine_stats(app) -> dict:
     return ray.get(app.rank0().stats.remote()).__dict__
 
 
-def wait_replaced(app, shard_names: list[str]) -> None:
-    """Until /health is ok again and the model runs on new shard actors."""
+def wait_replaced(app, rank_names: list[str]) -> None:
+    """Until /health is ok again and the model runs on new rank actors."""
     with httpx.Client(base_url=app.url, timeout=10) as client:
         wait_until(
             lambda: client.get("/health").status_code == 200
-            and app.llm().describe.remote().result()["shard_names"] != shard_names,
+            and app.llm().describe.remote().result()["rank_names"] != rank_names,
             timeout_s=120,
             interval_s=0.5,
             what="replica replaced",
@@ -131,7 +131,7 @@ async def first_unhealthy(client: httpx.AsyncClient, timeout_s: float) -> httpx.
     return None
 
 
-def test_a_killed_tp_shard_fails_the_streams_and_the_replica_is_replaced(real_app):
+def test_a_killed_tp_rank_fails_the_streams_and_the_replica_is_replaced(real_app):
     """A rank killed under load: the streams end with a typed error naming the rank (no Ray
     class names), ``/health`` says so within 2 s with a ``Retry-After`` of the expected
     rebuild, and the replica serves again on new ranks."""
@@ -140,7 +140,7 @@ def test_a_killed_tp_shard_fails_the_streams_and_the_replica_is_replaced(real_ap
     async def scenario():
         async with httpx.AsyncClient(base_url=real_app.url, timeout=90) as client:
             streams = await start_streams(client, 3)
-            rank1 = ray.get_actor(before["shard_names"][1], namespace=before["namespace"])
+            rank1 = ray.get_actor(before["rank_names"][1], namespace=before["namespace"])
             ray.kill(rank1, no_restart=True)
             killed_at = time.monotonic()
             health = await first_unhealthy(client, 2.0)
@@ -157,7 +157,7 @@ def test_a_killed_tp_shard_fails_the_streams_and_the_replica_is_replaced(real_ap
     assert health.status_code == 503 and "rank 1" in health.json()["error"]["message"], health.text
     assert int(health.headers["Retry-After"]) >= 1
     print(f"rank kill seen by /health after {detected:.2f}s")
-    wait_replaced(real_app, before["shard_names"])
+    wait_replaced(real_app, before["rank_names"])
     print(f"serving again {time.monotonic() - killed_at:.1f}s after the kill")
 
 
@@ -188,4 +188,4 @@ def test_an_engine_step_that_raises_fails_every_request_in_flight(real_app):
         assert "InjectedStepFault" in response.json()["error"]["message"]
     # until Serve restarts the replica: a designed 503, or already the new replica's answer
     assert after.status_code in (503, 200), after.text
-    wait_replaced(real_app, before["shard_names"])
+    wait_replaced(real_app, before["rank_names"])

@@ -12,7 +12,7 @@ stopped by its PID.
 The YAML is deployed as written except for the HTTP port (a free one), the checkpoint (the
 test cache's tiny checkpoint instead of ``~/.cache``) and the session store (the cluster's temp
 dir instead of ``~/.local/share``). The model runs on the real engine, two tensor-parallel CPU
-shards as the file says (about 35 s in all on an idle 2-core machine, 6 s more than with the
+ranks as the file says (about 35 s in all on an idle 2-core machine, 6 s more than with the
 fake engine).
 """
 
@@ -171,7 +171,7 @@ def deploy_file(directory: Path, http_port: int, checkpoint: Path) -> Path:
 
 LOOPBACK = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
 # Processes (as ss names them: 15 characters) whose ports Ray Serve or torch bind everywhere.
-EXPOSED_BY_DESIGN = ("ray::ServeRepli", "ray::ShardActor")
+EXPOSED_BY_DESIGN = ("ray::ServeRepli", "ray::RankActor")
 
 
 def listening_sockets(head: HeadNode) -> list[tuple[str, str]]:
@@ -240,7 +240,7 @@ def test_serve_deploy_of_the_cpu_config_serves_then_shuts_down(head_node, tiny_c
 
     # docs/deployment.md: a one-machine cluster started this way listens on loopback only, but
     # for each Serve replica's internal gRPC port (Ray Serve binds it on all interfaces) and the
-    # rendezvous port of torch.distributed in the rank-0 shard actor (c10d's TCPStore).
+    # rendezvous port of torch.distributed in the rank-0 actor (c10d's TCPStore).
     sockets = listening_sockets(head_node)
     exposed = [s for s in sockets if not s[0].startswith(LOOPBACK)]
     assert exposed and all(name.startswith(EXPOSED_BY_DESIGN) for _, name in exposed), exposed

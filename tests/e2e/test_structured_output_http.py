@@ -109,7 +109,7 @@ def app(serve_cluster, tiny_checkpoint):
             "serving": {
                 **FAST_SERVING,
                 "session_state_uri": tempfile.mkdtemp(prefix="m-ai-sessions-"),
-                "shard_num_cpus": 1.0,
+                "rank_num_cpus": 1.0,
                 "api_keys": {hash_api_key(KEY_ACME): "acme", hash_api_key(KEY_STRICT): "strict"},
             },
             "models": [

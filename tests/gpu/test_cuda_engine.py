@@ -1,5 +1,5 @@
 """The engine on one CUDA GPU: greedy output equal to Hugging Face in float16 and bfloat16,
-sharded loading equal to AutoTP's on the device (needs a GPU).
+per-rank loading equal to AutoTP's on the device (needs a GPU).
 
 Tokens are compared one for one on the tiny model (trained: its logits are decisive). The
 small model has random weights, so its logits are nearly flat and a different GEMM kernel
@@ -79,14 +79,14 @@ def test_greedy_decoding_equals_hugging_face(tiny_checkpoint, small_checkpoint, 
     assert_same_greedy(got, want, None if model == "tiny" else gaps)
 
 
-def test_sharded_loading_on_cuda_equals_autotp(small_checkpoint):
-    from engine.rank.loader import load_full_then_shard
-    from engine.rank.sharded_loader import load_sharded
+def test_slice_loading_on_cuda_equals_autotp(small_checkpoint):
+    from engine.rank.loader import load_full_then_slice
+    from engine.rank.slice_loader import load_rank_slices
 
     torch.cuda.set_device(0)
     cfg = config(small_checkpoint, "float16")
-    old = load_full_then_shard(cfg, small_checkpoint, 1)
-    new = load_sharded(small_checkpoint, dtype=torch.float16, device="cuda", tp_size=1)
+    old = load_full_then_slice(cfg, small_checkpoint, 1)
+    new = load_rank_slices(small_checkpoint, dtype=torch.float16, device="cuda", tp_size=1)
     a = dict(old.named_parameters()) | dict(old.named_buffers())
     b = dict(new.named_parameters()) | dict(new.named_buffers())
     assert a.keys() == b.keys()

@@ -16,7 +16,7 @@ pytestmark = [
 ]
 ray = pytest.importorskip("ray")
 
-from actors.tp.rank_group import ShardGroup  # noqa: E402
+from actors.tp.rank_group import RankGroup  # noqa: E402
 from cluster.config import ModelConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.types import SamplingParams  # noqa: E402
@@ -42,7 +42,7 @@ def test_a_rank_actor_runs_on_its_ray_gpu_and_matches_the_engine(local_ray, tiny
     prompt = [t % 4096 for t in PROMPT]
 
     async def through_ray() -> tuple[dict, list[int]]:
-        group = ShardGroup.start(config, name_prefix="gpu-check", num_cpus=1.0, num_gpus=1.0)
+        group = RankGroup.start(config, name_prefix="gpu-check", num_cpus=1.0, num_gpus=1.0)
         try:
             await group.wait_loaded(timeout_s=300)
             info = await group.rank0.describe.remote()

@@ -50,13 +50,13 @@ def test_requests_record_metrics_and_diagnostics_name_decode(app):
     def exported() -> str | None:
         page = metrics_page()
         counts = sample_values(page, "ray_m_ai_e2e_request_latency_seconds_count", model=MODEL)
-        rss = sample_values(page, "ray_m_ai_process_resident_memory_bytes", model=MODEL, actor="shard-0")
+        rss = sample_values(page, "ray_m_ai_process_resident_memory_bytes", model=MODEL, actor="rank-0")
         return page if sum(counts) >= 6 and rss else None
 
     page = wait_until(exported, timeout_s=40, interval_s=1, what="M-AI metrics on Ray's endpoint")
     assert sum(sample_values(page, "ray_m_ai_generation_tokens_total", model=MODEL)) >= 6 * 40
     assert sum(sample_values(page, "ray_m_ai_time_to_first_token_seconds_count", model=MODEL)) >= 6
-    assert sample_values(page, "ray_m_ai_kv_cache_bytes", model=MODEL, actor="shard-0")[0] > 0
+    assert sample_values(page, "ray_m_ai_kv_cache_bytes", model=MODEL, actor="rank-0")[0] > 0
 
     report = httpx.get(app.url + "/v1/diagnostics", params={"model": MODEL}, timeout=30).json()
     assert report["requests"] >= 6 and report["dominant"] == "decode", report

@@ -1,5 +1,5 @@
 """The real engine behind Serve: the tiny Llama 2 model at tensor-parallel size 2, its two
-shard actors in the replica's placement group, giving the same greedy tokens as the engine
+rank actors in the replica's placement group, giving the same greedy tokens as the engine
 run directly at size 1."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ PROMPT = [{"role": "user", "content": "Tell me about llamas."}]
 @pytest.fixture(scope="module")
 def real_app(serve_cluster):
     config = app_config(
-        models=[{"tp_size": 2, "max_num_seqs": 4, "max_tokens": 16}], shard_num_cpus=1.0
+        models=[{"tp_size": 2, "max_num_seqs": 4, "max_tokens": 16}], rank_num_cpus=1.0
     )
     deployed = serve_cluster.deploy(config, prefix="real", engine_cls=None)  # None: the real engine
     yield deployed
@@ -29,10 +29,10 @@ def test_tp2_in_a_placement_group_matches_the_engine_at_tp1(real_app):
     from engine.types import SamplingParams
 
     info = real_app.llm().describe.remote().result()
-    assert [s["rank"] for s in info["shards"]] == [0, 1] and all(
-        s["loaded"] for s in info["shards"]
+    assert [s["rank"] for s in info["ranks"]] == [0, 1] and all(
+        s["loaded"] for s in info["ranks"]
     )
-    assert {s["placement_group_id"] for s in info["shards"]} == {info["placement_group"]["id"]}
+    assert {s["placement_group_id"] for s in info["ranks"]} == {info["placement_group"]["id"]}
 
     request = ChatCompletionRequest(model=MODEL, messages=PROMPT, max_tokens=12, temperature=0.0)
     served = real_app.handle.chat.remote(request).result()

@@ -1,5 +1,5 @@
-"""A model replica's life in Serve: its shard actors in a STRICT_PACK placement group, a dead
-shard failing the health check until Serve replaces the replica, and live configuration."""
+"""A model replica's life in Serve: its rank actors in a STRICT_PACK placement group, a dead
+rank failing the health check until Serve replaces the replica, and live configuration."""
 
 from __future__ import annotations
 
@@ -39,27 +39,27 @@ def tp2_app(serve_cluster):
     deployed.delete()
 
 
-def test_shards_run_in_the_replicas_strict_pack_placement_group(tp2_app):
+def test_ranks_run_in_the_replicas_strict_pack_placement_group(tp2_app):
     info = tp2_app.llm().describe.remote().result()
 
     pg = info["placement_group"]
     assert pg["strategy"] == "STRICT_PACK"
     # bundle 0 for the replica itself, one bundle per tensor-parallel rank
     assert pg["bundles"] == [{"CPU": 0.1}, {"CPU": 0.25}, {"CPU": 0.25}]
-    assert [s["rank"] for s in info["shards"]] == [0, 1]
-    assert all(s["loaded"] for s in info["shards"])
-    assert {s["placement_group_id"] for s in info["shards"]} == {pg["id"]}
-    assert len({s["pid"] for s in info["shards"]}) == 2
-    assert len({s["node_id"] for s in info["shards"]}) == 1
+    assert [s["rank"] for s in info["ranks"]] == [0, 1]
+    assert all(s["loaded"] for s in info["ranks"])
+    assert {s["placement_group_id"] for s in info["ranks"]} == {pg["id"]}
+    assert len({s["pid"] for s in info["ranks"]}) == 2
+    assert len({s["node_id"] for s in info["ranks"]}) == 1
 
 
-def test_a_dead_shard_fails_health_until_serve_replaces_the_replica(tp2_app):
+def test_a_dead_rank_fails_health_until_serve_replaces_the_replica(tp2_app):
     llm = tp2_app.llm()
     before = llm.describe.remote().result()
     assert tp2_app.handle.health.remote().result()["status"] == "ok"
 
     ray.kill(
-        ray.get_actor(before["shard_names"][1], namespace=before["namespace"]), no_restart=True
+        ray.get_actor(before["rank_names"][1], namespace=before["namespace"]), no_restart=True
     )
 
     # The replica's own check sees it at once (it rebuilds its ranks in place, or Serve
@@ -77,7 +77,7 @@ def test_a_dead_shard_fails_health_until_serve_replaces_the_replica(tp2_app):
     def replaced() -> bool:
         return (
             tp2_app.handle.health.remote().result()["status"] == "ok"
-            and llm.describe.remote().result()["shard_names"] != before["shard_names"]
+            and llm.describe.remote().result()["rank_names"] != before["rank_names"]
         )
 
     wait_until(replaced, timeout_s=90, interval_s=0.5, what="the replica serving with new ranks")
@@ -111,7 +111,7 @@ def test_live_config_changes_sampling_defaults_and_refuses_a_reload(serve_cluste
         # The default temperature (0.7) samples: the fake engine shuffles its reply's words.
         assert greedy_default_text(app) != DEFAULT_REPLY[:40]
         llm = app.llm()
-        replica = llm.describe.remote().result()["shard_names"]
+        replica = llm.describe.remote().result()["rank_names"]
 
         deploy({"model": {"temperature": 0.0}, "stream_interval_ms": 5})
         wait_until(
@@ -122,7 +122,7 @@ def test_live_config_changes_sampling_defaults_and_refuses_a_reload(serve_cluste
         assert greedy_default_text(app) == DEFAULT_REPLY[:40]
         live = llm.live_config.remote().result()
         assert live["stream_interval_ms"] == 5 and live["refused"] is None
-        assert llm.describe.remote().result()["shard_names"] == replica  # same replica, no restart
+        assert llm.describe.remote().result()["rank_names"] == replica  # same replica, no restart
 
         deploy({"model": {"temperature": 0.0, "tp_size": 2}})
         live = wait_until(
@@ -134,7 +134,7 @@ def test_live_config_changes_sampling_defaults_and_refuses_a_reload(serve_cluste
         assert live["model"]["temperature"] == 0.0  # the previous configuration stays
         assert greedy_default_text(app) == DEFAULT_REPLY[:40]
         assert llm.health.remote().result()["live_config_refused"] == live["refused"]
-        assert llm.describe.remote().result()["shard_names"] == replica
+        assert llm.describe.remote().result()["rank_names"] == replica
         assert tp2_app.handle.health.remote().result()["status"] == "ok"
         # An operator sees it in the application's health (GET /health: 200, "degraded")...
         report = app.handle.health.remote().result()

@@ -1,4 +1,4 @@
-"""The real Serve graph (ingress -> LLMServer -> shard actor -> FakeEngine) through the
+"""The real Serve graph (ingress -> LLMServer -> rank actor -> FakeEngine) through the
 Python handle API: the same pydantic models as HTTP, whole and streamed."""
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_llm_deployment_options_reserve_one_bundle_per_rank():
     )
     assert gpu["placement_group_bundles"][1:] == [{"CPU": 1.0, "GPU": 1.0}] * 2
     assert gpu["autoscaling_config"]["max_replicas"] == 4 and "num_replicas" not in gpu
-    threads = llm_deployment_options(ModelConfig(cpu_threads_per_shard=2), ServingConfig())
+    threads = llm_deployment_options(ModelConfig(cpu_threads_per_rank=2), ServingConfig())
     assert threads["placement_group_bundles"] == [
         {"CPU": 1.0},
         {"CPU": 2.0},

@@ -2,7 +2,7 @@
 
 - Five rounds of 200 requests (chat whole and streamed, and session traffic: create, two turns,
   read, delete): the resident memory of every process of the application (ingress, LLM
-  replica, its shard actor, the session store and memory shards, Serve's controller and HTTP
+  replica, its rank actor, the session store and memory shards, Serve's controller and HTTP
   proxy) grows by less than 5% from round 2 to round 5 (round 1 warms caches and pools up).
 - Sessions created and deleted in cycles: the session store's memory does not grow with the
   cycles (deleted sessions free their space), and deleted sessions are gone.
@@ -98,7 +98,7 @@ async def one_round(url: str, r: int) -> int:
 def test_resident_memory_is_flat_over_five_rounds_of_200_requests(app):
     pids = app_processes(app.name)
     kinds = " ".join(pids)
-    assert "#ingress#" in kinds and "#llm-" in kinds and "m-ai-shard-" in kinds
+    assert "#ingress#" in kinds and "#llm-" in kinds and "m-ai-rank-" in kinds
     assert "SERVE_DEPLOYMENT_ACTOR::" in kinds, pids
     samples = []
     for r in range(5):

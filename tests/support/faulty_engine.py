@@ -5,7 +5,7 @@
 broken kernel would. The engine core loop dies on the first such step and fails every request
 in flight (like vLLM's ``EngineDeadError``), and the replica's health check fails.
 
-Deploy it with ``engine_cls=FAULTY_ENGINE`` (a path the shard actors import: the repository
+Deploy it with ``engine_cls=FAULTY_ENGINE`` (a path the rank actors import: the repository
 root is on their ``PYTHONPATH``, see ``serve_harness``).
 """
 

@@ -5,8 +5,8 @@ tests.integration.gpu_placement_scenario OUT.json``) with its own Ray temp dir, 
 the shared harness. Ray starts with ``num_gpus=2``: it hands out GPU ids 0 and 1 and sets
 ``CUDA_VISIBLE_DEVICES`` in each actor as it would on a GPU node. A replica actor in bundle 0
 of a STRICT_PACK placement group starts the tensor-parallel rank actors with
-``ShardGroup.start`` (bundles 1 and 2, one GPU each), exactly as the LLM server does; each
-rank reports ``ShardActor.describe()``: the GPU Ray gave it, what it sees, and the CUDA index
+``RankGroup.start`` (bundles 1 and 2, one GPU each), exactly as the LLM server does; each
+rank reports ``RankActor.describe()``: the GPU Ray gave it, what it sees, and the CUDA index
 ``engine.rank.devices.choose_device`` picks (the one ``TPWorker.load`` applies). Written as JSON.
 """
 
@@ -51,10 +51,10 @@ def main(out: str) -> None:
         @ray.remote(num_cpus=0.1)
         class Replica:
             def ranks(self, config_json: str) -> list[dict]:
-                from actors.tp.rank_group import ShardGroup
+                from actors.tp.rank_group import RankGroup
                 from cluster.config import ModelConfig
 
-                group = ShardGroup.start(
+                group = RankGroup.start(
                     ModelConfig.model_validate_json(config_json),
                     name_prefix="gpu-placement",
                     engine_cls="engine.fake_engine:FakeEngine",

@@ -1,5 +1,5 @@
 """Random Llama checkpoints of given shapes, written the way real ones are, and the per-rank
-processes that load them (used by test_sharded_loading.py).
+processes that load them (used by test_slice_loading.py).
 
 ``write_checkpoint`` writes ``config.json`` and one safetensors file per decoder layer (plus
 one for the embedding and one for norm + lm_head) with a ``model.safetensors.index.json``,
@@ -7,11 +7,11 @@ like a multi-file Hugging Face checkpoint, holding at most one layer in memory a
 
 ``rank_main`` is one tensor-parallel rank in a process of its own: it joins a gloo group as
 ``TPWorker`` does and then, by ``mode``:
-- ``compare``: loads with the former loader (``load_full_then_shard``: whole model, then
-  AutoTP) and with the sharded loader; reports whether module types, split sizes, every
+- ``compare``: loads with the former loader (``load_full_then_slice``: whole model, then
+  AutoTP) and with the sliced loader; reports whether module types, split sizes, every
   parameter and buffer and the logits are identical.
-- ``memory``: loads sharded only and reports its peak resident memory (``VmHWM``, reset just
-  before), the resident memory before, the shard's bytes and the logits; then checks each
+- ``memory``: loads sliced only and reports its peak resident memory (``VmHWM``, reset just
+  before), the resident memory before, the slice's bytes and the logits; then checks each
   parameter against ``split(_partition_sizes, dim)[tp_index]`` of the full checkpoint tensor
   (what AutoTP does to a loaded tensor).
 """
@@ -146,14 +146,14 @@ def rank_main(rank: int, world: int, port: int, jobs: list[tuple[str, str]], mod
 
 
 def compare_loaders(world: int, ckpt: Path, dtype: torch.dtype) -> dict:
-    """The former and the sharded loader's results for this rank, compared (see the docstring)."""
+    """The former and the sliced loader's results for this rank, compared (see the docstring)."""
     from cluster.config import ModelConfig
-    from engine.rank.loader import load_full_then_shard
-    from engine.rank.sharded_loader import load_sharded, shard_bytes
+    from engine.rank.loader import load_full_then_slice
+    from engine.rank.slice_loader import load_rank_slices, slice_bytes
 
     name = str(dtype).removeprefix("torch.")
-    old = load_full_then_shard(ModelConfig(dtype=name), ckpt, world)
-    new = load_sharded(ckpt, dtype=dtype, device="cpu", tp_size=world)
+    old = load_full_then_slice(ModelConfig(dtype=name), ckpt, world)
+    new = load_rank_slices(ckpt, dtype=dtype, device="cpu", tp_size=world)
     a, b = _state(old), _state(new)
     with torch.no_grad():
         la, lb = old(IDS).logits, new(IDS).logits
@@ -163,7 +163,7 @@ def compare_loaders(world: int, ckpt: Path, dtype: torch.dtype) -> dict:
         "unequal": [k for k in a if k not in b or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])],
         "logits_equal": bool(torch.equal(la, lb)),
         "classes": sorted({type(m).__name__ for m in new.modules()}),
-        "shard_bytes": shard_bytes(new),
+        "slice_bytes": slice_bytes(new),
     }
 
 
@@ -176,7 +176,7 @@ def _rank(rank: int, world: int, ckpt: Path, dtype: torch.dtype, mode: str) -> d
     import safetensors.torch  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    from engine.rank.sharded_loader import load_sharded, shard_bytes
+    from engine.rank.slice_loader import load_rank_slices, slice_bytes
 
     if mode == "compare":
         return compare_loaders(world, ckpt, dtype)
@@ -185,13 +185,13 @@ def _rank(rank: int, world: int, ckpt: Path, dtype: torch.dtype, mode: str) -> d
     gc.collect()
     baseline = _status_kib("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    model = load_sharded(ckpt, dtype=dtype, device="cpu", tp_size=world)
+    model = load_rank_slices(ckpt, dtype=dtype, device="cpu", tp_size=world)
     peak = _status_kib("VmHWM") * 1024
-    size = shard_bytes(model)
+    size = slice_bytes(model)
     with torch.no_grad():
         logits = model(IDS).logits.float()
     return {
-        "baseline_rss": baseline, "peak_rss": peak, "shard_bytes": size,
+        "baseline_rss": baseline, "peak_rss": peak, "slice_bytes": size,
         # a numpy copy: a torch tensor would cross by a file descriptor of this process,
         # gone once it exits
         "logits": logits.numpy() if rank == 0 else None, "slices_equal": _slices_match_autotp(model, ckpt),
@@ -202,7 +202,7 @@ def _slices_match_autotp(model: torch.nn.Module, ckpt: Path) -> list[str]:
     """Parameters that differ from AutoTP's cut of the full checkpoint tensor (empty: none)."""
     from safetensors import safe_open
 
-    from engine.rank.sharded_loader import checkpoint_index
+    from engine.rank.slice_loader import checkpoint_index
 
     index = checkpoint_index(ckpt)
     bad = []

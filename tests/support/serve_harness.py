@@ -29,7 +29,7 @@ NUM_CPUS = 8
 FAST_SERVING: dict[str, Any] = {
     "ingress_num_cpus": 0.1,
     "replica_num_cpus": 0.1,
-    "shard_num_cpus": 0.25,
+    "rank_num_cpus": 0.25,
     "health_check_period_s": 1.0,
     "health_check_timeout_s": 10.0,
     "graceful_shutdown_timeout_s": 1.0,
@@ -94,12 +94,12 @@ class DeployedApp:
         return serve.get_deployment_handle(deployment_name(ModelConfig(name=model)), self.name)
 
     def rank0(self, model: str = "m-ai-tiny") -> Any:
-        """The rank-0 shard actor of the model's (first) replica. Its calls do not wait in
+        """The rank-0 actor of the model's (first) replica. Its calls do not wait in
         Serve's request queue, unlike calls to the LLMServer deployment."""
         import ray
 
         info = self.llm(model).describe.remote().result()
-        return ray.get_actor(info["shard_names"][0], namespace=info["namespace"])
+        return ray.get_actor(info["rank_names"][0], namespace=info["namespace"])
 
     def delete(self) -> None:
         from ray import serve

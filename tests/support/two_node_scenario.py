@@ -153,7 +153,7 @@ def run(out: Path) -> None:
             # free CPUs the replaced replica's placement group needs.
             ingress_num_cpus=0.0,
             replica_num_cpus=1.0,
-            shard_num_cpus=1.0,
+            rank_num_cpus=1.0,
             health_check_period_s=1.0,
         )
         app = build_app(config, engine_cls=FAKE_ENGINE, engine_options={"tokenizer": "bytes"})

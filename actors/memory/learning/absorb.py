@@ -87,18 +87,37 @@ class Absorber:
         return list(found)
 
     async def run(self, memory: UserMemory, job: AbsorbJob, now: float) -> list[Decision]:
-        session = memory.episodes.session(job.session_id)
-        turn = session.find_turn(job.turn_id)
+        """Extract, embed and apply the facts of one job, then its summaries."""
+        candidates = await self.facts_of(memory, job)
+        vectors = await self.embed([c.text for c in candidates]) if candidates else None
+        return await self.apply(memory, job, candidates, vectors, now)
+
+    async def facts_of(self, memory: UserMemory, job: AbsorbJob) -> list[FactCandidate]:
+        """The facts a job's messages state (none while the tenant is at its limit)."""
         candidates = await self.extract(job.messages)
-        decisions: list[Decision] = []
         if candidates and self.tenant_full(memory.tenant):
             log.warning(
                 "tenant at its memory limit: new facts not stored",
                 extra={"tenant": memory.tenant, "facts": len(candidates)},
             )
-            candidates = []
-        if candidates:
-            vectors = await self.embed([c.text for c in candidates])
+            return []
+        return candidates
+
+    async def apply(
+        self,
+        memory: UserMemory,
+        job: AbsorbJob,
+        candidates: list[FactCandidate],
+        vectors: np.ndarray | None,
+        now: float,
+    ) -> list[Decision]:
+        """Deduplicate ``candidates`` (with their ``vectors``, embedded by the caller, possibly
+        in one batch with other jobs' facts) into the user's memory, then summarize what fell
+        out of the session's window."""
+        session = memory.episodes.session(job.session_id)
+        turn = session.find_turn(job.turn_id)
+        decisions: list[Decision] = []
+        if candidates and vectors is not None:
             for candidate, vector in zip(candidates, vectors):
                 decision = memory.longterm.apply(candidate, vector, job.source, now)
                 decisions.append(decision)

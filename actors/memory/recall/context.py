@@ -39,6 +39,10 @@ from actors.memory.records import MemoryRecall
 from cluster.config.memory import ContextConfig
 from cluster.errors import InvalidRequestError
 
+# Token counts of parts miss the rendered prompt's by a few tokens where parts join (measured:
+# at most one on LoCoMo contexts); shrinking units, and deciding whether a leftover item is
+# worth a trial render, allow this much.
+FIT_SLACK = 4
 PRIORITY = ("request", "recent_turns", "facts", "session_summary", "user_summary", "older_turns", "units")
 
 
@@ -204,6 +208,8 @@ class ContextAssembler:
             if item.kind in ("recent_turns", "older_turns") and not self._contiguous(admitted, item):
                 continue
             item.charged = self._admission_cost(item, system_prompt, admitted)
+            if budget - len(ids) < item.charged - FIT_SLACK:
+                break  # its header too cannot fit: rendering the trial would be wasted
             trial = admitted + [item]
             trial_messages = self._build(system_prompt, recall, trial, request)
             trial_ids = self.render(trial_messages)
@@ -269,7 +275,8 @@ class ContextAssembler:
         if item.section in open_sections:
             return item.cost
         cost = item.cost + self._cost("line", f"\n\n{self._header(item.section)}")
-        if not system_prompt and not open_sections:
+        system_open = open_sections or any(i.packed is not None for i in admitted)  # units open it too
+        if not system_prompt and not system_open:
             cost += self._system_wrapper_cost()
         return cost
 
@@ -317,7 +324,7 @@ class ContextAssembler:
             units = next((i for i in admitted if i.packed is not None), None)
             if units is not None and admitted[-1] is units and units.packed is not None:
                 # the units block is the lowest item left: shrink it rather than drop it
-                room = units.packed.cost - (len(ids) - budget) - 4
+                room = units.packed.cost - (len(ids) - budget) - FIT_SLACK
                 packed = pack_units(recall.units, room, self.tokenizer.count_tokens, self.config.units_header)
                 if packed.keys and room > 0:
                     units.packed = packed

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -138,6 +139,7 @@ class PackedUnits:
     sources: set[str] = field(default_factory=set)  # "session#turn" of the units shown
 
 
+@lru_cache(maxsize=4096)  # a session's units share their time: one label per session
 def session_header(at: float) -> str:
     return f"[{day_label(as_day(at))}]"
 

@@ -45,16 +45,16 @@ def request(size: str, **overrides) -> PlanRequest:
 def check_memory_invariants(plan: DevicePlan, req: PlanRequest) -> None:
     arch = architecture(req.model_size)
     assert plan.max_num_seqs >= 1
-    assert plan.kv_budget_bytes_per_shard >= plan.max_num_seqs * req.context_length * plan.kv_bytes_per_token_per_shard
+    assert plan.kv_budget_bytes_per_rank >= plan.max_num_seqs * req.context_length * plan.kv_bytes_per_token_per_rank
     assert arch.num_attention_heads % plan.tp_size == 0 and arch.num_key_value_heads % plan.tp_size == 0
     if plan.device == "cuda":
         assert plan.tp_size * plan.replicas_per_node <= plan.machine.gpus_per_node
-        used = plan.weight_bytes_per_shard + plan.kv_budget_bytes_per_shard + plan.reserved_bytes_per_shard
+        used = plan.weight_bytes_per_rank + plan.kv_budget_bytes_per_rank + plan.reserved_bytes_per_rank
         assert used <= plan.machine.gpu_memory_gib * GIB
-        assert plan.kv_bytes_per_token_per_shard * plan.tp_size == arch.kv_cache_bytes_per_token(plan.dtype)
+        assert plan.kv_bytes_per_token_per_rank * plan.tp_size == arch.kv_cache_bytes_per_token(plan.dtype)
     else:
         assert plan.replicas_per_node == 1
-        assert plan.weight_bytes_per_shard * plan.tp_size <= plan.machine.cpu_memory_gib * GIB
+        assert plan.weight_bytes_per_rank * plan.tp_size <= plan.machine.cpu_memory_gib * GIB
     if plan.quantization:
         assert plan.tp_size == 1
 
@@ -82,13 +82,13 @@ def test_every_size_on_typical_machines(size, machine_name):
     ModelConfig(model_size=size, **plan.model_config_fields())
 
 
-def test_eight_gpus_fill_the_node_with_the_fewest_shards_that_hold_the_batch():
+def test_eight_gpus_fill_the_node_with_the_fewest_ranks_that_hold_the_batch():
     for size in ("tiny", "7B", "13B", "70B"):
         plan = plan_deployment(EIGHT_80, request(size))
         assert plan.max_num_seqs == 32 and not plan.fallbacks
         assert plan.tp_size * plan.replicas_per_node == 8
         for tp in [tp for tp in architecture(size).valid_tp_sizes(8) if tp < plan.tp_size]:
-            with pytest.raises(ConfigError):  # fewer shards would not have held the whole batch
+            with pytest.raises(ConfigError):  # fewer ranks would not have held the whole batch
                 plan_deployment(Machine(gpus_per_node=tp, gpu_memory_gib=80), request(size, allow_fallback=False))
 
 
@@ -107,7 +107,7 @@ def test_the_issue_example_seventy_b_fp16_on_four_24_gib_gpus():
     assert plan_deployment(Machine(gpus_per_node=1, gpu_memory_gib=48), request("70B", quantization="4bit")).max_num_seqs >= 1
 
 
-def test_more_shards_come_before_quantization():
+def test_more_ranks_come_before_quantization():
     plan = plan_deployment(Machine(gpus_per_node=4, gpu_memory_gib=48), request("70B"))
     assert plan.quantization is None and plan.tp_size == 4
     quantized = plan_deployment(Machine(gpus_per_node=4, gpu_memory_gib=48), request("70B", quantization="4bit"))
@@ -143,10 +143,10 @@ def test_cpu_prefers_bfloat16_to_quantization_and_refuses_float16():
     big = plan_deployment(Machine(cpu_memory_gib=256, cpu_cores=32), request("7B"))
     assert big.dtype == "float32" and big.tp_size == 8 and big.max_num_seqs == 32
     single = plan_deployment(Machine(cpu_memory_gib=64, cpu_cores=4), request("7B", quantization="8bit"))
-    assert single.tp_size == 1 and single.cpu_threads_per_shard == 4
+    assert single.tp_size == 1 and single.cpu_threads_per_rank == 4
 
 
-def test_several_nodes_multiply_replicas_not_shards():
+def test_several_nodes_multiply_replicas_not_ranks():
     one = plan_deployment(EIGHT_80, request("70B"))
     two = plan_deployment(Machine(nodes=2, gpus_per_node=8, gpu_memory_gib=80), request("70B"))
     assert two.tp_size == one.tp_size and two.replicas == 2 * one.replicas

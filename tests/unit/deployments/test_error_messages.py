@@ -18,8 +18,8 @@ SERVE_MESSAGE = (
     "           ^^^^^^^^^^^^^^^^^^^\n"
     "RuntimeError: Traceback (most recent call last):\n"
     '  File "/srv/deployments/llm_server.py", line 94, in __init__\n'
-    "    await self.shards.wait_loaded(self.serving.shard_start_timeout_s)\n"
-    "ray.exceptions.RayTaskError(TypeError): \x1b[36mray::ShardActor.load()\x1b[39m (pid=1, ip=127.0.0.1)\n"
+    "    await self.shards.wait_loaded(self.serving.rank_start_timeout_s)\n"
+    "ray.exceptions.RayTaskError(TypeError): \x1b[36mray::RankActor.load()\x1b[39m (pid=1, ip=127.0.0.1)\n"
     '  File "/srv/actors/shard.py", line 99, in load\n'
     "TypeError: FakeEngine.__init__() got an unexpected keyword argument 'no_such_option'\n"
 )
@@ -51,7 +51,7 @@ def test_an_unexpected_error_is_a_500_without_its_trace():
 
 def test_nested_ray_task_errors_are_unwrapped_to_the_cause():
     ray = pytest.importorskip("ray")
-    inner = ray.exceptions.RayTaskError("f", "trace", EngineDeadError("shard rank 1 is dead"))
+    inner = ray.exceptions.RayTaskError("f", "trace", EngineDeadError("rank 1 is dead"))
     outer = ray.exceptions.RayTaskError("g", "trace", inner)
     error = as_mai_error(outer)
-    assert isinstance(error, EngineDeadError) and error.message == "shard rank 1 is dead"
+    assert isinstance(error, EngineDeadError) and error.message == "rank 1 is dead"

@@ -55,7 +55,7 @@ def quoted_messages() -> list[str]:
     for line in DOC.read_text(encoding="utf-8").splitlines():
         if line.startswith("| `") or line.startswith("| ``"):
             first_cell = re.split(r"\s\|\s", line[2:], maxsplit=1)[0]
-            messages += [m for _, m in CODE_SPAN.findall(first_cell)]
+            messages += [m.strip() for _, m in CODE_SPAN.findall(first_cell)]  # markdown drops the padding space
         elif line.startswith("`") and " — " in line:  # the 413, 499 and 500 paragraphs
             messages += [m for _, m in CODE_SPAN.findall(line.split(" — ")[0])]
     return [m for m in messages if len(m) > 12 and not m.startswith(("GET ", "m-ai ", "serve "))]
@@ -149,6 +149,7 @@ CONFIG_FILES = {
     "models:\n  - model_size: tiny\n    contxt_length: 1024\n": "models.0.contxt_length",
     "serving: {min_replicas: 3, max_replicas: 2}\n": "min_replicas=3",
     'serving: {api_keys: {"sk-abc": acme}}\n': "sha256",
+    "serving: {shard_num_cpus: 1}\n": "renamed",
 }
 
 
@@ -171,6 +172,19 @@ def test_a_misspelled_key_gets_the_closest_known_one(tmp_path, monkeypatch):
     assert "serving.max_replica: unknown field (got 2); did you mean `max_replicas`?" in message
     assert "memory.zzzz: unknown field (got 1); the fields here are: " in message
     assert caught.value.param == "serving.prot"
+
+
+def test_a_renamed_key_names_its_new_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("m-ai.yaml").write_text(
+        "serving: {shard_num_cpus: 1, shard_start_timeout_s: 60}\nmodels: [{cpu_threads_per_shard: 2}]\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config("m-ai.yaml")
+    message = caught.value.message
+    assert "serving.shard_num_cpus: unknown field (got 1); it was renamed to `rank_num_cpus`" in message
+    assert "serving.shard_start_timeout_s: unknown field (got 60); it was renamed to `rank_start_timeout_s`" in message
+    assert "models.0.cpu_threads_per_shard: unknown field (got 2); it was renamed to `cpu_threads_per_rank`" in message
 
 
 def test_the_live_update_and_overlay_messages_are_quoted(tmp_path, monkeypatch):

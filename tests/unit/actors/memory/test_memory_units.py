@@ -192,7 +192,7 @@ def test_units_survive_a_restart_and_go_with_a_forgotten_session(tmp_path):
         before = await s.search_units("t", "pair", "Which sunrise did Melanie paint?")
         await s.close()
         again = new_shard(tmp_path)
-        memory = await again._user("t", "pair")
+        memory = await again.users.get("t", "pair")
         assert len(memory.units) == 4 and not memory.units.unembedded  # vectors came back stored
         after = await again.search_units("t", "pair", "Which sunrise did Melanie paint?")
         assert [u.line for u in after] == [u.line for u in before]

@@ -29,7 +29,7 @@ V1, V2 = parse_ref("toy@v1"), parse_ref("toy@v2")
 
 
 def write_checkpoint(directory: Path, seed: int = 0, changed: tuple[str, ...] = ()) -> Path:
-    """A fake checkpoint: three weight shards of ~100 KB and two small JSON files."""
+    """A fake checkpoint: three weight files of ~100 KB and two small JSON files."""
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(3):
         name = f"model-{i:05d}-of-00003.safetensors"

@@ -16,7 +16,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
-    # Engine shards run one torch thread; on a busy 2-core machine two threads make these
+    # Engine ranks run one torch thread; on a busy 2-core machine two threads make these
     # tiny ops ~1000x slower (thread wake-up contention), not more correct.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -1,13 +1,13 @@
-"""Sharded loading: each tensor-parallel rank reads only its own slices of the checkpoint.
+"""Per-rank loading: each tensor-parallel rank reads only its own slices of the checkpoint.
 
-The old way (``engine.rank.loader.load_full_then_shard``) read the whole model into every rank's
+The old way (``engine.rank.loader.load_full_then_slice``) read the whole model into every rank's
 host memory before DeepSpeed AutoTP cut it: Llama-2-70B in float16 is ~138 GB per rank, x8
 ranks on one node. Here:
 
 1. The model is built on the meta device (no memory), in the target dtype.
 2. DeepSpeed's own AutoTP runs on it (``init_inference``, ``replace_with_kernel_inject=False``):
-   it swaps the decoder layers' linears and lm_head for its sharded layers exactly as it
-   does for a loaded model, but meta tensors stay meta, so only shapes are cut; each sharded
+   it swaps the decoder layers' linears and lm_head for its sliced layers exactly as it
+   does for a loaded model, but meta tensors stay meta, so only shapes are cut; each sliced
    layer records its split (``_partition_sizes``) and its index in the group (``tp_index``).
    DeepSpeed then allocates the rank's parameters, uninitialised, on the rank's device
    (``to_empty``). At tp_size=1 on the CPU, where DeepSpeed is not used, ``to_empty`` alone.
@@ -18,7 +18,7 @@ ranks on one node. Here:
    ``split(_partition_sizes, dim)[tp_index]`` AutoTP applies to a loaded tensor, so the
    result is AutoTP's, element for element (tests compare them). Rows are read 64 MiB at a
    time, the file opened anew for each chunk so that the pages of the memory map a rank
-   touched are released chunk by chunk: a rank's peak resident memory stays near its shard's
+   touched are released chunk by chunk: a rank's peak resident memory stays near its slice's
    size.
 4. Buffers that are not in the checkpoint (the rotary embedding's ``inv_freq``) are computed
    as Hugging Face computes them when it loads a model built on meta, then cast as DeepSpeed
@@ -39,7 +39,7 @@ import torch
 from cluster.errors import CheckpointError
 from cluster.logging_setup import get_logger
 
-log = get_logger("engine.rank.sharded_loader")
+log = get_logger("engine.rank.slice_loader")
 
 CHUNK_BYTES = 64 << 20  # rows read per open of a safetensors file
 
@@ -56,7 +56,7 @@ def checkpoint_index(path: Path) -> dict[str, Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(
-            f"checkpoint {path.name!r} has no *.safetensors files; sharded loading reads "
+            f"checkpoint {path.name!r} has no *.safetensors files; per-rank loading reads "
             f"safetensors only (convert .bin weights with transformers' save_pretrained)",
             param="checkpoint",
         )
@@ -76,7 +76,7 @@ def build_meta_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     if getattr(hf_config, "tie_word_embeddings", False):
         raise CheckpointError(
             f"checkpoint {path.name!r} ties lm_head to the embedding (tie_word_embeddings=True); "
-            f"Llama 2 checkpoints do not, and sharded loading does not support it",
+            f"Llama 2 checkpoints do not, and per-rank loading does not support it",
             param="checkpoint",
         )
     previous = torch.get_default_dtype()
@@ -89,7 +89,7 @@ def build_meta_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
-def load_sharded(
+def load_rank_slices(
     path: Path, *, dtype: torch.dtype, device: str, tp_size: int
 ) -> torch.nn.Module:
     """This rank's part of the model at ``path`` (see the module docstring).
@@ -113,10 +113,10 @@ def load_sharded(
     read = fill_from_checkpoint(model, path)
     reset_rotary_buffers(model)
     log.info(
-        "sharded weights loaded",
+        "sliced weights loaded",
         extra={
             "checkpoint": path.name, "tp_size": tp_size, "dtype": str(dtype).removeprefix("torch."),
-            "read_mib": read >> 20, "shard_mib": shard_bytes(model) >> 20,
+            "read_mib": read >> 20, "slice_mib": slice_bytes(model) >> 20,
             "load_s": round(time.perf_counter() - started, 2),
         },
     )
@@ -185,7 +185,7 @@ def _copy_in_chunks(file: Path, name: str, param: torch.Tensor, where: tuple) ->
     """Copy ``where`` of tensor ``name`` into ``param``, ``CHUNK_BYTES`` of rows at a time.
 
     Each chunk opens the file anew: closing it unmaps the pages it read, so what a rank holds
-    beyond its shard while loading is one chunk and its pages (not a whole 500 MB embedding
+    beyond its slice while loading is one chunk and its pages (not a whole 500 MB embedding
     twice over); the page cache keeps the pages for the other ranks.
     """
     from safetensors import safe_open
@@ -229,10 +229,10 @@ def reset_rotary_buffers(model: torch.nn.Module) -> None:
         raise CheckpointError(f"buffers {leftover} were not initialised", param="checkpoint")
 
 
-def shard_bytes(model: torch.nn.Module) -> int:
+def slice_bytes(model: torch.nn.Module) -> int:
     """Bytes of this rank's parameters and buffers."""
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-__all__ = ["load_sharded", "build_meta_model", "fill_from_checkpoint", "checkpoint_index", "shard_bytes"]
+__all__ = ["load_rank_slices", "build_meta_model", "fill_from_checkpoint", "checkpoint_index", "slice_bytes"]
