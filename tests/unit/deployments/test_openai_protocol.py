@@ -157,6 +157,27 @@ def test_streamed_tool_call_deltas_have_openais_shape():
     assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content is None
 
 
+def test_a_constrained_call_streams_its_arguments_as_they_are_decoded():
+    request = chat(tools=[TOOL], tool_choice="required", parallel_tool_calls=False, stream=True)
+    shaper = AnswerShaper(request, None)
+    builder = ChatChunks("m", request.n, shaper.texts)
+    text = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    cuts = [0, 30, 45, len(text)]
+    chunks = []
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        finish = "stop" if b == len(text) else None
+        out = RequestOutput("r", token_ids=[i], text=text[a:b], finish_reason=finish)
+        chunks.append([c for p in shaper.feed(ChoiceDelta(0, out)) if (c := builder.chunk(p)) is not None])
+    calls = [d for step in chunks for c in step for ch in c.choices for d in ch.delta.tool_calls or ()]
+    # the call's head (id, type, name, empty arguments) goes out before the generation ends
+    mid = [d for c in chunks[0] + chunks[1] for ch in c.choices for d in ch.delta.tool_calls or ()]
+    assert mid[0].id.startswith("call_") and mid[0].function.name == "get_weather" and mid[0].function.arguments == ""
+    assert len(mid) == 2 and mid[1].function.arguments  # and a first fragment of the arguments
+    assert json.loads("".join(d.function.arguments or "" for d in calls)) == {"city": "Oslo"}
+    assert chunks[-1][-1].choices[-1].finish_reason == "tool_calls"
+    assert json.loads(shaper.stored()["tool_items"][0]["arguments"]) == {"city": "Oslo"}
+
+
 def test_auto_mode_streams_plain_text_at_once():
     chunks = StreamedChunks(chat(tools=[TOOL], stream=True))
     first = chunks.chunk(RequestOutput("r", token_ids=[1], text="Hello"))
