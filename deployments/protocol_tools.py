@@ -7,6 +7,7 @@ screenful per concept. Requests are strict (unknown fields refused), responses l
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -252,6 +253,10 @@ class FunctionCallOut(_Response):
     arguments: str
 
 
+def tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 class ToolCallOut(_Response):
     id: str
     type: Literal["function"] = "function"
@@ -270,4 +275,4 @@ class ToolCallDelta(_Response):
     function: FunctionCallDelta
 
 
-__all__ = [name for name in dir() if name[0].isupper()]
+__all__ = [name for name in dir() if name[0].isupper()] + ["tool_call_id"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +26,24 @@ from cluster.logging_setup import get_logger
 from engine.decoding.logits_processing import token_logprobs
 from engine.decoding.sampling import Sampler, make_generator
 from engine.decoding.stop import StopStringMatcher
+from engine.inbox import AbortRequest, AddRequest, InboxItem
 from engine.rank.step_messages import StepPlan
 from engine.rank.worker import HEARTBEAT_S, TPWorker
 from engine.scheduler import Scheduler, Sequence
 from engine.siblings import ParkedSiblings
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.types import EngineStats, RequestOutput, SamplingParams, TokenLogprob
+from engine.types import (
+    EngineStats,
+    OutputSink,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+    context_length_error,
+)
 
 log = get_logger("engine.core")
 
-Sink = Callable[[RequestOutput], None]
+Sink = OutputSink
 
 
 @dataclass
@@ -73,11 +80,11 @@ class EngineCore:
         )
         self.sampler = Sampler(eos_token_id=tokenizer.eos_token_id)
         # The streaming detokenizer's table of plain pieces: built here, not in the first step.
-        getattr(tokenizer, "plain_piece_texts", None)
+        tokenizer.prepare_streaming()
         self._requests: dict[str, _Request] = {}
         # Siblings of a request (n > 1) parked until its prompt is prefilled (engine/siblings.py)
         self._parked = ParkedSiblings()
-        self._inbox: collections.deque = collections.deque()
+        self._inbox: collections.deque[InboxItem] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
         self._dead: str | None = None
@@ -112,14 +119,9 @@ class EngineCore:
             raise EngineDeadError(f"the engine stopped: {self._dead}")
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.config.context_length:
-            raise InvalidRequestError(
-                f"prompt of {len(prompt_ids)} tokens + max_tokens={params.max_tokens} = {total} is "
-                f"above the context length {self.config.context_length}; shorten the prompt or "
-                f"lower max_tokens",
-                param="max_tokens",
-            )
+        error = context_length_error(len(prompt_ids), params.max_tokens, self.config.context_length)
+        if error is not None:  # the serving layer checked already: this is for direct callers
+            raise error
         queued = self.scheduler.num_waiting + self._pending
         if queued >= self.config.max_queued_requests + self.config.max_num_seqs - self.scheduler.num_running:
             raise CapacityError(
@@ -130,13 +132,13 @@ class EngineCore:
         grammar = self.structured_output().compile_params(params) if params.constrained else None
         self._pending += 1
         self._inbox.append(
-            ("add", request_id, prompt_ids, params, sink, time.monotonic(), grammar, share_prompt_of)
+            AddRequest(request_id, prompt_ids, params, sink, time.monotonic(), grammar, share_prompt_of)
         )
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its slot is free from the next step on."""
-        self._inbox.append(("abort", request_id))
+        self._inbox.append(AbortRequest(request_id))
         self._wake.set()
 
     def structured_output(self) -> Any:
@@ -150,9 +152,7 @@ class EngineCore:
 
     def _model_vocab_size(self) -> int:
         """The logits width: the model's vocabulary, which may be padded beyond the tokenizer's."""
-        model = getattr(getattr(self.worker, "runner", None), "model", None)
-        size = getattr(getattr(model, "config", None), "vocab_size", None)
-        return int(size) if size else self.tokenizer.vocab_size
+        return self.worker.vocab_size or self.tokenizer.vocab_size
 
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -210,19 +210,18 @@ class EngineCore:
         inbox = self._inbox
         while inbox:
             item = inbox.popleft()
-            if item[0] == "add":
-                leader = item[7]
-                if leader is not None and self._prefilling(leader, item[2]):
+            if isinstance(item, AddRequest):
+                leader = item.share_prompt_of
+                if leader is not None and self._prefilling(leader, item.prompt_ids):
                     self._parked.park(leader, item)
                     continue
                 self._admit_item(item)
             else:
-                self._cancel(item[1])
+                self._cancel(item.request_id)
 
-    def _admit_item(self, item: tuple) -> None:
-        _, rid, prompt_ids, params, sink, arrival, grammar, _leader = item
+    def _admit_item(self, item: AddRequest) -> None:
         self._pending -= 1
-        self._admit(rid, prompt_ids, params, sink, arrival, grammar)
+        self._admit(item.request_id, item.prompt_ids, item.params, item.sink, item.arrival, item.grammar)
 
     def _prefilling(self, leader: str, prompt_ids: list[int]) -> bool:
         """Whether ``leader`` runs and still computes the same prompt (siblings wait for it)."""
@@ -264,7 +263,7 @@ class EngineCore:
         parked = self._parked.remove(rid)
         if parked is not None:
             self._pending -= 1
-            _call_sink(parked[4], RequestOutput(rid, finish_reason="abort", prompt_tokens=len(parked[2])))
+            _call_sink(parked.sink, RequestOutput(rid, finish_reason="abort", prompt_tokens=len(parked.prompt_ids)))
             return
         req = self._requests.pop(rid, None)
         if rid in self._parked:  # the leader went away before its prompt was computed
@@ -418,12 +417,12 @@ class EngineCore:
     def _fail_all(self, error: str, reason: str = "error") -> None:
         while self._inbox:
             item = self._inbox.popleft()
-            if item[0] == "add":
+            if isinstance(item, AddRequest):
                 self._pending -= 1
-                _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
-        for item in self._parked.drain():
+                _call_sink(item.sink, RequestOutput(item.request_id, finish_reason=reason, error=error))
+        for parked in self._parked.drain():
             self._pending -= 1
-            _call_sink(item[4], RequestOutput(item[1], finish_reason=reason, error=error))
+            _call_sink(parked.sink, RequestOutput(parked.request_id, finish_reason=reason, error=error))
         for rid, req in list(self._requests.items()):
             out = self._final(req, reason) if reason == "abort" else RequestOutput(
                 rid, finish_reason="error", error=error,
@@ -436,19 +435,24 @@ class EngineCore:
 
 
 def _call_sink(sink: Sink, out: RequestOutput) -> None:
-    """A consumer that fails must never take the engine down with it."""
+    """Hand ``out`` over now. A consumer that fails must never take the engine down with it."""
+    if sink.loop is not None:
+        try:
+            sink.loop.call_soon_threadsafe(sink.put, out)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            pass
+        return
     try:
-        sink(out)
+        sink.put(out)
     except Exception:
         log.warning("dropping output for a failed consumer", extra={"request_id": out.request_id}, exc_info=True)
 
 
 def _deliver_later(deliveries: dict, sink: Sink, out: RequestOutput) -> None:
-    loop = getattr(sink, "loop", None)
-    if loop is None:
+    if sink.loop is None:
         _call_sink(sink, out)
     else:
-        deliveries.setdefault(loop, []).append((sink, out))
+        deliveries.setdefault(sink.loop, []).append((sink, out))
 
 
 def _flush(deliveries: dict) -> None:
@@ -461,4 +465,4 @@ def _flush(deliveries: dict) -> None:
 
 def _run_sinks(items) -> None:
     for sink, out in items:
-        sink.deliver(out)
+        sink.put(out)

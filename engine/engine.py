@@ -18,6 +18,7 @@ import queue
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 from cluster.config import ModelConfig
 from cluster.errors import EngineDeadError, MAIError
@@ -28,7 +29,14 @@ from engine.rank import follower
 from engine.rank.loader import resolve_checkpoint
 from engine.rank.worker import TPWorker
 from engine.tokenizer import Tokenizer, load_tokenizer
-from engine.types import EngineStats, RequestOutput, SamplingParams, merge_deltas, new_request_id
+from engine.types import (
+    EngineStats,
+    OutputSink,
+    RequestOutput,
+    SamplingParams,
+    merge_deltas,
+    new_request_id,
+)
 
 log = get_logger("engine")
 
@@ -47,7 +55,7 @@ class _SyncStream:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self._collected: list[RequestOutput] | None = None
 
-    def __call__(self, out: RequestOutput) -> None:  # the sink, called by the core thread
+    def put(self, out: RequestOutput) -> None:  # the sink, called by the core thread
         collected = self._collected
         if collected is not None and not out.finished:
             collected.append(out)
@@ -73,23 +81,11 @@ class _SyncStream:
         return merge_deltas(queued[:-1] + collected + queued[-1:])
 
 
-class _AsyncSink:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-    def __call__(self, out: RequestOutput) -> None:  # from a foreign thread, one at a time
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-        except RuntimeError:  # the caller's event loop is closed: nobody is listening
-            pass
-
-    def deliver(self, out: RequestOutput) -> None:  # batched by the core, on the loop
-        self.queue.put_nowait(out)
-
-
 class LLMEngine:
     """One model replica's engine: submit requests, stream their tokens, cancel, shut down."""
+
+    # Each rank loads a ``TPWorker``; rank 0 then runs this engine over it (``from_worker``).
+    uses_rank_workers = True
 
     def __init__(
         self, core: EngineCore, tokenizer: Tokenizer, config: ModelConfig,
@@ -122,6 +118,13 @@ class LLMEngine:
         engine = cls.from_worker(worker, config)
         engine._followers = followers
         return engine
+
+    @classmethod
+    def load_tokenizer(cls, config: ModelConfig, **_options: Any) -> Tokenizer:
+        """The tokenizer of ``config``'s checkpoint, loaded where it is used (the serving
+        layer templates and counts prompts with it). Only the checkpoint's small files are
+        needed: a store version is not pulled whole for it (the ranks pull the weights)."""
+        return load_tokenizer(resolve_checkpoint(config.model_copy(update={"lazy_load": True})))
 
     @classmethod
     def from_worker(cls, worker: TPWorker, config: ModelConfig) -> LLMEngine:
@@ -159,7 +162,8 @@ class LLMEngine:
         rid = request_id or new_request_id()
         stream = _SyncStream(self, rid)
         self.core.add_request(
-            rid, self.encode_prompt(prompt), params or self.default_params(), stream, share_prompt_of
+            rid, self.encode_prompt(prompt), params or self.default_params(), OutputSink(stream.put),
+            share_prompt_of,
         )
         return stream
 
@@ -177,14 +181,15 @@ class LLMEngine:
         """Stream a request's deltas; closing the iterator early cancels the request.
         ``share_prompt_of``: a sibling of that request (n > 1; see ``EngineCore.add_request``)."""
         rid = request_id or new_request_id()
-        sink = _AsyncSink(asyncio.get_running_loop())
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        sink = OutputSink(outputs.put_nowait, asyncio.get_running_loop())
         self.core.add_request(
             rid, self.encode_prompt(prompt), params or self.default_params(), sink, share_prompt_of
         )
         finished = False
         try:
             while True:
-                out = await sink.queue.get()
+                out = await outputs.get()
                 if out.finished:
                     finished = True
                 yield out
@@ -193,9 +198,6 @@ class LLMEngine:
         finally:
             if not finished:
                 self.core.abort(rid)
-
-    async def cancel(self, request_id: str) -> None:
-        self.core.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)

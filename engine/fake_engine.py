@@ -75,6 +75,14 @@ class ByteTokenizer:
         return ids
 
 
+def _make_tokenizer(choice: Any) -> Any:
+    if choice == "auto":
+        return _default_tokenizer()
+    if choice == "bytes":
+        return ByteTokenizer()
+    return choice
+
+
 def _default_tokenizer() -> Any:
     """The real tiny tokenizer when the engine provides it, else ``ByteTokenizer``."""
     try:
@@ -100,6 +108,8 @@ FAKE_ENGINE = f"{__name__}:FakeEngine"
 class FakeEngine:
     """An ``AsyncEngineClient`` without a model (see the module docstring)."""
 
+    uses_rank_workers = False  # one process, made by ``from_config`` on rank 0
+
     def __init__(
         self,
         config: ModelConfig | None = None,
@@ -120,11 +130,7 @@ class FakeEngine:
         self.reply = reply
         self.repeat = repeat
         self.die_on = die_on
-        if tokenizer == "auto":
-            tokenizer = _default_tokenizer()
-        elif tokenizer == "bytes":
-            tokenizer = ByteTokenizer()
-        self.tokenizer = tokenizer
+        self.tokenizer = _make_tokenizer(tokenizer)
         self._running: dict[str, _Slot] = {}
         self._waiting = 0
         self._slot_freed: asyncio.Event | None = None  # made on the running loop
@@ -136,6 +142,11 @@ class FakeEngine:
     @classmethod
     def from_config(cls, config: ModelConfig, **options: Any) -> FakeEngine:
         return cls(config, **options)
+
+    @classmethod
+    def load_tokenizer(cls, config: ModelConfig, **options: Any) -> Any:
+        """The tokenizer ``from_config(config, **options)`` would use (for the serving layer)."""
+        return _make_tokenizer(options.get("tokenizer", "auto"))
 
     # -- the AsyncEngineClient interface ------------------------------------------------------
 

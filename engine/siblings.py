@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from engine.inbox import AddRequest
+
 
 class ParkedSiblings:
-    """Inbox items (``("add", rid, prompt_ids, ...)``) waiting for their leader, by leader id."""
+    """Inbox items (``AddRequest``) waiting for their leader, by leader id."""
 
     def __init__(self) -> None:
-        self._by_leader: dict[str, list[tuple]] = {}
+        self._by_leader: dict[str, list[AddRequest]] = {}
 
     def __bool__(self) -> bool:
         return bool(self._by_leader)
@@ -24,23 +26,23 @@ class ParkedSiblings:
     def __contains__(self, leader: str) -> bool:
         return leader in self._by_leader
 
-    def park(self, leader: str, item: tuple) -> None:
+    def park(self, leader: str, item: AddRequest) -> None:
         self._by_leader.setdefault(leader, []).append(item)
 
-    def take(self, leader: str) -> list[tuple]:
+    def take(self, leader: str) -> list[AddRequest]:
         """The siblings of ``leader`` (removed; empty when none)."""
         return self._by_leader.pop(leader, [])
 
-    def remove(self, request_id: str) -> tuple | None:
+    def remove(self, request_id: str) -> AddRequest | None:
         """The parked item of ``request_id`` (removed), or None when it is not parked."""
         for items in self._by_leader.values():
             for item in items:
-                if item[1] == request_id:
+                if item.request_id == request_id:
                     items.remove(item)
                     return item
         return None
 
-    def drain(self) -> Iterator[tuple]:
+    def drain(self) -> Iterator[AddRequest]:
         """Every parked item (all removed)."""
         groups, self._by_leader = self._by_leader, {}
         for items in groups.values():

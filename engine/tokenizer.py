@@ -304,6 +304,10 @@ class Tokenizer:
             param="checkpoint",
         )
 
+    def prepare_streaming(self) -> None:
+        """Build what streaming decode uses (the plain pieces' table) now, not on first use."""
+        _ = self.plain_piece_texts
+
     @cached_property
     def plain_piece_texts(self) -> dict[int, str] | None:
         """The text of every token that adds exactly that text after any complete one, or None.

@@ -6,14 +6,15 @@ pydantic models and converts to these.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from cluster.errors import EngineDeadError, MAIError, RequestCancelled
+from cluster.errors import EngineDeadError, InvalidRequestError, MAIError, RequestCancelled
 
 FinishReason = Literal["stop", "length", "abort", "error", "content_filter"]
 
@@ -186,6 +187,39 @@ def merge_deltas(outputs: list[RequestOutput]) -> RequestOutput:
     )
 
 
+def context_length_error(
+    prompt_len: int, max_tokens: int | None, context_length: int, prompt_field: str = "prompt"
+) -> InvalidRequestError | None:
+    """The error for a prompt (plus ``max_tokens``) that does not fit the context, in vLLM's
+    words (``entrypoints/openai/serving_engine.py``, ``_validate_input``), so that clients that
+    read the limits out of vLLM's message read ours too; None when it fits."""
+    room = context_length - prompt_len
+    if room < 1:
+        return InvalidRequestError(
+            f"This model's maximum context length is {context_length} tokens. However, your "
+            f"request has {prompt_len} input tokens. Please reduce the length of the input "
+            "messages.",
+            param=prompt_field,
+        )
+    if max_tokens is not None and max_tokens > room:
+        return InvalidRequestError(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+            f"maximum context length is {context_length} tokens and your request has "
+            f"{prompt_len} input tokens ({max_tokens} > {context_length} - {prompt_len}).",
+            param="max_tokens",
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class OutputSink:
+    """Where one request's outputs go. With ``loop``, ``put`` runs on that asyncio loop (the
+    engine hands each step's outputs to a loop in one call); without, on the engine's thread."""
+
+    put: Callable[[RequestOutput], None]
+    loop: asyncio.AbstractEventLoop | None = None
+
+
 def output_failure(out: RequestOutput) -> MAIError | None:
     """The error a final output that ended in failure rather than in text stands for."""
     if out.finish_reason == "error":
@@ -231,8 +265,17 @@ class AsyncEngineClient(Protocol):
     """The engine as the serving layer sees it (the real engine and the fake one both fit).
 
     ``generate`` yields deltas until one has ``finish_reason``; closing the iterator early
-    (client disconnect) cancels the request and frees its slot at once.
+    (client disconnect) cancels the request and frees its slot at once: that is the one way
+    to cancel. Besides these members, an engine class offers ``from_config(config,
+    **options)``; ``load_tokenizer(config, **options)``, the tokenizer ``from_config`` would
+    use (the serving layer templates and counts prompts with it, loaded where it runs rather
+    than fetched from rank 0); and ``uses_rank_workers``: True when every rank loads a
+    ``TPWorker`` and rank 0 runs the engine over it (``from_worker``), False when rank 0
+    alone makes it (``from_config``).
     """
+
+    tokenizer: Any
+    uses_rank_workers: bool
 
     def generate(
         self,
@@ -240,8 +283,6 @@ class AsyncEngineClient(Protocol):
         params: SamplingParams,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
-
-    async def cancel(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats: ...
 

@@ -5,9 +5,9 @@ replica's requests: one streaming call per request (``generate``), never one per
 above 0 load their weights rank, then follow rank 0's per-step broadcasts in a thread
 (``TPWorker.serve_forever``) while the actor keeps answering pings.
 
-The engine class is a parameter: one with ``from_worker`` (the real ``LLMEngine``) runs over
-TP workers; any other ``AsyncEngineClient`` with ``from_config`` (the ``FakeEngine``) runs in
-rank 0 alone, the other ranks idle, so tests exercise the same actors and placement group.
+The engine class is a parameter: one whose ``uses_rank_workers`` is true (the real
+``LLMEngine``) runs over TP workers (``from_worker``); any other ``AsyncEngineClient`` (the
+``FakeEngine``) is made by ``from_config`` in rank 0 alone, the other ranks idle, so tests exercise the same actors and placement group.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class RankActor:
 
     @property
     def uses_tp_workers(self) -> bool:
-        return hasattr(self.engine_cls, "from_worker")
+        return bool(self.engine_cls.uses_rank_workers)
 
     async def load(self) -> dict[str, Any]:
         """Load this rank (blocks until every rank joined the group); returns where it runs."""
@@ -139,7 +139,8 @@ class RankActor:
         """Stream one request's deltas, coalesced per ``pacing`` (None: one output at the end).
         ``share_prompt_of``: the first of ``n`` samples of the same prompt (its KV is shared).
 
-        Cancelling this call (``ray.cancel`` or the caller going away) cancels the request.
+        Cancelling this call (``ray.cancel`` of the caller's stream) closes the engine's
+        stream, which cancels the request: the one cancellation path.
         """
         engine = self._engine()
         interval = None if pacing is None else (lambda: pacing.interval_s(self._active_streams))
@@ -151,14 +152,8 @@ class RankActor:
         finally:
             self._active_streams -= 1
 
-    async def cancel(self, request_id: str) -> None:
-        await self._engine().cancel(request_id)
-
     def stats(self) -> EngineStats:
         return self._engine().stats()
-
-    def get_tokenizer(self) -> Any:
-        return self._engine().tokenizer
 
     def update_config(self, model_config: ModelConfig) -> None:
         """Take new live fields (sampling defaults) without reloading."""

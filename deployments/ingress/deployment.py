@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from actors.tp.supervision import remaining_s
@@ -34,18 +34,17 @@ from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error, brief
 from deployments.ingress.auth import DEFAULT_TENANT, ApiKeyAuth
 from deployments.ingress.embeddings import EmbeddingService
-from deployments.ingress.memory import IngressMemory, SessionContext
+from deployments.ingress.memory import IngressMemory
 from deployments.ingress.memory_client import MemoryClient
 from deployments.ingress.observability import IngressObservability
-from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor, with_usage
+from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor
 from deployments.ingress.sessions import SessionClient
-from deployments.ingress.tool_calls import ToolCallCollector
 from deployments.live_config_status import read_refusal
+from deployments.messages import ChoiceDelta, ModelRequest, SessionContext
 from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
     CompletionRequest,
     CompletionResponse,
     MemoryCreateRequest,
@@ -148,24 +147,23 @@ class Ingress:
         """A whole chat completion (``request.stream`` is ignored; see ``chat_stream``).
         ``context``: the session context when the caller built it (the Responses API)."""
         request = _parse(ChatCompletionRequest, request)
-        handle = self._model(request.model)
+        self._model(request.model)
         cached = self.observe.cached(request, tenant)
         if cached is not None:
             return cached
         output = self.output.open_choices(request, tenant)
         context = context or await self.memory.session_context(request, tenant)
+        message = self._message(context, tenant, stream=False)
         try:
-            response = await _routed(handle, request.session_id).chat.remote(
-                context.request, context.history_len, self.observe.trace(),
-                context.recall, context.system_prompt,
-            )
+            async with aclosing(self._deltas(message, request.session_id)) as deltas:
+                finals = [delta async for delta in deltas]
+            with self.observe.timed("output_processing", request.model):
+                response, answer = self.output.chat_response(request, finals, output)
         except Exception as exc:
             raise self._failed(exc, request.model) from None
-        with self.observe.timed("output_processing", request.model):
-            response = self.output.chat_response(response, output)
         self.observe.remember(request, tenant, response)
         if request.session_id:
-            await self._store_turn(request, tenant, _answer_message(response), context)
+            await self._store_turn(request, message, answer)
             response.session_id = request.session_id
         return response
 
@@ -180,40 +178,37 @@ class Ingress:
         self._model(request.model)
         output = self.output.open_choices(request, tenant)
         context = context or await self.memory.session_context(request, tenant)
-        full = with_usage(context.request) if output is not None else context.request
-        stream = _routed(self._streaming[request.model], request.session_id).chat_stream.remote(
-            full, context.history_len, self.observe.trace(), context.recall, context.system_prompt
+        message = self._message(context, tenant, stream=True)
+        stream = ProcessedStream(
+            self._deltas(message, request.session_id), output, request.include_usage, request
         )
-        chunks = ProcessedStream(stream, output, request.include_usage)
-        calls = ToolCallCollector()
         try:
-            async for chunk in chunks:
-                calls.add(chunk)
+            async for chunk in stream:
                 yield chunk
         except Exception as exc:
             raise self._failed(exc, request.model) from None
         finally:
-            await chunks.aclose()
-            if not chunks.upstream_finished:  # the client left, or the pipeline ended it
-                stream.cancel()
-        if request.session_id and chunks.complete:
-            await self._store_turn(request, tenant, calls.stored(chunks.text), context)
+            await stream.aclose()  # closes the deltas' stream: cancels what still runs
+        if request.session_id and stream.complete:
+            await self._store_turn(request, message, stream.stored())
 
     async def complete(
         self, request: CompletionRequest | dict, tenant: str = DEFAULT_TENANT
     ) -> CompletionResponse:
         request = _parse(CompletionRequest, request)
-        handle = self._model(request.model)
+        self._model(request.model)
         cached = self.observe.cached(request, tenant)
         if cached is not None:
             return cached
         output = self.output.open_choices(request, tenant)
+        message = self._message(SessionContext(request), tenant, stream=False)
         try:
-            response = await handle.complete.remote(request, self.observe.trace())
+            async with aclosing(self._deltas(message, None)) as deltas:
+                finals = [delta async for delta in deltas]
+            with self.observe.timed("output_processing", request.model):
+                response = self.output.completion_response(request, finals, output)
         except Exception as exc:
             raise self._failed(exc, request.model) from None
-        with self.observe.timed("output_processing", request.model):
-            response = self.output.completion_response(response, output)
         self.observe.remember(request, tenant, response)
         return response
 
@@ -223,18 +218,17 @@ class Ingress:
         request = _parse(CompletionRequest, request)
         self._model(request.model)
         output = self.output.open_choices(request, tenant)
-        upstream = with_usage(request) if output is not None else request
-        stream = self._streaming[request.model].complete_stream.remote(upstream, self.observe.trace())
-        chunks = ProcessedStream(stream, output, request.include_usage)
+        message = self._message(SessionContext(request), tenant, stream=True)
+        stream = ProcessedStream(
+            self._deltas(message, None), output, request.include_usage, request
+        )
         try:
-            async for chunk in chunks:
+            async for chunk in stream:
                 yield chunk
         except Exception as exc:
             raise self._failed(exc, request.model) from None
         finally:
-            await chunks.aclose()
-            if not chunks.upstream_finished:
-                stream.cancel()
+            await stream.aclose()  # closes the deltas' stream: cancels what still runs
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -443,18 +437,46 @@ class Ingress:
             )
         return handle
 
+    @staticmethod
+    def _message(context: SessionContext, tenant: str, stream: bool) -> ModelRequest:
+        """The one message the request travels in to its model (``deployments.messages``)."""
+        return ModelRequest(context, tenant, stream, sent_at=time.time())
+
+    async def _deltas(self, message: ModelRequest, session_id: str | None) -> AsyncIterator[ChoiceDelta]:
+        """The engine's deltas for ``message`` from its model's replicas (a session's on the
+        replica that holds its turns, ``_routed``). Closing this stream before its end (the
+        client left, or the output pipeline ended the answer) cancels the generation: the one
+        cancellation path, hop by hop down to the engine."""
+        stream = _routed(self._streaming[message.body.model], session_id).generate.remote(message)
+        finished = False
+        try:
+            async for delta in stream:
+                yield delta
+            finished = True
+        except Exception:
+            finished = True  # the replica ended it (the caller turns it into our error)
+            raise
+        finally:
+            if not finished:
+                stream.cancel()
+
     async def _store_turn(
-        self, request: ChatCompletionRequest, tenant: str, answer: dict[str, Any], context: SessionContext
+        self, request: ChatCompletionRequest, message: ModelRequest, answer: dict[str, Any]
     ) -> None:
-        turn = [m.stored() for m in request.messages if m.role not in ("system", "developer")]
+        """The client's turn (not the session history it was sent with) and the answer, with
+        tool calls and results as typed items (``protocol.ChatMessage.stored``)."""
+        assert request.session_id
+        tenant, context = message.tenant, message.context
+        kept = [m for m in request.messages if m.role not in ("system", "developer")]
+        turn = [m.stored() for m in kept]
         turn.append(answer)
         with self.observe.session_op("append"):
             count = await self.sessions.append(
-                request.session_id, tenant, turn, request_id=uuid.uuid4().hex
+                request.session_id, tenant, turn, request_id=message.request_id
             )
         context.stored_count = count
         # memory keeps who said what: a message's OpenAI `name` is its speaker
-        named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in request.messages if m.role not in ("system", "developer")]
+        named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in kept]
         self.memory.remember_turn(context, tenant, request.session_id, count, [*named, turn[-1]])
 
 
@@ -470,18 +492,6 @@ def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any
         except Exception:  # the board is an aid: Serve's status still answers
             log.warning("health board unreadable", exc_info=True)
     return found
-
-
-def _answer_message(response: ChatCompletionResponse) -> dict[str, Any]:
-    """What a session keeps of the first choice: its text, or its tool calls as the JSON the
-    model wrote with their typed items (``protocol.ChatMessage.stored``)."""
-    message = response.choices[0].message
-    if message.tool_calls:
-        calls = [c.model_dump() for c in message.tool_calls]
-        return ChatMessage.model_validate(
-            {"role": "assistant", "content": message.content, "tool_calls": calls}
-        ).stored()
-    return {"role": "assistant", "content": message.content or ""}
 
 
 __all__ = ["Ingress"]

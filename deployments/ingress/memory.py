@@ -16,13 +16,13 @@ user's memories and the tenant's usage, all scoped by the caller's tenant.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from cluster.errors import NotFoundError
 from deployments.ingress.memory_client import MemoryClient, memory_user
 from deployments.ingress.observability import IngressObservability
 from deployments.ingress.sessions import SessionClient
+from deployments.messages import SessionContext
 from deployments.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -30,18 +30,6 @@ from deployments.protocol import (
     MemorySearchRequest,
     MemoryTurnRequest,
 )
-
-
-@dataclass
-class SessionContext:
-    """What a session request carries to the model and back to the store."""
-
-    request: ChatCompletionRequest  # what the LLMServer gets (session_id cleared)
-    history_len: int  # leading session messages in ``request`` (the sliding-window path)
-    user: str | None = None  # whose memory (memory on)
-    recall: Any = None  # a MemoryRecall: the LLMServer assembles the prompt from it
-    system_prompt: str | None = None
-    stored_count: int | None = None  # the session's message count once the turn is stored
 
 
 def _last_user_text(request: ChatCompletionRequest) -> str | None:
@@ -186,4 +174,4 @@ def _parse_body(model: type, value: Any) -> Any:
         raise as_mai_error(exc) from None
 
 
-__all__ = ["IngressMemory", "SessionContext"]
+__all__ = ["IngressMemory"]

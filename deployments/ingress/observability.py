@@ -1,7 +1,5 @@
 """What the ingress measures and caches, kept out of the request code.
 
-- ``trace()``: the hand-over time sent with each request to the LLM replica, which counts
-  the time until the replica runs it as queue time (Serve's queue);
 - ``timed(stage)``: records the ingress's own stages of the timing breakdown
   (``memory_retrieval``: the session's context; ``output_processing``: the output pipeline)
   into ``m_ai_request_stage_seconds``;
@@ -41,10 +39,6 @@ class IngressObservability:
         self._diagnostics: Any = None
 
     # -- timing ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def trace() -> dict[str, float]:
-        return {"sent_at": time.time()}
 
     @contextmanager
     def timed(self, stage: str, model: str) -> Iterator[None]:

@@ -1,10 +1,10 @@
-"""From OpenAI requests to engine inputs, and from engine outputs to OpenAI responses.
+"""From OpenAI requests to engine inputs (the LLMServer uses these, where the tokenizer is).
 
-Pure functions and small builders (no Ray): the prompt (chat template, and a sliding window
-over a session's history when it would not fit), the context-length checks that answer 400
-naming the field, ``SamplingParams`` from the request and the model's live defaults, and the
-response or chunk objects built from ``RequestOutput`` deltas. (The output pipeline runs in
-the ingress, on these responses: ``deployments/ingress/output_processing.py``.)
+Pure functions (no Ray): the prompt (chat template, and a sliding window over a session's
+history when it would not fit), the one context-length check (a 400 in vLLM's words, naming
+the field), and ``SamplingParams`` from the request and the model's live defaults. The way
+back, from engine deltas to OpenAI objects, is the ingress's: ``openai_outputs`` builds them
+once, after the output pipeline (``output_processing``).
 """
 
 from __future__ import annotations
@@ -16,14 +16,6 @@ from typing import Any
 
 from cluster.config import ModelConfig
 from cluster.errors import InvalidRequestError
-from deployments.ingress.openai_outputs import (
-    ChatChunks,
-    CompletionChunks,
-    TokenTexts,
-    chat_response,
-    check_output,
-    completion_response,
-)
 from deployments.ingress.tool_calls import llama_messages, tool_response_format
 from deployments.protocol import (
     ChatCompletionRequest,
@@ -31,7 +23,7 @@ from deployments.protocol import (
     SamplingFields,
 )
 from engine.decoding.structured import parse_response_format
-from engine.types import SamplingParams
+from engine.types import SamplingParams, context_length_error
 
 
 @dataclass(frozen=True)
@@ -86,30 +78,18 @@ def completion_prompt(tokenizer: Any, request: CompletionRequest) -> Prompt:
 def sampling_params(
     request: SamplingFields, config: ModelConfig, prompt_len: int, prompt_field: str
 ) -> SamplingParams:
-    """The request's sampling, falling back on the model's (live) defaults; checks the context."""
-    # In vLLM's words (entrypoints/openai/serving_engine.py, _validate_input), so that clients
-    # that read the limits out of vLLM's message read ours too.
-    ctx = config.context_length
-    room = ctx - prompt_len
-    if room < 1:
-        raise InvalidRequestError(
-            f"This model's maximum context length is {ctx} tokens. However, your request has "
-            f"{prompt_len} input tokens. Please reduce the length of the input messages.",
-            param=prompt_field,
-        )
-    if request.max_tokens is not None and request.max_tokens > room:
-        raise InvalidRequestError(
-            f"'max_tokens' or 'max_completion_tokens' is too large: {request.max_tokens}. "
-            f"This model's maximum context length is {ctx} tokens and your request has "
-            f"{prompt_len} input tokens ({request.max_tokens} > {ctx} - {prompt_len}).",
-            param="max_tokens",
-        )
+    """The request's sampling, falling back on the model's (live) defaults; checks the
+    context length (the one check, in vLLM's words: ``engine.types.context_length_error``)."""
+    error = context_length_error(prompt_len, request.max_tokens, config.context_length, prompt_field)
+    if error is not None:
+        raise error
+    room = config.context_length - prompt_len
 
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
-    # A bad shape is a 400 here; a schema that cannot be compiled, one from the engine's submit.
-    parse_response_format(request.response_format)
+    # response_format's shape was checked at the ingress; a schema that cannot be compiled is
+    # a 400 from the engine's submit.
     response_format, guided = structured_request(request)
     if isinstance(request, ChatCompletionRequest):
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -210,11 +190,5 @@ __all__ = [
     "chat_prompt",
     "completion_prompt",
     "sampling_params",
-    "check_output",
-    "ChatChunks",
-    "CompletionChunks",
-    "TokenTexts",
     "structured_request",
-    "chat_response",
-    "completion_response",
 ]

@@ -1,32 +1,34 @@
-"""From engine outputs to OpenAI responses and chunks: ``n`` choices, log probabilities in
-OpenAI's shapes, and tool calls (parsed from the answer, streamed as ``tool_calls`` deltas).
+"""The OpenAI objects of an answer, built once: chunks and whole responses from ``Piece``s.
 
-A chat stream with tools holds a choice's text back while it may still be tool-call JSON
-(it starts with ``{`` or ``[``); at the choice's end the JSON becomes ``tool_calls`` deltas
-(per call: id, type and name, then the arguments) and ``finish_reason`` ``tool_calls``, or the
-held text goes out as content. Text that cannot be a call streams as it comes. When decoding
-is constrained to a call (``required``, a named function) the text is a call from the start:
-its deltas stream as it is generated (``deployments.ingress.tool_call_stream``).
+A ``Piece`` is one step of one choice as the client will see it, after the output pipeline
+(``deployments.ingress.output_processing``): text, or the choice's tool calls (parsed out of
+the stream by ``deployments.ingress.tool_calls.ToolCallHold``), log probabilities, and on
+the last one the finish reason and the pipeline's report. The builders here turn pieces into
+``n``-choice chunks (the role on a choice's first, tool calls as ``tool_calls`` deltas: per
+call id, type and name, then the arguments; ``finish_reason`` ``tool_calls``), the usage
+chunk, and whole responses, with log probabilities in OpenAI's shapes (``TokenTexts``).
+When decoding is constrained to a call (``required``, a named function) the calls stream as
+they are decoded: pieces with ``call_deltas`` carry their ``tool_calls`` deltas (per call:
+index, id, type, name and empty arguments first, then argument fragments;
+``deployments.ingress.tool_call_stream``).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from deployments.ingress.tool_call_stream import ToolCallStream
-from deployments.ingress.tool_calls import may_be_tool_call, parse_tool_calls
 from deployments.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    OutputReport,
     Usage,
     completion_id,
     now,
@@ -37,6 +39,7 @@ from deployments.protocol_tools import (
     FunctionCallDelta,
     TokenLogprobEntry,
     ToolCallDelta,
+    ToolCallOut,
     TopLogprob,
 )
 from engine.types import RequestOutput, TokenLogprob, output_failure
@@ -52,17 +55,30 @@ def check_output(out: RequestOutput) -> None:
 
 
 class TokenTexts:
-    """Each token's text and UTF-8 bytes, as OpenAI's logprobs show them."""
+    """Each token's text and UTF-8 bytes, as OpenAI's logprobs show them. The replica, which
+    has the tokenizer, sends the ``table`` of a delta's tokens with it; the ingress builds
+    the objects from the tables it has learnt (``TokenTexts(None)``, ``learn``)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._plain = getattr(tokenizer, "plain_piece_texts", None) or {}
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
+    def table(self, logprobs: list[TokenLogprob]) -> dict[int, tuple[str, list[int]]]:
+        """Text and bytes of every token id in ``logprobs`` (sampled and top alternatives)."""
+        ids = {lp.token_id for lp in logprobs} | {t for lp in logprobs for t, _ in lp.top}
+        return {t: self.of(t) for t in ids}
+
+    def learn(self, table: dict[int, tuple[str, list[int]]] | None) -> None:
+        if table:
+            self._cache.update(table)
+
     def of(self, token_id: int) -> tuple[str, list[int]]:
         found = self._cache.get(token_id)
         if found is not None:
             return found
+        if self.tokenizer is None:  # not in any table the replica sent: nothing to show
+            return "", []
         text = self._plain.get(token_id)
         raw: list[int] | None = None
         if text is None:
@@ -106,6 +122,21 @@ class TokenTexts:
         return out
 
 
+@dataclass
+class Piece:
+    """One step of choice ``index`` as the client will see it (see the module docstring).
+    ``echo``: a completion's prompt, shown before the choice's text (``echo``)."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCallOut] | None = None
+    report: OutputReport | None = None
+    echo: str = ""
+    call_deltas: list[ToolCallDelta] | None = None  # streamed calls: this step's deltas
+
+
 def _tool_call_deltas(calls: list) -> list[ToolCallDelta]:
     deltas = []
     for i, call in enumerate(calls):
@@ -115,202 +146,139 @@ def _tool_call_deltas(calls: list) -> list[ToolCallDelta]:
     return deltas
 
 
-class _ChatChoiceStream:
-    """One choice of a streamed chat completion."""
-
-    def __init__(self, index: int, request: ChatCompletionRequest | None, texts: TokenTexts | None) -> None:
-        self.index = index
-        self.request = request
-        self.texts = texts
-        self.sent_role = False
-        self.token_ids = 0
-        constrained = request is not None and request.tool_mode in ("required", "named")
-        self.holding = request is not None and request.tool_mode != "none"
-        self.constrained = constrained
-        self.held = ""
-        self.held_logprobs: list[TokenLogprob] = []
-        self.streamed = ToolCallStream() if constrained else None
-
-    def choices(self, out: RequestOutput) -> list[ChatChunkChoice]:
-        check_output(out)
-        self.token_ids += len(out.token_ids)
-        text, logprobs = out.text, out.logprobs
-        if self.streamed is not None:
-            return self._stream_calls(out)
-        if self.holding:
-            self.held += text
-            self.held_logprobs += logprobs or []
-            if not self.constrained and not may_be_tool_call(self.held):
-                self.holding = False  # plain text: release what was held, then stream
-                text, self.held = self.held, ""
-                logprobs = self.held_logprobs if out.logprobs is not None else None
-                self.held_logprobs = []
-            elif out.finish_reason is None:
-                return [] if self.sent_role else [self._choice(DeltaMessage(role="assistant", content=""), None, None)]
-            else:
-                return self._finish_held(out)
-        if not text and out.finish_reason is None and self.sent_role and not logprobs:
-            return []
-        delta = DeltaMessage(role=None if self.sent_role else "assistant", content=text)
-        lp = self.texts.chat(logprobs) if self.texts is not None and logprobs is not None else None
-        return [self._choice(delta, out.finish_reason, lp)]
-
-    def _stream_calls(self, out: RequestOutput) -> list[ChatChunkChoice]:
-        """Constrained to a call: its deltas as they complete (logprobs of the tokens so far
-        with each); a choice cut short before any call's name is whole ends as held text."""
-        assert self.streamed is not None
-        self.held += out.text
-        self.held_logprobs += out.logprobs or []
-        deltas = self.streamed.feed(out.text)
-        if out.finish_reason is not None and not self.streamed.started:
-            return self._finish_held(out)
-        chunks = []
-        if deltas or (out.finish_reason is not None and self.held_logprobs):
-            lp = self.texts.chat(self.held_logprobs) if self.texts is not None and out.logprobs is not None else None
-            self.held_logprobs = []
-            role = None if self.sent_role else "assistant"
-            chunks.append(self._choice(DeltaMessage(role=role, tool_calls=deltas or None), None, lp))
-        if out.finish_reason is not None:
-            finish = "tool_calls" if out.finish_reason == "stop" else out.finish_reason
-            chunks.append(self._choice(DeltaMessage(), finish, None))
-        elif not chunks and not self.sent_role:
-            chunks.append(self._choice(DeltaMessage(role="assistant", content=""), None, None))
-        return chunks
-
-    def _finish_held(self, out: RequestOutput) -> list[ChatChunkChoice]:
-        calls = parse_tool_calls(self.held, self.request) if out.finish_reason == "stop" or not self.constrained else None
-        lp = self.texts.chat(self.held_logprobs) if self.texts is not None and out.logprobs is not None else None
-        if calls:
-            chunks = [self._choice(DeltaMessage(role=None if self.sent_role else "assistant",
-                                                tool_calls=_tool_call_deltas(calls)), None, lp)]
-            return chunks + [self._choice(DeltaMessage(), "tool_calls", None)]
-        delta = DeltaMessage(role=None if self.sent_role else "assistant", content=self.held)
-        return [self._choice(delta, out.finish_reason, lp)]
-
-    def _choice(self, delta: DeltaMessage, finish: str | None, lp: ChoiceLogprobs | None) -> ChatChunkChoice:
-        self.sent_role = True
-        return ChatChunkChoice(index=self.index, delta=delta, finish_reason=finish, logprobs=lp)
-
-
 class ChatChunks:
-    """Builds the chunks of one streamed chat completion (``n`` choices)."""
+    """Builds the chunks of one streamed chat completion (``n`` choices) from pieces."""
 
-    def __init__(
-        self, model: str, prompt_tokens: int, include_usage: bool,
-        request: ChatCompletionRequest | None = None, texts: TokenTexts | None = None,
-    ) -> None:
+    def __init__(self, model: str, n: int = 1, texts: TokenTexts | None = None) -> None:
         self.id = completion_id("chatcmpl")
         self.created = now()
         self.model = model
-        self.prompt_tokens = prompt_tokens
-        self.include_usage = include_usage
-        n = request.n if request is not None else 1
-        self.streams = [_ChatChoiceStream(i, request, texts) for i in range(n)]
+        self.texts = texts
+        self.sent_role = [False] * n
 
-    def chunk(self, out: RequestOutput, index: int = 0) -> ChatCompletionChunk | None:
-        """The chunk for ``out`` of choice ``index`` (None when it carries nothing to see)."""
-        choices = self.streams[index].choices(out)
-        if not choices:
+    def chunk(self, piece: Piece) -> ChatCompletionChunk | None:
+        """The chunk for ``piece`` (None when it carries nothing to see)."""
+        index, sent = piece.index, self.sent_role[piece.index]
+        shows = piece.tool_calls or piece.call_deltas or piece.text or piece.logprobs
+        if not shows and piece.finish_reason is None and sent:
             return None
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices)
+        self.sent_role[index] = True
+        role = None if sent else "assistant"
+        lp = self.texts.chat(piece.logprobs) if self.texts is not None else None
+        if piece.call_deltas is not None:  # the calls streamed: this step's deltas, no whole calls
+            choices = []
+            if piece.call_deltas or piece.logprobs or not sent:
+                delta = DeltaMessage(role=role, tool_calls=piece.call_deltas or None)
+                choices.append(ChatChunkChoice(index=index, delta=delta, finish_reason=None, logprobs=lp))
+            if piece.finish_reason is not None:
+                choices.append(ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=piece.finish_reason))
+            if not choices:
+                return None
+        elif piece.tool_calls:
+            delta = DeltaMessage(role=role, tool_calls=_tool_call_deltas(piece.tool_calls))
+            choices = [
+                ChatChunkChoice(index=index, delta=delta, finish_reason=None, logprobs=lp),
+                ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason="tool_calls"),
+            ]
+        else:
+            delta = DeltaMessage(role=role, content=piece.text)
+            choices = [ChatChunkChoice(index=index, delta=delta, finish_reason=piece.finish_reason, logprobs=lp)]
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, m_ai=piece.report
+        )
 
-    def usage_chunk(self, lasts: list[RequestOutput] | RequestOutput) -> ChatCompletionChunk:
-        lasts = lasts if isinstance(lasts, list) else [lasts]
-        tokens = sum(last.completion_tokens or s.token_ids for last, s in zip(lasts, self.streams))
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=self.id, created=self.created, model=self.model, choices=[],
-            usage=Usage.of(self.prompt_tokens, tokens),
+            usage=Usage.of(prompt_tokens, completion_tokens),
         )
 
 
 class CompletionChunks:
-    """Builds the chunks of one streamed text completion (``n`` choices)."""
+    """Builds the chunks of one streamed text completion (``n`` choices) from pieces."""
 
-    def __init__(
-        self, model: str, prompt_tokens: int, include_usage: bool,
-        request: CompletionRequest | None = None, texts: TokenTexts | None = None, echo: str = "",
-    ) -> None:
+    def __init__(self, model: str, n: int = 1, texts: TokenTexts | None = None) -> None:
         self.id = completion_id("cmpl")
         self.created = now()
         self.model = model
-        self.prompt_tokens = prompt_tokens
-        self.include_usage = include_usage
-        n = request.n if request is not None else 1
         self.texts = texts
-        self.token_ids = [0] * n
-        self.offsets = [len(echo)] * n
-        self.echo = [echo] * n
+        self.offsets = [0] * n
 
-    def chunk(self, out: RequestOutput, index: int = 0) -> CompletionResponse | None:
-        check_output(out)
-        self.token_ids[index] += len(out.token_ids)
-        text = self.echo[index] + out.text
-        self.echo[index] = ""
-        if not text and out.finish_reason is None and not out.logprobs:
+    def chunk(self, piece: Piece) -> CompletionResponse | None:
+        index = piece.index
+        self.offsets[index] += len(piece.echo)
+        text = piece.echo + piece.text
+        if not text and piece.finish_reason is None and not piece.logprobs:
             return None
         lp = None
-        if self.texts is not None and out.logprobs is not None:
-            lp = self.texts.completion(out.logprobs, self.offsets[index])
-        self.offsets[index] += len(out.text)
-        choice = CompletionChoice(index=index, text=text, finish_reason=out.finish_reason, logprobs=lp)
-        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice])
+        if self.texts is not None and piece.logprobs is not None:
+            lp = self.texts.completion(piece.logprobs, self.offsets[index])
+        self.offsets[index] += len(piece.text)
+        choice = CompletionChoice(index=index, text=text, finish_reason=piece.finish_reason, logprobs=lp)
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=[choice], m_ai=piece.report
+        )
 
-    def usage_chunk(self, lasts: list[RequestOutput] | RequestOutput) -> CompletionResponse:
-        lasts = lasts if isinstance(lasts, list) else [lasts]
-        tokens = sum(last.completion_tokens or n for last, n in zip(lasts, self.token_ids))
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> CompletionResponse:
         return CompletionResponse(
             id=self.id, created=self.created, model=self.model, choices=[],
-            usage=Usage.of(self.prompt_tokens, tokens),
+            usage=Usage.of(prompt_tokens, completion_tokens),
         )
 
 
+def whole(pieces: list[Piece]) -> Piece:
+    """One choice's pieces folded into one (what a whole response shows of it)."""
+    last = pieces[-1]
+    logprobs = None
+    if any(p.logprobs is not None for p in pieces):
+        logprobs = [lp for p in pieces for lp in (p.logprobs or ())]
+    calls = next((p.tool_calls for p in pieces if p.tool_calls), None)
+    report = next((p.report for p in reversed(pieces) if p.report is not None), None)
+    return Piece(
+        last.index, "".join(p.text for p in pieces), last.finish_reason, logprobs, calls, report,
+        "".join(p.echo for p in pieces),
+    )
+
+
 def chat_response(
-    outs: RequestOutput | list[RequestOutput], model: str, prompt_tokens: int,
-    request: ChatCompletionRequest | None = None, texts: TokenTexts | None = None,
+    choices: list[Piece], model: str, usage: Usage, texts: TokenTexts | None = None
 ) -> ChatCompletionResponse:
-    """The whole answer from each choice's merged output."""
-    outs = outs if isinstance(outs, list) else [outs]
-    choices = []
-    for index, out in enumerate(outs):
-        check_output(out)
-        lp = texts.chat(out.logprobs) if texts is not None else None
-        calls = None
-        if request is not None and request.tool_mode != "none":
-            constrained = request.tool_mode in ("required", "named")
-            if out.finish_reason == "stop" or not constrained:
-                calls = parse_tool_calls(out.text, request)
-        if calls:
-            message = AssistantMessage(content=None, tool_calls=calls)
-            choices.append(ChatChoice(index=index, message=message, finish_reason="tool_calls", logprobs=lp))
+    """The whole answer from each choice's folded piece (the report is the first text
+    choice's)."""
+    out = []
+    for piece in choices:
+        lp = texts.chat(piece.logprobs) if texts is not None else None
+        if piece.tool_calls:
+            message = AssistantMessage(content=None, tool_calls=piece.tool_calls)
+            out.append(ChatChoice(index=piece.index, message=message, finish_reason="tool_calls", logprobs=lp))
         else:
-            choices.append(ChatChoice(index=index, message=AssistantMessage(content=out.text),
-                                      finish_reason=out.finish_reason, logprobs=lp))
-    tokens = sum(out.completion_tokens or len(out.token_ids) for out in outs)
+            out.append(ChatChoice(index=piece.index, message=AssistantMessage(content=piece.text),
+                                  finish_reason=piece.finish_reason, logprobs=lp))
     return ChatCompletionResponse(
-        id=completion_id("chatcmpl"), created=now(), model=model, choices=choices,
-        usage=Usage.of(prompt_tokens, tokens),
+        id=completion_id("chatcmpl"), created=now(), model=model, choices=out, usage=usage,
+        m_ai=_report(choices),
     )
 
 
 def completion_response(
-    outs: RequestOutput | list[RequestOutput], model: str, prompt_tokens: int,
-    texts: TokenTexts | None = None, echo: str = "",
+    choices: list[Piece], model: str, usage: Usage, texts: TokenTexts | None = None
 ) -> CompletionResponse:
-    outs = outs if isinstance(outs, list) else [outs]
-    choices = []
-    for index, out in enumerate(outs):
-        check_output(out)
-        lp = texts.completion(out.logprobs, len(echo)) if texts is not None else None
-        choices.append(CompletionChoice(index=index, text=echo + out.text,
-                                        finish_reason=out.finish_reason, logprobs=lp))
-    tokens = sum(out.completion_tokens or len(out.token_ids) for out in outs)
+    out = []
+    for piece in choices:
+        lp = texts.completion(piece.logprobs, len(piece.echo)) if texts is not None else None
+        out.append(CompletionChoice(index=piece.index, text=piece.echo + piece.text,
+                                    finish_reason=piece.finish_reason, logprobs=lp))
     return CompletionResponse(
-        id=completion_id("cmpl"), created=now(), model=model, choices=choices,
-        usage=Usage.of(prompt_tokens, tokens),
+        id=completion_id("cmpl"), created=now(), model=model, choices=out, usage=usage,
+        m_ai=_report(choices),
     )
 
 
+def _report(choices: list[Piece]) -> OutputReport | None:
+    return next((p.report for p in choices if p.report is not None), None)
+
+
 __all__ = [
-    "TokenTexts", "ChatChunks", "CompletionChunks", "chat_response", "completion_response",
-    "check_output",
+    "Piece", "TokenTexts", "ChatChunks", "CompletionChunks", "chat_response",
+    "completion_response", "check_output", "whole",
 ]

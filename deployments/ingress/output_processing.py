@@ -1,4 +1,4 @@
-"""The output pipeline on the way out of the API: the LLMServer's answers in, processed ones out.
+"""The output pipeline on the way out of the API: the engine's deltas in, OpenAI objects out.
 
 The ingress builds one ``ResponseProcessor`` at start from the ``output`` config section; every
 plugin the section names is loaded then, so a broken one fails the deployment's start
@@ -6,13 +6,17 @@ plugin the section names is loaded then, so a broken one fails the deployment's 
 ``output_template`` (a 400 before any token is spent) and starts the pipeline's stream for
 the tenant. Then:
 
-- a whole answer is fed at once: the response carries the processed text and finish reason;
-- a streamed answer (``ProcessedStream``) is fed chunk by chunk and each chunk carries what
-  the pipeline releases (it holds text back up to a safe boundary, a sentence or a line, and
-  never takes back what it sent); the engine's finish reason is not forwarded as it comes:
-  the last chunk carries the pipeline's tail and finish reason. When the pipeline ends the
-  output itself (``content_filter``: the tenant's policy blocked it; ``stop``: one of the
-  pipeline's stop sequences) the stream ends there and the caller cancels the generation.
+- the pipeline works on text: ``AnswerShaper`` takes the LLMServer's deltas
+  (``deployments.messages.ChoiceDelta``), parses tool calls out of a chat's text first
+  (those pass the pipeline as they are), and feeds each choice's text to its own stream;
+- a streamed answer (``ProcessedStream``) carries in each chunk what the pipeline releases
+  (it holds text back up to a safe boundary, a sentence or a line, and never takes back what
+  it sent); the engine's finish reason is not forwarded as it comes: the last chunk carries
+  the pipeline's tail and finish reason. When the pipeline ends the output itself
+  (``content_filter``: the tenant's policy blocked it; ``stop``: one of the pipeline's stop
+  sequences) the stream ends there, and closing it cancels the generation;
+- a whole answer is the same, fed one final delta per choice;
+- the OpenAI objects are built once, after the pipeline (``deployments.ingress.openai_outputs``).
 
 Processed answers carry the extension ``m_ai`` (format, validity, safety findings, quality
 metrics; on a stream, in the last chunk), which the metrics layer will read.
@@ -22,24 +26,36 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from cluster.config.output import OutputConfig
 from cluster.errors import InvalidRequestError
 from cluster.logging_setup import get_logger
+from deployments.ingress.openai_outputs import (
+    ChatChunks,
+    CompletionChunks,
+    Piece,
+    TokenTexts,
+    chat_response,
+    check_output,
+    completion_response,
+    whole,
+)
+from deployments.ingress.tool_calls import ToolCallHold
+from deployments.messages import ChoiceDelta
 from deployments.protocol import (
-    AssistantMessage,
-    ChatChunkChoice,
     ChatCompletionChunk,
+    ChatCompletionRequest,
     ChatCompletionResponse,
-    CompletionChoice,
+    ChatMessage,
+    CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
     OutputReport,
     SamplingFields,
-    StreamOptions,
+    Usage,
 )
+from deployments.protocol_tools import ToolCallOut
 from engine.decoding.structured import parse_response_format
 from engine.output import (
     OutputProcessor,
@@ -48,6 +64,7 @@ from engine.output import (
     ProcessedOutput,
     build_output_processor,
 )
+from engine.types import RequestOutput
 
 log = get_logger("deployments.ingress.output_processing")
 
@@ -62,15 +79,6 @@ def output_report(result: ProcessedOutput) -> OutputReport:
         findings=[asdict(f) for f in result.findings],
         metrics=result.metrics.as_dict() if result.metrics is not None else None,
         summary=result.summary,
-    )
-
-
-def with_usage(request: SamplingFields) -> SamplingFields:
-    """The request as sent to the LLMServer when its output is processed: streamed with
-    usage, whose completion tokens the pipeline's length check needs (``ProcessedStream``
-    drops that chunk again unless the client asked for it)."""
-    return request.model_copy(
-        update={"stream": True, "stream_options": StreamOptions(include_usage=True)}
     )
 
 
@@ -121,179 +129,231 @@ class ResponseProcessor:
         return [first] + [self.open(request, tenant) for _ in range(1, request.n)]
 
     def chat_response(
-        self, response: ChatCompletionResponse, output: OutputStream | list[OutputStream] | None
-    ) -> ChatCompletionResponse:
-        """Each choice through its own stream; tool calls pass as they are (the report is the
-        first text choice's)."""
-        if output is None:
-            return response
-        outputs = output if isinstance(output, list) else [output]
-        single = len(response.choices) == 1
-        choices, report = [], None
-        for choice, stream in zip(response.choices, outputs):
-            if choice.message.tool_calls:
-                choices.append(choice)
-                continue
-            tokens = response.usage.completion_tokens if single else None
-            result = self._whole(stream, choice.message.content or "", choice.finish_reason, tokens)
-            choices.append(choice.model_copy(update={
-                "message": AssistantMessage(content=result.text),
-                "finish_reason": result.finish_reason,
-            }))
-            report = report or output_report(result)
-        return response.model_copy(update={"choices": choices, "m_ai": report})
+        self,
+        request: ChatCompletionRequest,
+        finals: list[ChoiceDelta],
+        output: OutputStream | list[OutputStream] | None,
+    ) -> tuple[ChatCompletionResponse, dict[str, Any]]:
+        """The whole chat answer from each choice's final delta, processed, built once; and
+        what a session stores of it (``AnswerShaper.stored``)."""
+        choices, shaper = whole_answer(request, finals, output)
+        return chat_response(choices, request.model, shaper.usage(), shaper.texts), shaper.stored()
 
     def completion_response(
-        self, response: CompletionResponse, output: OutputStream | list[OutputStream] | None
+        self,
+        request: CompletionRequest,
+        finals: list[ChoiceDelta],
+        output: OutputStream | list[OutputStream] | None,
     ) -> CompletionResponse:
-        if output is None:
-            return response
-        outputs = output if isinstance(output, list) else [output]
-        single = len(response.choices) == 1
-        choices, report = [], None
-        for choice, stream in zip(response.choices, outputs):
-            tokens = response.usage.completion_tokens if response.usage and single else None
-            result = self._whole(stream, choice.text, choice.finish_reason, tokens)
-            choices.append(choice.model_copy(
-                update={"text": result.text, "finish_reason": result.finish_reason}
-            ))
-            report = report or output_report(result)
-        return response.model_copy(update={"choices": choices, "m_ai": report})
-
-    @staticmethod
-    def _whole(
-        output: OutputStream, text: str, finish_reason: str | None, completion_tokens: int | None
-    ) -> ProcessedOutput:
-        output.feed(text)
-        result = output.finish(finish_reason, completion_tokens)
-        _log_result(output, result)
-        return result
+        choices, shaper = whole_answer(request, finals, output)
+        return completion_response(choices, request.model, shaper.usage(), shaper.texts)
 
 
-class ProcessedStream:
-    """One streamed answer through the pipeline; iterate it for the chunks to send.
+class AnswerShaper:
+    """One answer's choices from the engine's deltas to the pieces a client sees: tool calls
+    parsed out of a chat's text (``ToolCallHold``), then choice i's text through
+    ``outputs[i]`` (a choice that became tool calls passes as it is). Streamed and whole
+    answers go through it alike, so both are shaped once and the same way.
 
-    With ``output=None`` (processing off) the chunks pass as they are. ``upstream_finished``
-    tells the caller whether the upstream stream ended by itself (else: cancel it);
-    ``complete`` whether the answer's last chunk was produced, and ``text`` is then the
-    whole answer as the client got it (what a session stores).
+    ``cut`` tells that the pipeline ended every choice itself (stop reading the generation);
+    ``complete`` that choice 0's last piece was produced, and ``stored()`` is then what a
+    session stores of it (its text as the client got it, or its tool calls as the JSON the
+    model wrote, with their typed items). ``texts`` learns the token texts the replica sends for log probabilities.
     """
 
     def __init__(
-        self,
-        upstream: AsyncIterator[Chunk],
-        output: OutputStream | list[OutputStream] | None,
-        include_usage: bool,
+        self, request: SamplingFields, outputs: OutputStream | list[OutputStream] | None
     ) -> None:
-        self.upstream = upstream
-        self.outputs = output if isinstance(output, list) or output is None else [output]
-        self.output = self.outputs[0] if self.outputs else None
-        self.include_usage = include_usage
-        self.upstream_finished = False
+        self.outputs = outputs if isinstance(outputs, list) or outputs is None else [outputs]
+        self.texts = TokenTexts(None)
+        n = request.n or 1
+        self.holds = (
+            [ToolCallHold(request) for _ in range(n)]
+            if isinstance(request, ChatCompletionRequest) and request.tool_mode != "none"
+            else None
+        )
+        self.lasts: list[RequestOutput | None] = [None] * n
+        self.token_ids = [0] * n
+        self.first = [True] * n  # nothing of the choice shown yet (its role, its echo)
+        self.tools: set[int] = set()
+        self.ended: set[int] = set()  # choices the pipeline ended
+        self.reasons: dict[int, str | None] = {}
+        self.echo: dict[int, str] = {}
+        self.cut = False
         self.complete = False
         self.result: ProcessedOutput | None = None
         self._passed: list[str] = []
-        self.results: dict[int, ProcessedOutput] = {}
-        self._chunks = self._passthrough() if output is None else self._processed()
+        self._calls: list[ToolCallOut] | None = None
+
+    @property
+    def upstream_finished(self) -> bool:
+        return all(last is not None and last.finished for last in self.lasts)
+
+    @property
+    def text(self) -> str:
+        return self.stored()["content"]
+
+    def stored(self) -> dict[str, Any]:
+        """Choice 0 as a session keeps it: its text, or its tool calls as the JSON the model
+        wrote with their typed items (``protocol.ChatMessage.stored``)."""
+        if self._calls:
+            calls = [c.model_dump() for c in self._calls]
+            return ChatMessage.model_validate(
+                {"role": "assistant", "content": None, "tool_calls": calls}
+            ).stored()
+        text = self.result.text if self.result is not None else "".join(self._passed)
+        return {"role": "assistant", "content": text}
+
+    def usage(self) -> Usage:
+        prompt = next((last.prompt_tokens for last in self.lasts if last is not None), 0)
+        tokens = sum(
+            (last.completion_tokens if last is not None else 0) or n
+            for last, n in zip(self.lasts, self.token_ids)
+        )
+        return Usage.of(prompt, tokens)
+
+    def feed(self, delta: ChoiceDelta) -> list[Piece]:
+        out, index = delta.output, delta.index
+        check_output(out)
+        self.texts.learn(delta.token_texts)
+        self.lasts[index] = out
+        self.token_ids[index] += len(out.token_ids)
+        piece = Piece(index, out.text, out.finish_reason, out.logprobs, echo=delta.echo)
+        pieces = self.holds[index].feed(piece) if self.holds is not None else [piece]
+        if self.outputs is None:
+            for p in pieces:
+                self._note(p)
+            return pieces
+        return [shown for p in pieces for shown in self._processed(p)]
+
+    def _note(self, piece: Piece) -> None:
+        if piece.index != 0:
+            return
+        self._passed.append(piece.text)
+        self._calls = piece.tool_calls or self._calls
+        self.complete = self.complete or piece.finish_reason is not None
+
+    def _processed(self, piece: Piece) -> list[Piece]:
+        index, outputs = piece.index, self.outputs
+        assert outputs is not None
+        if index in self.ended:
+            return []
+        if piece.tool_calls or piece.call_deltas is not None:
+            self.tools.add(index)
+            self._note(piece)
+            return [piece]
+        self.reasons[index] = piece.finish_reason or self.reasons.get(index)
+        self.echo.setdefault(index, piece.echo)
+        released = outputs[index].feed(piece.text)
+        shown = []
+        if released.text or self.first[index] or piece.logprobs is not None:
+            shown.append(replace(piece, text=released.text, finish_reason=None))
+            self.first[index] = False
+        if released.finish_reason is not None:
+            self.ended.add(index)
+            self.cut = len(self.ended | self.tools) >= len(outputs)
+        return shown
+
+    def finish(self) -> list[Piece]:
+        """The pipeline's tail of each text choice, with its finish reason and report."""
+        if self.outputs is None:
+            return []
+        texts = sorted(set(self.reasons) - self.tools)
+        if not texts:
+            self.complete = bool(self.tools)
+            return []
+        single = len(self.outputs) == 1
+        last = self.lasts[0]
+        tokens = last.completion_tokens if single and last is not None and last.finished else None
+        tails = []
+        for index in texts:
+            output = self.outputs[index]
+            result = output.finish(self.reasons.get(index), tokens or None)
+            _log_result(output, result)
+            if index == 0:
+                self.result = result
+            echo = self.echo.get(index, "") if self.first[index] else ""
+            tails.append(Piece(index, result.tail, result.finish_reason, report=output_report(result), echo=echo))
+        self.complete = True
+        return tails
+
+
+class ProcessedStream:
+    """One streamed answer: the LLMServer's deltas in (``upstream``), OpenAI chunks out, built
+    once, after the output pipeline (``AnswerShaper``); the usage chunk last, when
+    ``include_usage`` and the generation ran to its end. When the pipeline ends the output
+    itself the stream ends there; closing this stream (``aclose``: the client left, or the
+    pipeline ended it) closes the upstream, which cancels the generation."""
+
+    def __init__(
+        self,
+        upstream: AsyncIterator[ChoiceDelta],
+        output: OutputStream | list[OutputStream] | None,
+        include_usage: bool,
+        request: ChatCompletionRequest | CompletionRequest,
+    ) -> None:
+        self.upstream = upstream
+        self.include_usage = include_usage
+        self.shaper = AnswerShaper(request, output)
+        chat = isinstance(request, ChatCompletionRequest)
+        self.builder = (ChatChunks if chat else CompletionChunks)(
+            request.model, request.n or 1, self.shaper.texts
+        )
+        self._chunks = self._run()
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._chunks
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
+        close = getattr(self.upstream, "aclose", None)
+        if close is not None:
+            await close()
+
+    @property
+    def upstream_finished(self) -> bool:
+        return self.shaper.upstream_finished
+
+    @property
+    def complete(self) -> bool:
+        return self.shaper.complete
 
     @property
     def text(self) -> str:
-        return self.result.text if self.result is not None else "".join(self._passed)
+        return self.shaper.text
 
-    async def _passthrough(self) -> AsyncIterator[Chunk]:
-        async for chunk in self.upstream:
-            for choice in chunk.choices:
-                if choice.index == 0:
-                    self._passed.append(_text_of(choice))
-                    self.complete = self.complete or choice.finish_reason is not None
-            yield chunk
-        self.upstream_finished = True
+    def stored(self) -> dict[str, Any]:
+        return self.shaper.stored()
 
-    async def _processed(self) -> AsyncIterator[Chunk]:
-        """Choice i through ``outputs[i]``; a choice that became tool calls passes as it is."""
-        outputs = self.outputs
-        assert outputs
-        last: dict[int, Chunk] = {}  # per choice, its latest upstream chunk: ids for ours
-        usage: Chunk | None = None
-        reasons: dict[int, str | None] = {}
-        first = dict.fromkeys(range(len(outputs)), True)
-        tools: set[int] = set()
-        ended: set[int] = set()  # choices the pipeline ended
-        async for chunk in self.upstream:
-            if not chunk.choices:  # the usage chunk, asked for by ``with_usage``
-                usage = chunk
-                continue
-            choice = chunk.choices[0]
-            index = choice.index
-            if index in ended or index >= len(outputs):
-                continue
-            if _is_tool_chunk(choice) or index in tools:
-                tools.add(index)
+    async def _run(self) -> AsyncIterator[Chunk]:
+        shaper, builder = self.shaper, self.builder
+        async for delta in self.upstream:
+            for piece in shaper.feed(delta):
+                chunk = builder.chunk(piece)
+                if chunk is not None:
+                    yield chunk
+            if shaper.cut:
+                break  # the pipeline ended the output: closing the upstream cancels the rest
+        for piece in shaper.finish():
+            chunk = builder.chunk(piece)
+            if chunk is not None:
                 yield chunk
-                continue
-            last[index] = chunk
-            reasons[index] = choice.finish_reason or reasons.get(index)
-            piece = outputs[index].feed(_text_of(choice))
-            if piece.text or first[index] or choice.logprobs is not None:
-                yield _rewrite(chunk, piece.text, None, first[index], logprobs=choice.logprobs)
-                first[index] = False
-            if piece.finish_reason is not None:
-                ended.add(index)
-                if len(ended | tools) >= len(outputs):
-                    break  # the pipeline ended the output: the caller cancels the generation
-        else:
-            self.upstream_finished = True
-        if not last:
-            self.complete = bool(tools)
-            return
-        single = len(outputs) == 1
-        tokens = usage.usage.completion_tokens if single and usage is not None and usage.usage else None
-        for index in sorted(set(last) - tools):
-            output = outputs[index]
-            result = output.finish(reasons.get(index), tokens)
-            self.results[index] = result
-            _log_result(output, result)
-            yield _rewrite(last[index], result.tail, result.finish_reason, first[index], output_report(result))
-        self.result = self.results.get(0)
-        self.complete = True
-        if self.include_usage and usage is not None:
-            yield usage
+        if self.include_usage and shaper.upstream_finished:
+            usage = shaper.usage()
+            yield builder.usage_chunk(usage.prompt_tokens, usage.completion_tokens)
 
 
-def _is_tool_chunk(choice: ChatChunkChoice | CompletionChoice) -> bool:
-    return isinstance(choice, ChatChunkChoice) and (
-        bool(choice.delta.tool_calls) or choice.finish_reason == "tool_calls"
-    )
-
-
-def _text_of(choice: ChatChunkChoice | CompletionChoice) -> str:
-    if isinstance(choice, ChatChunkChoice):
-        return choice.delta.content or ""
-    return choice.text
-
-
-def _rewrite(
-    chunk: Chunk,
-    text: str,
-    finish_reason: str | None,
-    first: bool,
-    report: OutputReport | None = None,
-    logprobs: Any = None,
-) -> Chunk:
-    """``chunk`` with its one choice carrying ``text`` and ``finish_reason``."""
-    index = chunk.choices[0].index
-    if isinstance(chunk, ChatCompletionChunk):
-        delta = DeltaMessage(role="assistant" if first else None, content=text)
-        choice: Any = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs)
-    else:
-        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)
-    return chunk.model_copy(update={"choices": [choice], "usage": None, "m_ai": report})
+def whole_answer(
+    request: SamplingFields, finals: list[ChoiceDelta], output: OutputStream | list[OutputStream] | None
+) -> tuple[list[Piece], AnswerShaper]:
+    """Each choice of a whole answer folded into one piece, shaped as a stream of its final
+    delta would be."""
+    shaper = AnswerShaper(request, output)
+    pieces = [p for delta in finals for p in shaper.feed(delta)] + shaper.finish()
+    by_choice: dict[int, list[Piece]] = {}
+    for piece in pieces:
+        by_choice.setdefault(piece.index, []).append(piece)
+    return [whole(by_choice[i]) for i in sorted(by_choice)], shaper
 
 
 def _log_result(output: OutputStream, result: ProcessedOutput) -> None:
@@ -313,4 +373,4 @@ def _log_result(output: OutputStream, result: ProcessedOutput) -> None:
     )
 
 
-__all__ = ["ResponseProcessor", "ProcessedStream", "output_report", "with_usage"]
+__all__ = ["AnswerShaper", "ResponseProcessor", "ProcessedStream", "output_report", "whole_answer"]

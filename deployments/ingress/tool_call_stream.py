@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from deployments.ingress.tool_calls import tool_call_id
-from deployments.protocol_tools import FunctionCallDelta, ToolCallDelta
+from deployments.protocol_tools import FunctionCallDelta, ToolCallDelta, tool_call_id
 
 WHITESPACE = " \t\r\n"
 

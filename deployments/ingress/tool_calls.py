@@ -19,18 +19,15 @@ consecutive turns of one role are merged so that Llama 2's alternation holds.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
-from deployments.protocol import ChatCompletionRequest, ChatMessage
-from deployments.protocol_tools import FunctionCallOut, ToolCallOut
+from deployments.ingress.openai_outputs import Piece
+from deployments.ingress.tool_call_stream import ToolCallStream
+from deployments.protocol import ChatCompletionRequest
+from deployments.protocol_tools import FunctionCallOut, ToolCallOut, tool_call_id
 
 MAX_PARALLEL_CALLS = 4
 NO_ARGUMENTS_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
-
-
-def tool_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def tools_prompt(request: ChatCompletionRequest) -> str:
@@ -154,38 +151,80 @@ def may_be_tool_call(text: str) -> bool:
     return not stripped or stripped[0] in "[{"
 
 
-class ToolCallCollector:
-    """The tool calls of a stream's first choice, gathered from its deltas (what a session
-    stores of a streamed answer that called tools)."""
+class ToolCallHold:
+    """One choice of a chat answer with tools, on its way out: holds the text back while it
+    may still be tool-call JSON (it starts with ``{`` or ``[``), then releases it as text, or
+    at the choice's end turns it into a piece with ``tool_calls``. Text that cannot be a call
+    passes as it comes. Constrained to a call (``required``, a named function), the text is
+    a call from the start: its ``tool_calls`` deltas stream as it is decoded
+    (``tool_call_stream``), in pieces with ``call_deltas``; a choice that ends before any
+    call's name is whole (a whole answer, or one cut short) is held and parsed at its end."""
 
-    def __init__(self) -> None:
-        self.calls: dict[int, dict[str, str]] = {}
+    def __init__(self, request: ChatCompletionRequest) -> None:
+        self.request = request
+        self.holding = request.tool_mode != "none"
+        self.constrained = request.tool_mode in ("required", "named")
+        self.held: list[Piece] = []
+        self.streamed = ToolCallStream() if self.constrained else None
+        self.shown = False  # a piece of this choice went out (its role)
 
-    def add(self, chunk: Any) -> None:
-        for choice in getattr(chunk, "choices", ()):
-            delta = getattr(choice, "delta", None)
-            if choice.index != 0 or delta is None or not delta.tool_calls:
-                continue
-            for d in delta.tool_calls:
-                call = self.calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
-                call["id"] = call["id"] or d.id or ""
-                call["name"] += d.function.name or ""
-                call["arguments"] += d.function.arguments or ""
+    def feed(self, piece: Piece) -> list[Piece]:
+        if not self.holding:
+            return [piece]
+        self.held.append(piece)
+        if self.streamed is not None and (self.streamed.started or piece.finish_reason is None):
+            return self._stream_calls(piece)
+        text = "".join(p.text for p in self.held)
+        if not self.constrained and not may_be_tool_call(text):
+            self.holding = False  # plain text: release what was held, then stream
+            return [self._release(text, piece.finish_reason)]
+        if piece.finish_reason is None:
+            return self._first(piece)
+        calls = None
+        if piece.finish_reason == "stop" or not self.constrained:
+            calls = parse_tool_calls(text, self.request)
+        if calls:
+            return [Piece(piece.index, "", "tool_calls", self._logprobs(), tool_calls=calls)]
+        return [self._release(text, piece.finish_reason)]
 
-    def stored(self, content: str) -> dict[str, Any]:
-        """The answer as a session keeps it: ``content``, or else the calls with their typed
-        items (``ChatMessage.stored``)."""
-        if content or not self.calls:
-            return {"role": "assistant", "content": content}
+    def _first(self, piece: Piece) -> list[Piece]:
+        """Nothing to show yet: an empty first piece (the role), then nothing."""
+        if self.shown:
+            return []
+        self.shown = True
+        return [Piece(piece.index, echo=piece.echo)]
+
+    def _stream_calls(self, piece: Piece) -> list[Piece]:
+        """Constrained to a call: its deltas as they complete, with the log probabilities of
+        the tokens so far; the last piece has the calls whole (what a session stores)."""
+        assert self.streamed is not None
+        deltas = self.streamed.feed(piece.text)
+        if piece.finish_reason is None and not deltas:
+            return self._first(piece)
+        if piece.finish_reason is None:
+            logprobs, self.held, self.shown = self._logprobs(), [], True
+            return [Piece(piece.index, logprobs=logprobs, call_deltas=deltas)]
         calls = [
-            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-            for _, c in sorted(self.calls.items())
+            ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+            for c in self.streamed.calls if c.name is not None
         ]
-        return ChatMessage.model_validate({"role": "assistant", "tool_calls": calls}).stored()
+        finish = "tool_calls" if piece.finish_reason == "stop" else piece.finish_reason
+        logprobs, self.held = self._logprobs(), []
+        return [Piece(piece.index, "", finish, logprobs, tool_calls=calls, call_deltas=deltas)]
 
+    def _release(self, text: str, finish_reason: str | None) -> Piece:
+        index, logprobs = self.held[0].index, self._logprobs()
+        self.held = []
+        self.shown = True
+        return Piece(index, text, finish_reason, logprobs)
+
+    def _logprobs(self) -> list | None:
+        if all(p.logprobs is None for p in self.held):
+            return None
+        return [lp for p in self.held for lp in (p.logprobs or ())]
 
 __all__ = [
-    "ToolCallCollector",
+    "ToolCallHold",
     "tools_prompt",
     "llama_messages",
     "call_schema",

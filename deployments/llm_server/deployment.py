@@ -3,8 +3,10 @@
 A plain class (``serve.deployment`` is applied in ``app.py``) that takes the engine class as a
 parameter. On start it creates the replica's tensor-parallel ``RankActor``s in the placement
 group Serve reserved with the replica (``actors.tp.rank_group``), waits until they have loaded,
-and fetches the tokenizer from rank 0. Each request is templated and checked here, then handed
-to rank 0 in one streaming Ray call; rank 0's engine core batches it with the others.
+and loads the tokenizer of the engine's checkpoint. Each request (one ``ModelRequest``) is
+templated and its context length checked here, then handed to rank 0 in one streaming Ray call
+per choice; rank 0's engine core batches it with the others, and the engine's typed deltas
+stream back to the ingress (``deployments.messages``).
 
 Live configuration arrives as Serve's ``user_config`` (``reconfigure``, schema
 ``cluster.config.serving.LiveConfig``): sampling defaults and stream pacing change at once; a
@@ -26,6 +28,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from actors.memory.recall.context import ContextAssembler
+from actors.tp.rank import resolve_engine_cls
 from actors.tp.rank_group import RankGroup
 from cluster.autoscaling.latency_window import LatencyWindow
 from cluster.autoscaling.policy import QUEUE_KEY, TTFT_KEY
@@ -36,24 +39,18 @@ from cluster.errors import ConfigError, EngineDeadError, InvalidRequestError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
 from deployments.ingress import openai_adapter as oa
+from deployments.ingress.openai_outputs import TokenTexts
 from deployments.ingress.tool_calls import llama_messages
 from deployments.live_config_status import publish_refusal
 from deployments.llm_server.metrics import MetricsRecorder
 from deployments.llm_server.monitor import ReplicaMonitor
 from deployments.llm_server.rank_recovery import RankRecovery
 from deployments.llm_server.request_metrics import RequestTrace
-from deployments.protocol import (
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatMessage,
-    CompletionRequest,
-    CompletionResponse,
-    parse_request,
-)
+from deployments.messages import ChoiceDelta, ModelRequest
+from deployments.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from deployments.serve_logging import quiet_client_errors
 from engine.stream_batching import StreamPacing
-from engine.types import RequestOutput, SamplingParams, merge_deltas, new_request_id, output_failure
+from engine.types import RequestOutput, SamplingParams, output_failure
 
 log = get_logger("deployments.llm_server.deployment")
 
@@ -81,7 +78,7 @@ def _app_and_deployment() -> tuple[str, str]:
         return "", ""
 
 
-class LLMServer(RankRecovery):
+class LLMServer:
     """Serves one model (see the module docstring)."""
 
     async def __init__(
@@ -112,11 +109,19 @@ class LLMServer(RankRecovery):
             "num_gpus": rank_bundle.get("GPU", 0.0),
         }
         started = time.monotonic()
-        self.ranks = RankGroup.start(model_config, **group_options)
-        await self.ranks.wait_loaded(self.serving.rank_start_timeout_s)
-        self._supervise(group_options, time.monotonic() - started)  # rank_recovery.py
-        self.tokenizer = await self.ranks.rank0.get_tokenizer.remote()
-        self.token_texts = oa.TokenTexts(self.tokenizer)  # logprobs' token strings
+        group = RankGroup.start(model_config, **group_options)
+        await group.wait_loaded(self.serving.rank_start_timeout_s)  # ends the group if it fails
+        # The rank group, watched and rebuilt at once when a rank dies (rank_recovery.py).
+        self.recovery = RankRecovery(
+            group, group_options, time.monotonic() - started,
+            name=self.name, start_timeout_s=self.serving.rank_start_timeout_s,
+            config=lambda: self.config, on_stop=self._stop_monitor, on_start=self._start_monitor,
+        )
+        # Loaded here, where prompts are templated and counted (the ranks have it cached).
+        self.tokenizer = await asyncio.to_thread(
+            resolve_engine_cls(engine_cls).load_tokenizer, model_config, **(engine_options or {})
+        )
+        self.token_texts = TokenTexts(self.tokenizer)  # logprobs' token strings
         # Prompts of session requests with a memory recall (actors.memory_context).
         self.assembler = ContextAssembler(self.tokenizer, (memory or MemoryConfig()).context)
         # Metrics and the latency the autoscaling policy reads (record_autoscaling_stats).
@@ -124,6 +129,11 @@ class LLMServer(RankRecovery):
         self.recorder = MetricsRecorder(model=self.name, replica=_replica_label().rsplit("-", 1)[-1])
         self._start_monitor()
         log.info("model replica ready", extra={"model": self.name, "tp_size": model_config.tp_size})
+
+    @property
+    def ranks(self) -> RankGroup:
+        """The rank group that serves now (a new one after a rebuild)."""
+        return self.recovery.group
 
     def _start_monitor(self) -> None:
         self.monitor = ReplicaMonitor(
@@ -198,62 +208,36 @@ class LLMServer(RankRecovery):
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def chat(
-        self,
-        request: ChatCompletionRequest | dict,
-        history_len: int = 0,
-        trace: dict | None = None,
-        recall: Any = None,
-        system_prompt: str | None = None,
-    ) -> ChatCompletionResponse:
-        """A whole chat completion. ``history_len``: leading messages that come from a session
-        (the oldest of them may be dropped to fit the context). ``trace``: timing from the
-        caller (``sent_at``, for the queue time; see ``deployments.llm_server.request_metrics``).
-        ``recall``: the user's ``MemoryRecall`` (then ``request`` holds only the new turn and
-        the prompt is assembled from memory, with the session's ``system_prompt``)."""
-        request = parse_request(ChatCompletionRequest, request)
-        prompt, params = self._prepare_chat(request, history_len, recall, system_prompt)
-        outs = await self._generate_all(prompt.token_ids, _choices(params, request.n), trace)
-        return oa.chat_response(outs, self.name, len(prompt.token_ids), request, self.token_texts)
+    async def generate(self, request: ModelRequest) -> AsyncIterator[ChoiceDelta]:
+        """Stream the engine's deltas of one request (``deployments.messages``), each choice's
+        (``n``) as they come: paced while it runs when ``request.stream``, else one merged
+        output per choice at its end. The ingress shapes them into OpenAI objects. Closing
+        this stream cancels the request in the engine (the one cancellation path)."""
+        prompt_ids, params, echo = self._prepare(request)
+        pacing = self.pacing if request.stream else None
+        texts = self.token_texts
+        unechoed = set(range(len(params))) if echo else set()
+        async for index, out in self._choice_streams(request, prompt_ids, params, pacing):
+            table = texts.table(out.logprobs) if out.logprobs else None
+            yield ChoiceDelta(index, out, table, echo if index in unechoed else "")
+            unechoed.discard(index)
 
-    async def chat_stream(
-        self,
-        request: ChatCompletionRequest | dict,
-        history_len: int = 0,
-        trace: dict | None = None,
-        recall: Any = None,
-        system_prompt: str | None = None,
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        """A chat completion as chunks (the last one with ``usage`` when asked for)."""
-        request = parse_request(ChatCompletionRequest, request)
-        prompt, params = self._prepare_chat(request, history_len, recall, system_prompt)
-        chunks = oa.ChatChunks(
-            self.name, len(prompt.token_ids), request.include_usage, request, self.token_texts
-        )
-        async for item in self._stream(prompt.token_ids, _choices(params, request.n), chunks, trace):
-            yield item
-
-    async def complete(
-        self, request: CompletionRequest | dict, trace: dict | None = None
-    ) -> CompletionResponse:
-        request = parse_request(CompletionRequest, request)
-        prompt, params = self._prepare_completion(request)
-        outs = await self._generate_all(prompt.token_ids, _choices(params, request.n), trace)
-        return oa.completion_response(
-            outs, self.name, len(prompt.token_ids), self.token_texts, self._echo(request, prompt)
-        )
-
-    async def complete_stream(
-        self, request: CompletionRequest | dict, trace: dict | None = None
-    ) -> AsyncIterator[CompletionResponse]:
-        request = parse_request(CompletionRequest, request)
-        prompt, params = self._prepare_completion(request)
-        chunks = oa.CompletionChunks(
-            self.name, len(prompt.token_ids), request.include_usage, request, self.token_texts,
-            self._echo(request, prompt),
-        )
-        async for item in self._stream(prompt.token_ids, _choices(params, request.n), chunks, trace):
-            yield item
+    def _prepare(self, request: ModelRequest) -> tuple[list[int], list[SamplingParams], str]:
+        """Token ids, each choice's sampling and the echo of ``request``; the context length
+        is checked here, where the tokenizer is (a 400 in vLLM's words)."""
+        body, context = request.body, request.context
+        if isinstance(body, ChatCompletionRequest):
+            if context.recall is not None:
+                prompt = self._memory_prompt(body, context.recall, context.system_prompt)
+            else:
+                prompt = oa.chat_prompt(self.tokenizer, body, self.config, context.history_len)
+            params = oa.sampling_params(body, self.config, len(prompt.token_ids), "messages")
+            echo = ""
+        else:
+            prompt = oa.completion_prompt(self.tokenizer, body)
+            params = oa.sampling_params(body, self.config, len(prompt.token_ids), "prompt")
+            echo = self._echo(body, prompt)
+        return prompt.token_ids, _choices(params, body.n), echo
 
     def _echo(self, request: CompletionRequest, prompt: oa.Prompt) -> str:
         if not request.echo:
@@ -261,20 +245,6 @@ class LLMServer(RankRecovery):
         if isinstance(request.prompt, str):
             return request.prompt
         return self.tokenizer.decode(prompt.token_ids)
-
-    def _prepare_chat(
-        self,
-        request: ChatCompletionRequest,
-        history_len: int,
-        recall: Any = None,
-        system_prompt: str | None = None,
-    ) -> tuple[oa.Prompt, SamplingParams]:
-        self._check_model(request.model)
-        if recall is not None:
-            prompt = self._memory_prompt(request, recall, system_prompt)
-        else:
-            prompt = oa.chat_prompt(self.tokenizer, request, self.config, history_len)
-        return prompt, oa.sampling_params(request, self.config, len(prompt.token_ids), "messages")
 
     def _memory_prompt(
         self, request: ChatCompletionRequest, recall: Any, system_prompt: str | None
@@ -307,61 +277,24 @@ class LLMServer(RankRecovery):
             self.tokenizer, request.model_copy(update={"messages": messages}), self.config, len(history)
         )
 
-    def _prepare_completion(self, request: CompletionRequest) -> tuple[oa.Prompt, SamplingParams]:
-        self._check_model(request.model)
-        prompt = oa.completion_prompt(self.tokenizer, request)
-        return prompt, oa.sampling_params(request, self.config, len(prompt.token_ids), "prompt")
-
-    def _check_model(self, model: str) -> None:
-        if model != self.name:
-            raise InvalidRequestError(
-                f"model={model!r} is not served by this replica ({self.name})", param="model"
-            )
-
-    async def _stream(
-        self, prompt_ids: list[int], params: list[SamplingParams], chunks: Any, trace: dict | None = None
-    ) -> AsyncIterator[Any]:
-        lasts: list[RequestOutput | None] = [None] * len(params)
-        timings = [self._trace(trace) for _ in params]
-        async for index, out in self._choice_streams(prompt_ids, params, self.pacing, timings):
-            lasts[index] = out
-            start = time.monotonic()
-            chunk = chunks.chunk(out, index)
-            timings[index].add_output_time(time.monotonic() - start)
-            if chunk is not None:
-                yield chunk
-        if chunks.include_usage and all(last is not None for last in lasts):
-            yield chunks.usage_chunk(lasts)
-
-    async def _generate_all(
-        self, prompt_ids: list[int], params: list[SamplingParams], trace: dict | None = None
-    ) -> list[RequestOutput]:
-        timings = [self._trace(trace) for _ in params]
-        outputs: list[list[RequestOutput]] = [[] for _ in params]
-        async for index, out in self._choice_streams(prompt_ids, params, None, timings):
-            outputs[index].append(out)
-        return [merge_deltas(outs) for outs in outputs]
-
     async def _choice_streams(
         self,
+        request: ModelRequest,
         prompt_ids: list[int],
         params: list[SamplingParams],
         pacing: StreamPacing | None,
-        timings: list[RequestTrace],
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """``(choice index, delta)`` of ``n`` samples of one prompt, as they come. Choices
         after the first are its siblings in the engine: they wait for its prompt's KV and copy
         it instead of computing it again (``EngineCore.add_request``)."""
         if len(params) == 1:
-            async for out in self._engine_stream(prompt_ids, params[0], pacing, timings[0]):
+            async for out in self._engine_stream(request, 0, prompt_ids, params[0], pacing):
                 yield 0, out
             return
-        leader = timings[0].request_id
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index: int) -> None:
-            share = leader if index else None
-            stream = self._engine_stream(prompt_ids, params[index], pacing, timings[index], share)
+            stream = self._engine_stream(request, index, prompt_ids, params[index], pacing)
             try:
                 async for out in stream:
                     queue.put_nowait((index, out))
@@ -385,30 +318,27 @@ class LLMServer(RankRecovery):
             for task in tasks:
                 task.cancel()
 
-    def _trace(self, trace: dict | None) -> RequestTrace:
-        return RequestTrace(self.recorder, self.latency, new_request_id(), trace)
-
     async def _engine_stream(
         self,
+        request: ModelRequest,
+        index: int,
         prompt_ids: list[int],
         params: SamplingParams,
         pacing: StreamPacing | None,
-        timing: RequestTrace,
-        share_prompt_of: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """One Ray call to rank 0 per request; if the caller goes away, the request is cancelled.
-        ``timing`` records the request's metrics (after the caller processed the last output,
-        so that its output processing counts)."""
+        """Choice ``index`` of ``request``: one streaming Ray call to rank 0. Cancellation has
+        one path: closing this stream cancels the Ray call, and rank 0's stream closes the
+        engine's (which frees the slot). The request's metrics are recorded after the caller
+        took the last output."""
         import ray
 
-        request_id = timing.request_id
-        down = self.unavailable()
+        timing = RequestTrace(self.recorder, self.latency, request.choice_id(index), request.sent_at)
+        down = self.recovery.unavailable()
         if down is not None:  # the ranks are being rebuilt: say so at once
             timing.fail(down)
             raise down
-        rank0 = self.ranks.rank0
-        extra = {"share_prompt_of": share_prompt_of} if share_prompt_of else {}
-        refs = rank0.generate.remote(prompt_ids, params, request_id, pacing, **extra)
+        extra = {"share_prompt_of": request.choice_id(0)} if index else {}
+        refs = self.ranks.rank0.generate.remote(prompt_ids, params, timing.request_id, pacing, **extra)
         finished = False
         text: list[str] = []
         try:
@@ -416,7 +346,8 @@ class LLMServer(RankRecovery):
                 try:
                     out: RequestOutput = await ref
                 except Exception as exc:
-                    error = self.unavailable() or as_mai_error(exc)  # a rank that died names itself
+                    # a rank that died names itself
+                    error = self.recovery.unavailable() or as_mai_error(exc)
                     timing.fail(error)
                     raise error from None
                 timing.on_output(out)
@@ -435,7 +366,6 @@ class LLMServer(RankRecovery):
         finally:
             if not finished:
                 ray.cancel(refs)
-                rank0.cancel.remote(request_id)
                 timing.cancelled()
 
     # -- state ------------------------------------------------------------------------------
@@ -449,7 +379,7 @@ class LLMServer(RankRecovery):
     async def check_health(self) -> None:
         """Serve's health check: a dead engine or rank raises, and Serve replaces the replica;
         not while the replica rebuilds its ranks itself (rank_recovery.py), unless that failed."""
-        if self.check_recovery():
+        if self.recovery.check():
             return
         await self.ranks.check_health(timeout_s=min(10.0, self.serving.health_check_timeout_s))
 
@@ -493,16 +423,14 @@ class LLMServer(RankRecovery):
         """Serve calls it when the replica stops, after the drain (``serving.
         graceful_shutdown_timeout_s``): what still runs ends with a typed 503 saying so."""
         grace = getattr(getattr(self, "serving", None), "graceful_shutdown_timeout_s", 0)
-        self.stopped = (
-            f"model {getattr(self, 'name', '?')}: the replica stopped (scale-down, redeploy or "
-            f"shutdown) before this request finished (drain serving.graceful_shutdown_timeout_s="
-            f"{grace:g}); retry"
-        )
         self._stop_monitor()
-        self.stop_supervision()
-        ranks = getattr(self, "ranks", None)
-        if ranks is not None:
-            ranks.kill()
+        recovery = getattr(self, "recovery", None)  # None when the start failed before it
+        if recovery is not None:
+            recovery.stop(
+                f"model {getattr(self, 'name', '?')}: the replica stopped (scale-down, redeploy or "
+                f"shutdown) before this request finished (drain serving.graceful_shutdown_timeout_s="
+                f"{grace:g}); retry"
+            )
 
 
 def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:

@@ -1,8 +1,8 @@
 """A model replica that loses a rank rebuilds its rank group itself, at once.
 
-Mixed into ``LLMServer`` (which provides ``ranks``, ``serving``, ``name``, ``config`` and
-``_start_monitor``). Without it a dead rank is noticed by Serve's health check only after
-several failed periods, and every request in between fails with no word on ``/health``.
+A component the ``LLMServer`` holds, which owns the replica's rank group. Without it a dead
+rank is noticed by Serve's health check only after several failed periods, and every request
+in between fails with no word on ``/health``.
 Here (actors/tp/supervision.py) the replica learns of the death the moment it happens, and:
 
 1. posts the failure on the health board (``GET /health`` answers 503 naming the rank, with
@@ -19,10 +19,12 @@ check periods + placement group + replica start + the same load).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from actors.tp.rank_group import RankGroup
 from actors.tp.supervision import RankSupervisor, clear_failure, post_failure
+from cluster.config import ModelConfig
 from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
 
@@ -41,29 +43,45 @@ def _serve_ids() -> tuple[str, str, str]:
 
 
 class RankRecovery:
-    """Supervision of the rank group and its rebuild (see the module docstring)."""
+    """Holds a replica's rank group, watches it, and rebuilds it when a rank dies (see the
+    module docstring). ``group`` is the group that serves now.
 
-    ranks: RankGroup
-    name: str
-    serving: Any
-    config: Any
+    ``config``: the model's configuration now (live updates change it); ``on_stop`` and
+    ``on_start`` are called before the old group is ended and after the new one serves (the
+    replica's monitor reads the group)."""
 
-    def _supervise(self, group_options: dict[str, Any], load_s: float) -> None:
-        """Start watching the ranks; ``group_options``: how ``RankGroup.start`` made them."""
-        self._group_options = group_options
+    def __init__(
+        self,
+        group: RankGroup,
+        group_options: dict[str, Any],
+        load_s: float,
+        *,
+        name: str,
+        start_timeout_s: float,
+        config: Callable[[], ModelConfig],
+        on_stop: Callable[[], None],
+        on_start: Callable[[], None],
+    ) -> None:
+        self.group = group
+        self._group_options = group_options  # how ``RankGroup.start`` made the group
         self._load_s = load_s
+        self._name = name
+        self._start_timeout_s = start_timeout_s
+        self._config = config
+        self._on_stop = on_stop
+        self._on_start = on_start
         self._generation = 1
         self.failure: dict[str, Any] | None = None  # set while the group is rebuilt
         self.rebuild_failed: str | None = None
+        self.stopped: str | None = None  # why the replica serves no more (it stopped)
         self._supervisor = RankSupervisor(self._on_rank_failure)
-        self._supervisor.watch(self.ranks.actors)
+        self._supervisor.watch(group.actors)
 
     def unavailable(self) -> EngineDeadError | None:
         """The error for a request while the ranks are rebuilt or after the replica stopped
         (None: the replica serves)."""
-        stopped = getattr(self, "stopped", None)
-        if stopped:
-            return EngineDeadError(stopped)
+        if self.stopped:
+            return EngineDeadError(self.stopped)
         if self.rebuild_failed:
             return EngineDeadError(self.rebuild_failed)
         if self.failure is None:
@@ -76,7 +94,7 @@ class RankRecovery:
             return
         expected = self._load_s + 1.0
         message = (
-            f"model {self.name}: tensor-parallel rank {rank} of a replica stopped ({reason}); "
+            f"model {self._name}: tensor-parallel rank {rank} of a replica stopped ({reason}); "
             f"the replica is restarting its ranks, expected back in about {expected:.0f}s"
         )
         self.failure = {"message": message, "since": time.monotonic(), "expected_s": expected}
@@ -87,42 +105,43 @@ class RankRecovery:
 
     async def _rebuild(self, rank: int) -> None:
         started = time.monotonic()
-        self._stop_monitor()  # type: ignore[attr-defined]
-        self.ranks.kill()
+        self._on_stop()
+        self.group.kill()
         self._generation += 1
         options = dict(self._group_options)
         options["name_prefix"] = f"{options['name_prefix']}-g{self._generation}"
         try:
-            group = RankGroup.start(self.config, **options)
-            await group.wait_loaded(self.serving.rank_start_timeout_s)
+            group = RankGroup.start(self._config(), **options)
+            await group.wait_loaded(self._start_timeout_s)
         except Exception as exc:
             self.rebuild_failed = (
-                f"model {self.name}: a replica could not restart its ranks after rank {rank} "
+                f"model {self._name}: a replica could not restart its ranks after rank {rank} "
                 f"stopped ({exc}); Serve replaces the replica"
             )
-            log.error("rank group rebuild failed", extra={"model": self.name, "error": str(exc)[:300]})
+            log.error("rank group rebuild failed", extra={"model": self._name, "error": str(exc)[:300]})
             return
-        self.ranks = group
+        self.group = group
         self._load_s = time.monotonic() - started
-        self._start_monitor()  # type: ignore[attr-defined]
+        self._on_start()
         self._supervisor.watch(group.actors)
         self.failure = None
         app, deployment, replica = _serve_ids()
         if app:
             clear_failure(app, deployment, replica)
-        log.info("rank group rebuilt", extra={"model": self.name, "seconds": round(self._load_s, 2)})
+        log.info("rank group rebuilt", extra={"model": self._name, "seconds": round(self._load_s, 2)})
 
-    def check_recovery(self) -> bool:
+    def check(self) -> bool:
         """For Serve's health check: raise when a rebuild failed; True while one runs (the
         replica heals itself and must not be replaced meanwhile)."""
         if self.rebuild_failed:
             raise EngineDeadError(self.rebuild_failed)
         return self.failure is not None
 
-    def stop_supervision(self) -> None:
-        supervisor = getattr(self, "_supervisor", None)
-        if supervisor is not None:
-            supervisor.stop()
+    def stop(self, why: str) -> None:
+        """The replica stops: requests get ``why``; the ranks are ended, unwatched."""
+        self.stopped = why
+        self._supervisor.stop()
+        self.group.kill()
 
 
 __all__ = ["RankRecovery"]

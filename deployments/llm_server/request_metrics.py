@@ -7,7 +7,8 @@ A ``RequestTrace`` follows one request through the replica. Its stages (``cluste
 - ``memory_retrieval``: recorded by the ingress (the session's context), not here;
 - ``prefill``: from the engine taking it to its first token;
 - ``decode``: from the first token to the last;
-- ``output_processing``: building response objects and chunks from the engine's outputs.
+- ``output_processing``: from the last delta to the end of the stream here (the caller
+  taking it); the ingress records its own pipeline and chunk building.
 
 The engine's times come from ``RequestOutput.arrival_time`` / ``first_token_time``
 (``time.monotonic()`` of rank 0, which shares the replica's node and clock).
@@ -37,19 +38,16 @@ class RequestTrace:
         recorder: MetricsRecorder,
         window: LatencyWindow | None,
         request_id: str,
-        trace: dict[str, Any] | None = None,
+        sent_at: float | None = None,
     ) -> None:
-        trace = trace or {}
         self.recorder = recorder
         self.window = window
         self.request_id = request_id
         self.received = time.monotonic()
-        sent_at = trace.get("sent_at")
         self.routing_s = max(0.0, time.time() - float(sent_at)) if sent_at else 0.0
         self.engine_arrival: float | None = None
         self.first_token: float | None = None
         self.last_event: float | None = None
-        self.output_s = 0.0
         self.tokens = 0
         self.done = False  # finish, fail or cancelled has recorded the request
         if window is not None:
@@ -79,9 +77,6 @@ class RequestTrace:
         self.tokens += n
         self.last_event = now
 
-    def add_output_time(self, seconds: float) -> None:
-        self.output_s += seconds
-
     def breakdown(self, end: float) -> dict[str, float]:
         arrival = self.engine_arrival or self.received
         first = self.first_token or self.last_event or end
@@ -90,7 +85,7 @@ class RequestTrace:
             "queue": self.routing_s + max(0.0, arrival - self.received),
             "prefill": max(0.0, first - arrival),
             "decode": max(0.0, last - first),
-            "output_processing": self.output_s + max(0.0, end - last),
+            "output_processing": max(0.0, end - last),
         }
 
     def finish(

@@ -168,6 +168,12 @@ class TPWorker:
     def alive(self) -> bool:
         return self._alive
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The logits width (the model's vocabulary, which may be padded beyond the
+        tokenizer's); None before ``load``."""
+        return None if self.runner is None else int(self.runner.model.config.vocab_size)
+
     # -- rank 0 -----------------------------------------------------------------------------
 
     def execute(self, plan: msg.StepPlan) -> torch.Tensor | None:

@@ -13,7 +13,9 @@ from cluster.errors import InvalidRequestError
 from deployments.errors import validation_error
 from deployments.ingress.openai_adapter import sampling_params
 from deployments.ingress.openai_outputs import ChatChunks, chat_response
+from deployments.ingress.output_processing import AnswerShaper, whole_answer
 from deployments.ingress.tool_calls import call_schema, llama_messages, parse_tool_calls
+from deployments.messages import ChoiceDelta
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.responses.items import input_messages, output_items
 from engine.types import RequestOutput
@@ -25,6 +27,24 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
 def chat(**fields) -> ChatCompletionRequest:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
     return ChatCompletionRequest.model_validate(body)
+
+
+class StreamedChunks:
+    """A streamed chat's chunks as the ingress builds them (tool calls parsed out first):
+    ``chunk(out)`` is the first chunk the engine's delta ``out`` makes, or None."""
+
+    def __init__(self, request: ChatCompletionRequest) -> None:
+        self.shaper = AnswerShaper(request, None)
+        self.builder = ChatChunks("m", request.n, self.shaper.texts)
+
+    def chunk(self, out: RequestOutput):
+        chunks = [self.builder.chunk(p) for p in self.shaper.feed(ChoiceDelta(0, out))]
+        return next((c for c in chunks if c is not None), None)
+
+
+def whole_chat(outs: list[RequestOutput], request: ChatCompletionRequest):
+    choices, shaper = whole_answer(request, [ChoiceDelta(i, o) for i, o in enumerate(outs)], None)
+    return chat_response(choices, "m", shaper.usage(), shaper.texts)
 
 
 def refused(**fields) -> InvalidRequestError:
@@ -122,7 +142,7 @@ def test_call_schema_and_parsing():
 
 def test_streamed_tool_call_deltas_have_openais_shape():
     request = chat(tools=[TOOL], tool_choice="required", parallel_tool_calls=False, stream=True)
-    chunks = ChatChunks("m", 3, False, request)
+    chunks = StreamedChunks(request)
     text = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
     out = [chunks.chunk(RequestOutput("r", token_ids=[1], text=text[:10]))]
     out.append(chunks.chunk(RequestOutput("r", token_ids=[2], text=text[10:], finish_reason="stop")))
@@ -133,12 +153,33 @@ def test_streamed_tool_call_deltas_have_openais_shape():
     assert calls[0].id.startswith("call_") and calls[0].function.name == "get_weather"
     assert json.loads(calls[0].function.arguments + calls[1].function.arguments) == {"city": "Oslo"}
     assert last.choices[-1].finish_reason == "tool_calls"
-    whole = chat_response([RequestOutput("r", token_ids=[1], text=text, finish_reason="stop")], "m", 3, request)
+    whole = whole_chat([RequestOutput("r", token_ids=[1], text=text, finish_reason="stop")], request)
     assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content is None
 
 
+def test_a_constrained_call_streams_its_arguments_as_they_are_decoded():
+    request = chat(tools=[TOOL], tool_choice="required", parallel_tool_calls=False, stream=True)
+    shaper = AnswerShaper(request, None)
+    builder = ChatChunks("m", request.n, shaper.texts)
+    text = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    cuts = [0, 30, 45, len(text)]
+    chunks = []
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        finish = "stop" if b == len(text) else None
+        out = RequestOutput("r", token_ids=[i], text=text[a:b], finish_reason=finish)
+        chunks.append([c for p in shaper.feed(ChoiceDelta(0, out)) if (c := builder.chunk(p)) is not None])
+    calls = [d for step in chunks for c in step for ch in c.choices for d in ch.delta.tool_calls or ()]
+    # the call's head (id, type, name, empty arguments) goes out before the generation ends
+    mid = [d for c in chunks[0] + chunks[1] for ch in c.choices for d in ch.delta.tool_calls or ()]
+    assert mid[0].id.startswith("call_") and mid[0].function.name == "get_weather" and mid[0].function.arguments == ""
+    assert len(mid) == 2 and mid[1].function.arguments  # and a first fragment of the arguments
+    assert json.loads("".join(d.function.arguments or "" for d in calls)) == {"city": "Oslo"}
+    assert chunks[-1][-1].choices[-1].finish_reason == "tool_calls"
+    assert json.loads(shaper.stored()["tool_items"][0]["arguments"]) == {"city": "Oslo"}
+
+
 def test_auto_mode_streams_plain_text_at_once():
-    chunks = ChatChunks("m", 3, False, chat(tools=[TOOL], stream=True))
+    chunks = StreamedChunks(chat(tools=[TOOL], stream=True))
     first = chunks.chunk(RequestOutput("r", token_ids=[1], text="Hello"))
     assert first.choices[0].delta.content == "Hello"
 

@@ -116,7 +116,7 @@ def test_plain_text_encoding_leaves_the_shared_tokenizer_alone(tok):
 
 
 def test_a_pickled_tokenizer_still_keeps_message_text_plain(tok, sp):
-    """The LLMServer gets its tokenizer from the rank actor through Ray (pickled)."""
+    """A tokenizer that crossed a process boundary through Ray (pickled) keeps it plain."""
     tok.apply_chat_template([{"role": "user", "content": "warm up"}])  # builds the plain copy
     copy = pickle.loads(pickle.dumps(tok))
     messages = [{"role": "user", "content": INJECTION}]

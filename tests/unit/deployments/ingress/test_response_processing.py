@@ -1,4 +1,4 @@
-"""The output pipeline between the LLMServer's answers and the client (no Ray): whole and
+"""The output pipeline between the engine's deltas and the client (no Ray): whole and
 streamed answers agree, a blocked stream stops reading the generation, the usage chunk
 comes only when asked for, and bad output fields of a request are a 400 naming them."""
 
@@ -12,7 +12,9 @@ import pytest
 from cluster.config import build_app_config
 from cluster.errors import InvalidRequestError
 from deployments.ingress import openai_adapter as oa
-from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor, with_usage
+from deployments.ingress.openai_outputs import ChatChunks, Piece
+from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor
+from deployments.messages import ChoiceDelta
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from engine.types import RequestOutput
 from tests.support.output_full import full_output_config
@@ -48,19 +50,26 @@ def chat(**fields) -> ChatCompletionRequest:
 
 
 class Upstream:
-    """The LLMServer's chunks for ``text`` split at ``cuts``; counts what was read."""
+    """The LLMServer's deltas for ``text`` split at ``cuts`` (a 7-token prompt); counts what
+    was read."""
 
-    def __init__(self, text: str, cuts: list[int], finish: str = "stop", chat: bool = True):
-        builder = (oa.ChatChunks if chat else oa.CompletionChunks)("m-ai-tiny", 7, True)
+    def __init__(self, text: str, cuts: list[int], finish: str = "stop"):
         bounds = [0, *sorted(cuts), len(text)]
-        outs = [
-            RequestOutput("r", token_ids=[5], text=text[a:b]) for a, b in zip(bounds, bounds[1:])
+        self.outs = [
+            RequestOutput("r", token_ids=[5], text=text[a:b], prompt_tokens=7)
+            for a, b in zip(bounds, bounds[1:])
         ]
-        outs[-1].finish_reason = finish
-        outs[-1].completion_tokens = len(outs)
-        self.chunks = [c for c in map(builder.chunk, outs) if c is not None]
-        self.chunks.append(builder.usage_chunk(outs[-1]))
+        self.outs[-1].finish_reason = finish
+        self.outs[-1].completion_tokens = len(self.outs)
+        self.chunks = [ChoiceDelta(0, out) for out in self.outs]
         self.read = 0
+
+    def unprocessed(self, like: ChatChunks) -> list:
+        """The chunks of these deltas as they are (with the ids of the stream ``like``)."""
+        builder = ChatChunks("m-ai-tiny")
+        builder.id, builder.created = like.id, like.created
+        chunks = [builder.chunk(Piece(0, o.text, o.finish_reason)) for o in self.outs]
+        return [c for c in chunks if c is not None] + [builder.usage_chunk(7, len(self.outs))]
 
     def __aiter__(self):
         return self._gen()
@@ -88,10 +97,9 @@ def streamed_text(chunks) -> str:
 
 def test_whole_and_streamed_answers_agree_for_any_chunking(processor):
     request = chat()
-    whole = processor.chat_response(
-        oa.chat_response(
-            RequestOutput("r", token_ids=[5] * 30, text=TEXT, finish_reason="stop"), "m", 7
-        ),
+    whole, _ = processor.chat_response(
+        request,
+        [ChoiceDelta(0, RequestOutput("r", token_ids=[5] * 30, text=TEXT, finish_reason="stop"))],
         processor.open(request, "acme"),
     )
     assert whole.choices[0].message.content == REDACTED  # redacted, the repeat kept (short)
@@ -102,7 +110,7 @@ def test_whole_and_streamed_answers_agree_for_any_chunking(processor):
     for _ in range(40):
         cuts = rng.sample(range(1, len(TEXT)), rng.randrange(0, 30))
         upstream = Upstream(TEXT, cuts)
-        stream = ProcessedStream(upstream, processor.open(request, "acme"), include_usage=False)
+        stream = ProcessedStream(upstream, processor.open(request, "acme"), False, request)
         chunks = collect(stream)
         assert streamed_text(chunks) == REDACTED == stream.text
         assert chunks[0].choices[0].delta.role == "assistant"
@@ -119,7 +127,7 @@ def test_whole_and_streamed_answers_agree_for_any_chunking(processor):
 def test_a_blocked_stream_ends_with_content_filter_and_stops_reading(processor):
     text = "Fine words here.\n" + "Mail ada@example.com now.\n" + "More text follows. " * 20
     upstream = Upstream(text, list(range(3, len(text), 3)))
-    stream = ProcessedStream(upstream, processor.open(chat(), "strict"), include_usage=True)
+    stream = ProcessedStream(upstream, processor.open(chat(), "strict"), True, chat())
     chunks = collect(stream)
     assert streamed_text(chunks) == "Fine words here.\n" == stream.text
     assert chunks[-1].choices[0].finish_reason == "content_filter"
@@ -130,9 +138,8 @@ def test_a_blocked_stream_ends_with_content_filter_and_stops_reading(processor):
     # no usage after a cut (OpenAI: an interrupted stream may miss it)
     assert all(c.choices for c in chunks)
 
-    whole = processor.chat_response(
-        oa.chat_response(RequestOutput("r", [5], text, "stop"), "m", 7),
-        processor.open(chat(), "strict"),
+    whole, _ = processor.chat_response(
+        chat(), [ChoiceDelta(0, RequestOutput("r", [5], text, "stop"))], processor.open(chat(), "strict")
     )
     assert whole.choices[0].message.content == "Fine words here.\n"
     assert whole.choices[0].finish_reason == "content_filter"
@@ -140,7 +147,7 @@ def test_a_blocked_stream_ends_with_content_filter_and_stops_reading(processor):
 
 def test_usage_is_sent_last_only_when_asked_and_feeds_the_length_check(processor):
     upstream = Upstream("Short answer cut at the limit", [5, 12], finish="length")
-    stream = ProcessedStream(upstream, processor.open(chat(max_tokens=3), "acme"), True)
+    stream = ProcessedStream(upstream, processor.open(chat(max_tokens=3), "acme"), True, chat(max_tokens=3))
     chunks = collect(stream)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
     assert chunks[-2].choices[0].finish_reason == "length"
@@ -148,17 +155,16 @@ def test_usage_is_sent_last_only_when_asked_and_feeds_the_length_check(processor
 
 
 def test_completion_streams_are_processed_too(processor):
-    upstream = Upstream(TEXT, [10, 40, 70], chat=False)
+    upstream = Upstream(TEXT, [10, 40, 70])
     request = CompletionRequest(model="m-ai-tiny", prompt="x", stream=True)
-    chunks = collect(ProcessedStream(upstream, processor.open(request, "acme"), False))
+    chunks = collect(ProcessedStream(upstream, processor.open(request, "acme"), False, request))
     assert streamed_text(chunks) == REDACTED
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].m_ai.valid
 
 
 def test_a_template_renders_the_whole_answer_at_the_end(processor):
-    stream = ProcessedStream(
-        Upstream("calm llamas.", [3]), processor.open(chat(output_template="shout"), "acme"), False
-    )
+    request = chat(output_template="shout")
+    stream = ProcessedStream(Upstream("calm llamas.", [3]), processor.open(request, "acme"), False, request)
     chunks = collect(stream)
     assert [c.choices[0].delta.content for c in chunks] == ["", "CALM LLAMAS."]
 
@@ -167,8 +173,8 @@ def test_with_output_processing_off_chunks_pass_unchanged():
     off = ResponseProcessor(build_app_config({"output": {"enabled": False}}, "t").output)
     assert off.open(chat(), "acme") is None
     upstream = Upstream(TEXT, [4, 50])
-    stream = ProcessedStream(upstream, None, include_usage=True)
-    assert collect(stream) == upstream.chunks
+    stream = ProcessedStream(upstream, None, True, chat())
+    assert collect(stream) == upstream.unprocessed(stream.builder)
     assert stream.text == TEXT and stream.complete and stream.upstream_finished
     with pytest.raises(InvalidRequestError) as info:
         off.open(chat(output_template="shout"), "acme")
@@ -192,12 +198,6 @@ def test_bad_output_fields_are_refused_before_generating(processor, fields, para
         processor.open(chat(**fields), "acme")
     assert info.value.param == param
     assert param.split(".")[0] in info.value.message
-
-
-def test_the_upstream_request_asks_for_usage():
-    upstream = with_usage(chat())
-    assert upstream.stream and upstream.include_usage
-    assert not chat().include_usage
 
 
 def test_sampling_params_carry_the_response_format():

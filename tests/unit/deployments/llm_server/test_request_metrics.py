@@ -28,7 +28,7 @@ class Capture:
 
 def test_breakdown_covers_queue_prefill_decode_and_output():
     rec, window = Capture(), LatencyWindow(30)
-    trace = RequestTrace(rec, window, "r1", {"sent_at": time.time() - 0.2})  # 0.2 s in Serve's queue
+    trace = RequestTrace(rec, window, "r1", time.time() - 0.2)  # 0.2 s in Serve's queue
     t0 = time.monotonic()
     time.sleep(0.05)  # waits in the replica before the engine takes it
     arrival = time.monotonic()
@@ -38,7 +38,7 @@ def test_breakdown_covers_queue_prefill_decode_and_output():
     for _ in range(3):
         time.sleep(0.02)
         trace.on_output(RequestOutput("r1", token_ids=[6, 7], text="bc", arrival_time=arrival, first_token_time=first))
-    trace.add_output_time(0.01)
+    time.sleep(0.01)  # the caller shapes the answer after the last delta
     final = RequestOutput("r1", finish_reason="length", prompt_tokens=12, completion_tokens=7)
     stages = trace.finish(final, "a bc bc bc", None)
     assert stages["queue"] == pytest.approx(0.2 + (arrival - t0), abs=0.03)

@@ -10,10 +10,12 @@ import pytest
 from actors.sessions.requests import new_turn
 from cluster.errors import InvalidRequestError
 from cluster.state import Message, SessionLimits
-from deployments.ingress.tool_calls import ToolCallCollector
-from deployments.protocol import ChatCompletionChunk
+from deployments.ingress.output_processing import AnswerShaper
+from deployments.messages import ChoiceDelta
+from deployments.protocol import ChatCompletionChunk, ChatCompletionRequest
 from deployments.responses.events import ResponseEvents
 from deployments.responses.items import conversation_items, input_messages, model_view
+from engine.types import RequestOutput
 
 CALL = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
 RESULT = {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"}
@@ -115,13 +117,20 @@ def test_streamed_text_opens_closes_one_message():
 
 
 def test_a_streamed_answer_is_stored_with_its_calls_typed():
-    calls = ToolCallCollector()
-    calls.add(chunk(calls=[{"index": 0, "id": "call_3", "type": "function",
-                            "function": {"name": "get_time", "arguments": '{"zone"'}}]))
-    calls.add(chunk(calls=[{"index": 0, "function": {"arguments": ': "UTC"}'}}]))
-    stored = calls.stored("")
+    request = ChatCompletionRequest.model_validate({
+        "model": "m", "messages": [{"role": "user", "content": "time?"}], "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}],
+    })
+    shaper = AnswerShaper(request, None)
+    shown = shaper.feed(ChoiceDelta(0, RequestOutput("r", [1], '{"name": "get_time", "arguments": {"zone"')))
+    shown += shaper.feed(ChoiceDelta(0, RequestOutput("r", [2], ': "UTC"}}', finish_reason="stop")))
+    streamed = [d for p in shown for d in p.call_deltas or ()]
+    assert streamed[0].function.name == "get_time" and streamed[0].id.startswith("call_")
+    stored = shaper.stored()
     assert stored["tool_items"] == [
-        {"type": "function_call", "call_id": "call_3", "name": "get_time", "arguments": '{"zone": "UTC"}'}
+        {"type": "function_call", "call_id": streamed[0].id, "name": "get_time", "arguments": '{"zone": "UTC"}'}
     ]
     assert json.loads(stored["content"]) == {"name": "get_time", "arguments": {"zone": "UTC"}}
-    assert calls.stored("plain text") == {"role": "assistant", "content": "plain text"}
+    plain = AnswerShaper(ChatCompletionRequest(model="m", messages=request.messages), None)
+    plain.feed(ChoiceDelta(0, RequestOutput("r", [1], "plain text", finish_reason="stop")))
+    assert plain.stored() == {"role": "assistant", "content": "plain text"}
