@@ -103,6 +103,14 @@ async def conversations(url: str, n: int, turns: int, seed: int) -> tuple[list[f
     return last, prompts
 
 
+def prefix_hit_rates(url: str) -> list[float]:
+    """Each replica's prefix cache hit rate (``GET /metrics``, vLLM's gauge)."""
+    import re
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return [float(v) for v in re.findall(r"^vllm:prefix_cache_hit_rate\{[^}]*\} (\S+)$", text, re.M)]
+
+
 async def cold(url: str, prompts: list[list[dict]]) -> list[float]:
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
         bodies = [{"model": MODEL, "max_tokens": 16, "ignore_eos": True, "messages": p} for p in prompts]
@@ -150,13 +158,16 @@ def main() -> None:
             url = deploy(port, affinity, True, state)
             wait_ready(url)
             warm, prompts = asyncio.run(conversations(url, args.sessions, args.turns, seed=round_))
+            hits = prefix_hit_rates(url)
             log(f"  {side}: cold prompts, prefix caching off ...")
             url = deploy(port, affinity, False, state)
             wait_ready(url)
             cold_times = asyncio.run(cold(url, prompts))
             w, c = statistics.median(warm), statistics.median(cold_times)
-            runs[side].append({"warm_ttft_ms": 1000 * w, "cold_ttft_ms": 1000 * c, "speedup": c / w})
-            log(f"  {side}: warm {1000 * w:.1f} ms, cold {1000 * c:.1f} ms, speedup {c / w:.2f}")
+            runs[side].append({"warm_ttft_ms": 1000 * w, "cold_ttft_ms": 1000 * c, "speedup": c / w,
+                               "prefix_cache_hit_rate_per_replica": hits})
+            log(f"  {side}: warm {1000 * w:.1f} ms, cold {1000 * c:.1f} ms, speedup {c / w:.2f}, "
+                f"prefix cache hit rate per replica {[round(h, 3) for h in hits]}")
     serve.shutdown()
     on = statistics.median(r["speedup"] for r in runs["affinity"])
     off = statistics.median(r["speedup"] for r in runs["no_affinity"])
