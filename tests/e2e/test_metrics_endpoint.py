@@ -37,8 +37,10 @@ def test_a_running_stream_shows_at_once_and_leaves_at_once(app):
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "stream": True,
                 "ignore_eos": True}
         with http.stream("POST", "/v1/chat/completions", json=body) as stream:
-            # a chunk with text: the engine runs the request now
-            next(line for line in stream.iter_lines() if '"content":"' in line and '"content":""' not in line)
+            # a chunk with text: the engine runs the request now. The line iterator is held: a
+            # dropped one is finalized at once, which closes the response and cancels the request
+            lines = stream.iter_lines()
+            next(line for line in lines if '"content":"' in line and '"content":""' not in line)
             text = http.get("/metrics").text
             running = gauge(text, "vllm:num_requests_running")
             waiting = gauge(text, "vllm:num_requests_waiting")
