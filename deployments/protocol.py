@@ -29,6 +29,26 @@ from deployments.protocol_numbers import (
     PositiveJsonInt,
     bounded_int,
 )
+
+# Sessions and memory (M-AI's extensions) live in their own module; their names are also this
+# module's, as every other request and response type is.
+from deployments.protocol_sessions import (  # noqa: F401
+    MemoriesDeleted,
+    Memory,
+    MemoryAdded,
+    MemoryCreateRequest,
+    MemoryDeleted,
+    MemoryKind,
+    MemoryList,
+    MemorySearchRequest,
+    MemoryTurnMessage,
+    MemoryTurnRequest,
+    MemoryUsage,
+    SessionCreateRequest,
+    SessionDeleted,
+    SessionInfo,
+    SessionList,
+)
 from deployments.protocol_tools import (
     MAX_TOP_LOGPROBS,
     ChatToolFields,
@@ -44,7 +64,6 @@ MAX_STOP_SEQUENCES = 4
 # More messages than any Llama 2 context holds (each costs at least a few template tokens).
 MAX_MESSAGES = 1024
 MAX_CHOICES = 8  # n
-MAX_EPOCH_S = 7_258_118_400.0  # 2200-01-01: later dates overflow the platform's time_t
 # How a tool's result reads in the Llama 2 prompt (a user turn: Llama 2 has no tool role).
 TOOL_RESULT_FORMAT = "[result of tool call {id}{name}]\n{content}"
 
@@ -323,66 +342,6 @@ class CompletionRequest(SamplingFields):
         return value
 
 
-class SessionCreateRequest(_Request):
-    system_prompt: str | None = Field(None, max_length=32_000)
-    metadata: dict[str, str] = Field(default_factory=dict)
-    user: str | None = Field(
-        None,
-        min_length=1,
-        max_length=256,
-        description="Whose long-term memory the session reads and feeds (within the tenant); "
-        "a request's own `user` field wins. None: memory stays within the session.",
-    )
-
-
-# The kinds of engine.memory_extraction.KINDS (tests/unit/deployments/http/test_openapi_spec.py keeps them equal).
-MemoryKind = Literal["identity", "preference", "decision", "commitment", "attribute"]
-
-
-class MemoryCreateRequest(_Request):
-    """``POST /v1/memories``: a fact added by hand, deduplicated like an extracted one."""
-
-    user: str = Field(min_length=1, max_length=256, description="Whose memory (within the tenant).")
-    text: str = Field(min_length=1, max_length=2_000, description="The fact, e.g. 'The user lives in Oslo.'")
-    kind: MemoryKind = Field("attribute", description="What sort of fact it is.")
-    importance: float | None = Field(None, ge=0.0, le=1.0, description="None: the kind's default.")
-    slot: str | None = Field(
-        None, max_length=128, description="A one-value-at-a-time key (e.g. 'location'): a new value supersedes."
-    )
-    value: str = Field("", max_length=512, description="The slot's value.")
-
-
-class MemoryTurnMessage(_Request):
-    role: Literal["user", "assistant"]
-    content: str = Field(min_length=1, max_length=32_000)
-    name: str | None = Field(
-        None, min_length=1, max_length=128,
-        description="Who said it; questions that name this person find what they said.",
-    )
-
-
-class MemoryTurnRequest(_Request):
-    """``POST /v1/memories/turns``: one finished turn of a conversation held elsewhere (an
-    import of past conversations), absorbed like a session's turn."""
-
-    user: str = Field(min_length=1, max_length=256, description="Whose memory (within the tenant).")
-    session_id: str = Field(min_length=1, max_length=256, description="The conversation it belongs to.")
-    turn_id: NonNegativeJsonInt = Field(description="Its position in the conversation (a repeat is ignored).")
-    messages: list[MemoryTurnMessage] = Field(min_length=1, max_length=64)
-    at: float | None = Field(
-        None, ge=0, le=MAX_EPOCH_S, description="When it was said (epoch seconds, before 2200); relative dates in it ('yesterday') "
-        "resolve against it. None: now.",
-    )
-
-
-class MemorySearchRequest(_Request):
-    """``POST /v1/memories/search``: the user's memories closest to ``query``."""
-
-    user: str = Field(min_length=1, max_length=256)
-    query: str = Field(min_length=1, max_length=4_000)
-    limit: JsonInt = Field(10, ge=1, le=1_000)
-
-
 # -- responses ------------------------------------------------------------------------------
 
 
@@ -510,79 +469,6 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class SessionInfo(_Response):
-    id: str
-    object: Literal["session"] = "session"
-    created: int
-    system_prompt: str | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-    user: str | None = None
-    turns: int = Field(0, description="Exchanges so far (a user turn and its reply count as one).")
-    message_count: int = Field(0, description="Messages stored (the system prompt not included).")
-    messages: list[dict[str, Any]] | None = Field(
-        None,
-        description="{role, content}; tool calls and results also carry tool_items (function_call "
-        "{call_id, name, arguments} or function_call_output {call_id, output}).",
-    )
-
-
-class SessionList(_Response):
-    object: Literal["list"] = "list"
-    data: list[SessionInfo]
-
-
-class SessionDeleted(_Response):
-    id: str
-    object: Literal["session.deleted"] = "session.deleted"
-    deleted: bool = True
-
-
-class Memory(_Response):
-    """One long-term memory of a user (docs/memory.md lists the fields)."""
-
-    model_config = ConfigDict(extra="allow")
-    id: str
-    object: Literal["memory"] = "memory"
-    text: str
-    kind: str
-    status: str
-
-
-class MemoryList(_Response):
-    object: Literal["list"] = "list"
-    data: list[Memory]
-    total: int | None = None
-    has_more: bool | None = None
-
-
-class MemoryAdded(_Response):
-    decision: dict[str, Any]
-    memory: Memory | None
-
-
-class MemoryDeleted(_Response):
-    id: str
-    object: Literal["memory"] = "memory"
-    deleted: bool = True
-
-
-class MemoriesDeleted(_Response):
-    object: Literal["memory.deleted_all"] = "memory.deleted_all"
-    user: str
-    deleted: int
-    sessions: int
-
-
-class MemoryUsage(_Response):
-    model_config = ConfigDict(extra="allow")
-    object: Literal["memory.usage"] = "memory.usage"
-    tenant: str
-    memories: int = 0
-    bytes: int = 0
-    limit_fraction: float | None = None
-    warning: str | None = None
 
 
 class ErrorDetail(_Response):

@@ -19,9 +19,14 @@ PositiveJsonInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 NonNegativeJsonInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
 
 
+# The latest time a request may name (epoch seconds): 2200-01-01; later dates overflow the
+# platform's time_t.
+MAX_EPOCH_S = 7_258_118_400.0
+
+
 def bounded_int(ge: int | None = None, le: int | None = None) -> Any:
     """An integer request field within ``[ge, le]`` (bounds first: the spec's ``minimum``)."""
     return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
 
 
-__all__ = ["JsonInt", "PositiveJsonInt", "NonNegativeJsonInt", "bounded_int"]
+__all__ = ["JsonInt", "PositiveJsonInt", "NonNegativeJsonInt", "bounded_int", "MAX_EPOCH_S"]
