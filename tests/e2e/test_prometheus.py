@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 
 import httpx
 import pytest
@@ -128,20 +127,32 @@ def test_an_alert_fires(prometheus, traffic):
 
 
 def test_every_dashboard_query_runs_and_the_core_panels_have_data(prometheus, traffic):
-    wait_until(lambda: query(prometheus, "ray_m_ai_process_resident_memory_bytes")["result"], timeout_s=90,
-               interval_s=1, what="resource gauges in Prometheus")
-    time.sleep(3)  # two scrapes more, so rate() over 1m has points
-    empty = []
-    for title, expr in queries(build_dashboard()):
-        if not query(prometheus, expr)["result"]:
-            empty.append(title)
+    def empty_panels() -> list[str]:
+        return [title for title, expr in queries(build_dashboard()) if not query(prometheus, expr)["result"]]
+
+    # This replica's gauges reach Prometheus after its next report and scrape, later on a busy
+    # machine: wait for the core panels (bounded), then every query must still run.
+    try:
+        wait_until(lambda: not [t for t in MUST_HAVE_DATA if t in empty_panels()], timeout_s=90,
+                   interval_s=2, what="data in the core panels")
+    except AssertionError:
+        pass  # the assertion below names the empty ones
+    empty = empty_panels()
     assert not [t for t in MUST_HAVE_DATA if t in empty], empty
 
 
 def test_diagnose_reads_prometheus(prometheus, traffic):
-    result = CliRunner().invoke(ops_app, ["diagnose", "--prometheus", prometheus, "--model", MODEL, "--json"])
-    assert result.exit_code == 0, result.output
     import json
 
-    report = json.loads(result.output)
-    assert report["requests"] > 0 and report["dominant"] is not None
+    def diagnose() -> dict:
+        result = CliRunner().invoke(ops_app, ["diagnose", "--prometheus", prometheus, "--model", MODEL, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    # the request histograms need two scrapes before a rate over them has a value
+    try:
+        wait_until(lambda: diagnose()["requests"] > 0, timeout_s=60, interval_s=2, what="requests in the diagnosis")
+    except AssertionError:
+        pass  # the assertion below shows the report
+    report = diagnose()
+    assert report["requests"] > 0 and report["dominant"] is not None, report
