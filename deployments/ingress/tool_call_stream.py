@@ -75,12 +75,7 @@ class ToolCallStream:
             self._read_nested(char)
             return
         if self._in_string:
-            if self._escaped:
-                self._escaped = False
-            elif char == "\\":
-                self._escaped = True
-            elif char == '"':
-                self._in_string = False
+            if self._string_char(char):
                 self._end_string()
                 return
             self._string += char
@@ -104,15 +99,21 @@ class ToolCallStream:
             elif char == ",":
                 self._key, self._after_colon = None, False
 
+    def _string_char(self, char: str) -> bool:
+        """A character inside a JSON string (escapes followed); True when it closes the string."""
+        if self._escaped:
+            self._escaped = False
+        elif char == "\\":
+            self._escaped = True
+        elif char == '"':
+            self._in_string = False
+            return True
+        return False
+
     def _read_nested(self, char: str) -> None:
         """A character of the arguments value; it ends when its brackets close."""
         if self._in_string:
-            if self._escaped:
-                self._escaped = False
-            elif char == "\\":
-                self._escaped = True
-            elif char == '"':
-                self._in_string = False
+            self._string_char(char)
             return
         if char == '"':
             self._in_string = True
