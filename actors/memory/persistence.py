@@ -88,6 +88,14 @@ def _from_parquet(data: bytes) -> pa.Table:
     return pq.read_table(pa.BufferReader(data))
 
 
+def warm_up_parquet_writer() -> None:
+    """Write one small file to memory. A process's first Parquet write pages in ~5 MB of
+    Arrow and Parquet code; a shard that does it when it starts reaches its steady footprint
+    then, not at its first flush, whose time depends on traffic (a session deleted within
+    ``persist_interval_s`` is never written)."""
+    to_parquet_bytes(episodes_table(UserEpisodes()))
+
+
 @dataclass(frozen=True)
 class FactsSnapshot:
     """One user's long-term memory cut on the event loop, written later off it."""
@@ -347,4 +355,5 @@ __all__ = [
     "parse_episodes_and_units",
     "FORMAT_VERSION",
     "to_parquet_bytes",
+    "warm_up_parquet_writer",
 ]

@@ -30,7 +30,7 @@ from actors.memory.api import MemoryApi, history_turns
 from actors.memory.catchup import missed_turns
 from actors.memory.embedding import ShardEmbeddings
 from actors.memory.episodic import expire_sessions, summarize_user
-from actors.memory.forget import SessionForgetting
+from actors.memory.forget import SessionForgetting, session_user
 from actors.memory.learning.absorb import Absorber, AbsorbJob, UserMemory
 from actors.memory.learning.absorb_worker import AbsorbWorker
 from actors.memory.learning.extraction import ModelFactExtractor, RuleFactExtractor, as_memory_query
@@ -275,7 +275,7 @@ class MemoryShard:
         """What memory offers a request: ranked facts for ``query``, the session and user
         summaries (without sentences about superseded facts) and the recent turns. Without
         turns of its own for the session, ``history`` (the session store's messages) is used."""
-        memory = await self.users.get(tenant, user)
+        memory = await self._recalled_user(tenant, user, session_id)
         if session_id and history:  # turns lost while this shard was down (memory_catchup.py)
             missed = missed_turns(memory.episodes.sessions.get(session_id), history)
             for turn_id, turn in missed:
@@ -310,6 +310,14 @@ class MemoryShard:
         recall = self._recall_parts(memory, session_id, facts, history, query_ms)
         recall.units = units
         return recall
+
+    async def _recalled_user(self, tenant: str, user: str, session_id: str | None) -> UserMemory:
+        """The user a recall reads. A request that raced its session's delete gets an empty,
+        unkept memory for the session's own user: loading it would keep a user that the delete
+        removed (one per such request, for the life of the process)."""
+        if session_id and user == session_user(session_id) and self.forgetting.is_forgotten(tenant, session_id):
+            return self.users.new(tenant, user)
+        return await self.users.get(tenant, user)
 
     async def assemble(
         self,

@@ -38,6 +38,7 @@ from actors.memory.persistence import (
     facts_table,
     parse_episodes_and_units,
     parse_facts,
+    warm_up_parquet_writer,
 )
 from actors.memory.records import MemoryRecord
 from actors.memory.units import UserUnits, unit_rows
@@ -79,6 +80,8 @@ class MemoryUsers:
         self.read_only = read_only  # operators' tools: never write, never re-embed
         self.on_loaded = on_loaded
         self.storage = open_storage(config, registry)
+        if isinstance(self.storage, MemoryStorage) and not read_only:
+            warm_up_parquet_writer()
         self.users: dict[tuple[str, str], UserMemory] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[UserMemory]] = {}
         self._flush_task: asyncio.Task[None] | None = None

@@ -102,6 +102,28 @@ def test_queued_and_late_turns_of_a_forgotten_session_never_come_back():
     asyncio.run(run())
 
 
+def test_a_request_that_raced_the_delete_leaves_no_user_behind(tmp_path):
+    """A chat request reads its session, the session is deleted, then the request recalls
+    (with the history it read): the deleted session's user is not loaded again."""
+    user = session_user("s1")
+    history = [{"role": "user", "content": "I live in Oslo."}, {"role": "assistant", "content": "Noted."}]
+
+    async def run() -> None:
+        s = shard(str(tmp_path))
+        await s.absorb_turn("acme", user, "s1", 0, turn("I live in Oslo."), wait=True)
+        await s.forget_session("acme", "s1")
+        for _ in range(3):
+            recall = await s.recall("acme", user, "s1", "Where do I live?", history=history)
+            assert recall.facts == [] and recall.session_summary == []
+        await s.drain()
+        assert s.loaded_users() == []
+        assert "acme" not in await s.usage("acme")
+        await s.close()
+        assert s.users.storage.users() == []
+
+    asyncio.run(run())
+
+
 def test_the_client_asks_every_shard_and_refuses_when_one_is_down():
     async def run() -> None:
         shards = [shard(), shard()]
