@@ -78,7 +78,7 @@ class MemoryApi:
     ) -> dict[str, Any]:
         """The user's memories, newest first (superseded ones too with ``include_history``)."""
         _check_page(limit, offset)
-        memory = await self.users.get(tenant, user)
+        memory = await self.users.read(tenant, user)
         records = [r for r in memory.longterm.records.values() if include_history or r.active]
         records.sort(key=lambda r: (r.created_at, r.id), reverse=True)
         page = records[offset : offset + limit]
@@ -94,7 +94,7 @@ class MemoryApi:
         if not isinstance(query, str) or not query.strip():
             raise InvalidRequestError("query must be a non-empty string", param="query")
         _check_page(limit, 0)
-        memory = await self.users.get(tenant, user)
+        memory = await self.users.read(tenant, user)
         if not memory.longterm.active_count:
             return {"object": "list", "data": []}
         vector = (await self.embeddings.embed([as_memory_query(query)]))[0]
@@ -211,7 +211,7 @@ class MemoryApi:
         return {"object": "memory.import", "imported": len(records), "graph": fresh.index.uses_graph}
 
     async def get_memory(self, tenant: str, user: str, memory_id: str) -> dict[str, Any]:
-        memory = await self.users.get(tenant, user)
+        memory = await self.users.read(tenant, user)
         record = memory.longterm.records.get(memory_id)
         if record is None:
             raise _not_found(memory_id)

@@ -123,6 +123,31 @@ class MemoryUsers:
         finally:
             del self._loading[key]
 
+    async def read(self, tenant: str, user: str) -> UserMemory:
+        """A user for a request that only reads it (list, get, search): ``get``, except that a
+        user with nothing in memory or storage is not kept. Reads of arbitrary user ids would
+        otherwise leave one empty user each, for the life of the shard."""
+        key = (tenant, user)
+        found = self.users.get(key)
+        if found is not None:
+            return found
+        loading = self._loading.get(key)
+        if loading is not None:
+            return await loading
+        if self.storage is None:
+            return self.new(tenant, user)
+        files = await asyncio.to_thread(self.storage.read, tenant, user)
+        memory, seq = await asyncio.to_thread(self._build_and_replay, tenant, user, files)
+        found = self.users.get(key)  # loaded meanwhile by a write: that copy is the one kept
+        if found is not None:
+            return found
+        if not _holds_anything(memory):
+            return memory
+        self._journal_seq[key] = seq
+        self.users[key] = memory
+        self.on_loaded(memory)
+        return memory
+
     async def remove(self, tenant: str, user: str) -> bool:
         """Forget a user whole, in memory and in storage (deleting what is not stored is a
         no-op). True when the user was loaded."""
@@ -286,6 +311,14 @@ class MemoryUsers:
     def close(self) -> None:
         if self._flush_task is not None and not self._flush_task.done():
             self._flush_task.cancel()
+
+
+def _holds_anything(memory: UserMemory) -> bool:
+    episodes = memory.episodes
+    return bool(
+        memory.longterm.records or episodes.sessions or episodes.user_summary or episodes.archived
+        or (memory.units is not None and len(memory.units))
+    )
 
 
 __all__ = ["MemoryUsers", "TOUCHED_WRITE_EVERY_S"]

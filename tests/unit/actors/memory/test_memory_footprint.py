@@ -10,6 +10,7 @@ that are deleted before any write, then sessions that are written before they ar
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -84,3 +85,44 @@ def test_the_first_writes_of_deleted_sessions_leave_resident_memory_flat(tmp_pat
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["users"] == 0  # every session's user went with it
     assert result["grew_kib"] < GROWTH_LIMIT_KIB, result
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_reads_of_unknown_users_keep_nothing_and_stored_users_are_read_whole(tmp_path, stored):
+    """Listing, searching or getting the memories of a user id that holds nothing answers
+    empty (or 404) and leaves no user loaded: reads of arbitrary ids must not grow the shard.
+    A user that holds memories is read (and kept) as before."""
+    import time
+
+    from actors.memory.shard import MemoryShard
+    from cluster.config.memory import MemoryConfig
+    from cluster.errors import NotFoundError
+    from engine.embeddings import HashingEmbedder
+    from engine.fake_engine import ByteTokenizer
+
+    config = {"embedder": "hashing", "persist_interval_s": 0.01}
+    if stored:
+        config["storage_uri"] = str(tmp_path)
+
+    async def run() -> None:
+        shard = MemoryShard(MemoryConfig(**config), tokenizer=ByteTokenizer(), embedder=HashingEmbedder(),
+                            clock=time.time)
+        for i in range(50):
+            listed = await shard.list_memories("acme", f"nobody-{i}")
+            assert listed["data"] == [] and listed["total"] == 0
+            assert (await shard.search_memories("acme", f"nobody-{i}", "where do I live"))["data"] == []
+            with pytest.raises(NotFoundError):
+                await shard.get_memory("acme", f"nobody-{i}", "mem-missing")
+        assert shard.loaded_users() == []
+        added = await shard.add_memory("acme", "alice", "Alice lives in Oslo.")
+        await shard.drain()
+        await shard.close()
+        again = MemoryShard(MemoryConfig(**config), tokenizer=ByteTokenizer(), embedder=HashingEmbedder(),
+                            clock=time.time)
+        if stored:  # read from storage after a restart, and kept
+            got = await again.get_memory("acme", "alice", added["memory"]["id"])
+            assert got["id"] == added["memory"]["id"]
+            assert [m.user for m in again.loaded_users()] == ["alice"]
+        await again.close()
+
+    asyncio.run(run())
