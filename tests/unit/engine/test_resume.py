@@ -65,3 +65,15 @@ def test_a_resumed_stream_stops_at_the_same_stop_string(engine):
 def test_resumed_must_be_a_tail_of_the_prompt(engine):
     with pytest.raises(InvalidRequestError, match="resumed=3"):
         deltas(engine, [1, 2, 3], SamplingParams(max_tokens=4, **GREEDY), resumed=3)
+
+
+def test_a_resumed_json_stream_keeps_to_its_grammar(engine):
+    prompt = engine.tokenizer.encode("Answer in JSON.")
+    fmt = {"type": "json_object"}
+    whole = deltas(engine, prompt, SamplingParams(max_tokens=40, temperature=0.0, response_format=fmt))
+    cut = 6
+    sent = [t for d in whole[:cut] for t in d.token_ids]
+    rest = deltas(engine, prompt + sent, SamplingParams(max_tokens=40 - cut, temperature=0.0, response_format=fmt),
+                  resumed=cut)
+    assert "".join(d.text for d in whole[:cut] + rest) == "".join(d.text for d in whole)
+    assert rest[-1].finish_reason == whole[-1].finish_reason
