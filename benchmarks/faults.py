@@ -227,17 +227,34 @@ def start_migration_app(args: argparse.Namespace, url: str) -> str:
     return url.rsplit("/", 1)[0] + f"/{MIGRATE_APP}"
 
 
-def running(url: str) -> dict[str, float]:
-    """Requests running now on each model replica (``GET /metrics``: replica id -> count)."""
+def per_replica(url: str, series: str = "vllm:num_requests_running") -> dict[str, float]:
+    """A series of ``GET /metrics`` per model replica (replica id -> value; running requests)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return {r: float(v) for r, v in re.findall(
-        rf'^vllm:num_requests_running{{model_name="{MODEL}",replica="([^"]+)"}} (\S+)$', text, re.M)}
+        rf'^{series}{{model_name="{MODEL}",replica="([^"]+)"}} (\S+)$', text, re.M)}
+
+
+def routed_to_both(url: str) -> bool:
+    """Whether short concurrent requests reach both replicas: the ingress's router knows both
+    (it learns of a restarted replica a while after that replica reports in /metrics)."""
+    before = per_replica(url, "vllm:generation_tokens_total")
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            await asyncio.gather(*(client.post("/v1/chat/completions", json=ask(max_tokens=4)) for _ in range(6)))
+
+    asyncio.run(burst())
+    after = per_replica(url, "vllm:generation_tokens_total")
+    return len(after) == 2 and all(after[r] > before.get(r, 0.0) for r in after)
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        found = predicate()
+        try:
+            found = predicate()
+        except httpx.HTTPError:  # the app is still coming up
+            found = None
         if found:
             return found
         time.sleep(0.05)
@@ -259,7 +276,7 @@ async def migrated_stream(url: str, body: dict[str, Any]) -> dict[str, Any]:
         while len(chunks) < 20 and not task.done():
             await asyncio.sleep(0.02)
         busy = await asyncio.to_thread(
-            wait_for, lambda: [r for r, n in running(url).items() if n >= 1], 30, "a busy replica")
+            wait_for, lambda: [r for r, n in per_replica(url).items() if n >= 1], 30, "a busy replica")
         kill(pid_of(f"#{busy[0]}", MIGRATE_APP))
         killed, before = time.monotonic(), len(chunks)
         await asyncio.wait_for(task, 300)
@@ -274,10 +291,11 @@ async def migrated_stream(url: str, body: dict[str, Any]) -> dict[str, Any]:
 def migration_scenario(url: str, n: int) -> dict[str, Any]:
     """``n`` streams, each answered once uninterrupted, then again while its replica is killed;
     between two, both replicas serve again (the killed one restarted)."""
-    wait_for(lambda: len(running(url)) == 2, 180, "two replicas reporting")
     streams = []
     with httpx.Client(base_url=url, timeout=300) as http:
         for i in range(n):
+            # both replicas serve (the one killed before has restarted, and the ingress knows it)
+            wait_for(lambda: routed_to_both(url), 180, "requests reaching both replicas")
             body = ask(f"Tell me a long story ({i}).", max_tokens=400, ignore_eos=True, temperature=0.0)
             want = http.post("/v1/chat/completions", json=body).json()
             got = asyncio.run(migrated_stream(url, {**body, "stream": True, "stream_options": {"include_usage": True}}))
@@ -288,9 +306,6 @@ def migration_scenario(url: str, n: int) -> dict[str, Any]:
             )
             streams.append({k: v for k, v in got.items() if k not in ("text", "usage")})
             log(f"  stream {i}: identical={got['identical']} migration_s={got['migration_s']}")
-            if i < n - 1:
-                wait_for(lambda got=got: len(running(url)) == 2 and got["replica"] not in running(url), 180,
-                         "the killed replica restarted")
     identical = sum(1 for s in streams if s["identical"])
     times = [s["migration_s"] for s in streams if s["migration_s"] is not None]
     return {"streams": streams, "identical": identical, "n": n,

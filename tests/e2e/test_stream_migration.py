@@ -30,10 +30,28 @@ def body(**fields) -> dict:
             "max_tokens": TOKENS, "ignore_eos": True, "temperature": 0.0, **fields}
 
 
-def running(url: str) -> dict[str, float]:
+def per_replica(url: str, series: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     return {replica: float(value) for replica, value in re.findall(
-        rf'^vllm:num_requests_running{{model_name="{MODEL}",replica="([^"]+)"}} (\S+)$', text, re.M)}
+        rf'^{series}{{model_name="{MODEL}",replica="([^"]+)"}} (\S+)$', text, re.M)}
+
+
+def running(url: str) -> dict[str, float]:
+    return per_replica(url, "vllm:num_requests_running")
+
+
+def routed_to_both(url: str) -> bool:
+    """Whether short concurrent requests reach both replicas: the ingress's router knows both
+    (it learns of a restarted replica a while after the replica reports in /metrics)."""
+    before = per_replica(url, "vllm:generation_tokens_total")
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            await asyncio.gather(*(client.post("/v1/chat/completions", json=body(max_tokens=4)) for _ in range(6)))
+
+    asyncio.run(burst())
+    after = per_replica(url, "vllm:generation_tokens_total")
+    return len(after) == 2 and all(after[r] > before.get(r, 0.0) for r in after)
 
 
 def replica_pid(app_name: str, replica: str) -> int:
@@ -45,9 +63,9 @@ def replica_pid(app_name: str, replica: str) -> int:
     raise LookupError(f"no live replica {replica} of {app_name}")
 
 
-async def read_stream(client: httpx.AsyncClient, chunks: list[dict]) -> None:
+async def read_stream(client: httpx.AsyncClient, chunks: list[dict], **fields) -> None:
     async with client.stream("POST", "/v1/chat/completions",
-                             json=body(stream=True, stream_options={"include_usage": True})) as response:
+                             json=body(stream=True, stream_options={"include_usage": True}, **fields)) as response:
         assert response.status_code == 200, (await response.aread()).decode()
         async for line in response.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -62,22 +80,18 @@ def text_of(chunks: list[dict]) -> str:
 def two_replicas(serve_cluster):
     config = app_config(models=[{"max_num_seqs": 4, "temperature": 0.0}], min_replicas=2, max_replicas=2)
     app = serve_cluster.deploy(config, prefix="migrate", engine_cls=None)
-    wait_until(lambda: len(running(app.url)) == 2, timeout_s=120, what="both replicas reporting")
     yield app
     app.delete()
 
 
-def test_a_stream_whose_replica_is_killed_goes_on_identical_on_the_other_replica(two_replicas):
-    app = two_replicas
-    with httpx.Client(base_url=app.url, timeout=300) as http:
-        reference = http.post("/v1/chat/completions", json=body())
-    assert reference.status_code == 200, reference.text
-    want = reference.json()
+def killed_mid_stream(app, **fields) -> tuple[list[dict], float, int]:
+    """The chunks of one stream whose replica is killed by pid after its 20th chunk, the
+    time of the kill and the chunks received before it."""
 
     async def scenario() -> tuple[list[dict], float, int]:
         chunks: list[dict] = []
         async with httpx.AsyncClient(base_url=app.url, timeout=300) as client:
-            stream = asyncio.create_task(read_stream(client, chunks))
+            stream = asyncio.create_task(read_stream(client, chunks, **fields))
             while len(chunks) < 20:  # well under way
                 assert not stream.done(), stream.exception()
                 await asyncio.sleep(0.02)
@@ -90,7 +104,12 @@ def test_a_stream_whose_replica_is_killed_goes_on_identical_on_the_other_replica
             await asyncio.wait_for(stream, 300)
         return chunks, killed_at, before
 
-    chunks, killed_at, before = asyncio.run(scenario())
+    # both replicas serve (a replica killed by an earlier test has been restarted)
+    wait_until(lambda: routed_to_both(app.url), timeout_s=180, interval_s=0.5, what="requests reaching both replicas")
+    return asyncio.run(scenario())
+
+
+def assert_identical(chunks: list[dict], killed_at: float, before: int, want: dict) -> None:
     assert not any("error" in c for c in chunks), [c for c in chunks if "error" in c]
     after = [c for c in chunks if c["at"] > killed_at]
     assert before < len(chunks) and after, "the stream had ended before the kill"
@@ -99,3 +118,25 @@ def test_a_stream_whose_replica_is_killed_goes_on_identical_on_the_other_replica
     usage = chunks[-1]["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (want["usage"]["prompt_tokens"], TOKENS)
     print(f"resumed {after[0]['at'] - killed_at:.2f} s after the kill, {before} chunks before it")
+
+
+def test_a_stream_whose_replica_is_killed_goes_on_identical_on_the_other_replica(two_replicas):
+    with httpx.Client(base_url=two_replicas.url, timeout=300) as http:
+        reference = http.post("/v1/chat/completions", json=body())
+    assert reference.status_code == 200, reference.text
+    assert_identical(*killed_mid_stream(two_replicas), reference.json())
+
+
+def test_a_session_stream_leaves_its_dead_replica_and_the_session_keeps_the_whole_answer(two_replicas):
+    """Session affinity sends the session's requests to one replica: the resumption must not
+    wait for that replica, but go to the other."""
+    with httpx.Client(base_url=two_replicas.url, timeout=300) as http:
+        first, second = (http.post("/v1/sessions", json={}).json()["id"] for _ in range(2))
+        reference = http.post("/v1/chat/completions", json=body(session_id=first))
+        assert reference.status_code == 200, reference.text
+        chunks, killed_at, before = killed_mid_stream(two_replicas, session_id=second)
+        assert_identical(chunks, killed_at, before, reference.json())
+        assert chunks[-1]["at"] - killed_at < 60  # not after a restart of the session's replica
+        stored = http.get(f"/v1/sessions/{second}").json()["messages"]
+    assert stored[-1] == {"role": "assistant", "content": text_of(chunks)} or (
+        stored[-1]["role"] == "assistant" and stored[-1]["content"] == text_of(chunks)), stored[-1]
