@@ -123,7 +123,9 @@ class StreamMigration:
             resume = delivered.resume_state()
             if not resume:  # every choice had ended: nothing left to generate
                 return
-            attempt = dataclasses.replace(message, resume=resume, attempt=tries)
+            # streamed from the new replica even for a whole answer: wait_s bounds its first token,
+            # and a second death finds what it sent
+            attempt = dataclasses.replace(message, resume=resume, attempt=tries, stream=True)
 
     def _resumed(self, message: ModelRequest, delivered: DeliveredTokens, tries: int, took: float) -> None:
         self.record("resumed", message.body.model, took)

@@ -1,7 +1,8 @@
 """Mid-stream migration over HTTP, on the real engine with two replicas (``serving.migration``):
 the model replica that streams a long greedy answer is killed by pid halfway, and the client's
 stream goes on from the other replica to the end, with the very text and token count of the
-same request answered without interruption.
+same request answered without interruption. The same holds for a session's stream (session
+affinity must let it leave its dead replica) and for a whole (non-streamed) answer.
 
 Which replica streams it is read from ``GET /metrics`` (each replica's engine reports its
 running requests there)."""
@@ -140,3 +141,26 @@ def test_a_session_stream_leaves_its_dead_replica_and_the_session_keeps_the_whol
         stored = http.get(f"/v1/sessions/{second}").json()["messages"]
     assert stored[-1] == {"role": "assistant", "content": text_of(chunks)} or (
         stored[-1]["role"] == "assistant" and stored[-1]["content"] == text_of(chunks)), stored[-1]
+
+
+def test_a_whole_answer_whose_replica_is_killed_is_answered_identical(two_replicas):
+    app = two_replicas
+    with httpx.Client(base_url=app.url, timeout=300) as http:
+        want = http.post("/v1/chat/completions", json=body())
+        assert want.status_code == 200, want.text
+        wait_until(lambda: routed_to_both(app.url), timeout_s=180, interval_s=0.5, what="requests reaching both replicas")
+
+        async def scenario() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=app.url, timeout=300) as client:
+                answer = asyncio.create_task(client.post("/v1/chat/completions", json=body()))
+                busy = await asyncio.to_thread(
+                    wait_until, lambda: [r for r, n in running(app.url).items() if n >= 1], 30, 0.05, "a busy replica")
+                await asyncio.sleep(1.0)  # some tokens generated
+                assert not answer.done()
+                os.kill(await asyncio.to_thread(replica_pid, app.name, busy[0]), signal.SIGKILL)
+                return await asyncio.wait_for(answer, 300)
+
+        got = asyncio.run(scenario())
+    assert got.status_code == 200, got.text
+    assert got.json()["choices"][0]["message"] == want.json()["choices"][0]["message"]
+    assert got.json()["usage"] == want.json()["usage"]

@@ -16,9 +16,9 @@ from deployments.protocol import ChatCompletionRequest
 from engine.types import RequestOutput
 
 
-def message(n: int = 1) -> ModelRequest:
+def message(n: int = 1, stream: bool = True) -> ModelRequest:
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], n=n)
-    return ModelRequest(SessionContext(body), "t", stream=True)
+    return ModelRequest(SessionContext(body), "t", stream=stream)
 
 
 def delta(index: int, *ids: int, finish: str | None = None) -> ChoiceDelta:
@@ -77,6 +77,14 @@ def test_a_replica_death_resumes_with_the_tokens_already_sent():
     assert first.resume is None and second.resume == {0: [1, 2, 3]}
     assert second.request_id == first.request_id and second.choice_id(0) != first.choice_id(0)
     assert [r[0] for r in records] == ["resumed"] and records[0][2] >= 0
+
+
+def test_a_whole_answer_is_sent_again_and_streamed_from_the_new_replica():
+    """Deltas paced from the new replica: ``wait_s`` bounds its first token, not the whole answer."""
+    replicas = Replicas([ray.exceptions.ActorDiedError()], [delta(0, 1), delta(0, 2, finish="length")])
+    got = run(migration(), replicas, message(stream=False))
+    assert [t for d in got for t in d.output.token_ids] == [1, 2]
+    assert replicas.sent[1].resume == {0: []} and replicas.sent[1].stream
 
 
 def test_only_unfinished_choices_are_resumed():
