@@ -357,6 +357,9 @@ class LLMServer:
                     failure = output_failure(out)
                     if failure is not None:
                         timing.fail(failure)
+                    elif choice.resumed:  # this replica's part: its tokens; JSON is judged whole only
+                        here = dataclasses.replace(out, completion_tokens=out.completion_tokens - choice.resumed)
+                        timing.finish(here, "".join(text), None)
                     else:
                         timing.finish(out, "".join(text), params.response_format)
                     return
