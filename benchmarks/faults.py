@@ -11,12 +11,19 @@ then, in order:
   says ok (``health_detect_s``), whether every stream ends (``hung_requests``), and the time
   until a chat answers 200 again (``rank_kill_recovery_s``).
 - ``replica_kill``: the same with the model replica's own process (``replica_kill_recovery_s``).
+  The app has one replica, so its streams have nowhere to be resumed within
+  ``serving.migration.wait_s`` (set below its restart time): they end with a typed error.
 - ``burst``: 1,000 chat requests at 50 concurrent (``burst_http_500``: answers 500 or another
   5xx than a designed 503).
+- ``migration``: a second app with two replicas (tensor-parallel size 1, greedy). Each of N
+  long streams (``ignore_eos``) is answered once without interruption, then again while the
+  replica that streams it is killed by pid after its 20th chunk: the stream must go on from
+  the other replica (``serving.migration``). ``migrated_streams_identical``: the fraction of
+  those streams whose text and token count equal the uninterrupted answer; ``migration_s``:
+  from the kill to the next chunk the client gets.
 
-``migrated_streams_identical`` is reported as null: mid-stream migration is not implemented.
-``tests/chaos`` (``make test-chaos``) runs this with fewer writes and a shorter burst and
-asserts the targets.
+``tests/chaos`` (``make test-chaos``) runs this with fewer writes, a shorter burst and fewer
+migrations, and asserts the targets.
 
     python benchmarks/faults.py --out faults.json
 """
@@ -27,6 +34,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -42,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cluster.config import build_app_config  # noqa: E402
 
 MODEL = "m-ai-tiny"
+MIGRATE_APP = "faults-migrate"
 TARGETS = {"acknowledged_lost": 0, "hung_requests": 0, "health_detect_s": 2.0,
-           "rank_vs_replica_recovery": 1.2, "burst_http_500": 0}
+           "rank_vs_replica_recovery": 1.2, "burst_http_500": 0, "migrated_streams_identical": 1.0}
 
 
 def log(msg: str) -> None:
@@ -191,11 +200,116 @@ def start(args: argparse.Namespace) -> tuple[str, str]:
     config = build_app_config({
         "models": [{"tp_size": 2, "max_num_seqs": 16, "temperature": 0.0}],
         "serving": {"session_state_uri": f"{state}/sessions", "health_check_period_s": args.health_check_period_s,
-                    "rank_num_cpus": 1.0, "max_ongoing_requests": 64},
+                    "rank_num_cpus": 1.0, "max_ongoing_requests": 64,
+                    # one replica, restarted in more than this: replica_kill takes the no-resume path
+                    "migration": {"wait_s": 2.0}},
         "memory": {"storage_uri": f"{state}/memory", "embedder": "hashing"},
     }, "faults benchmark")
     serve.run(build_app(config, engine_cls=None), name="faults", route_prefix="/faults")
     return "faults", f"http://127.0.0.1:{port}/faults"
+
+
+def start_migration_app(args: argparse.Namespace, url: str) -> str:
+    """Two replicas of the tiny model (tensor-parallel size 1, greedy) in their own app."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    state = tempfile.mkdtemp(prefix="m-ai-faults-migrate-")
+    config = build_app_config({
+        "models": [{"max_num_seqs": 8, "temperature": 0.0}],
+        "serving": {"session_state_uri": f"{state}/sessions", "min_replicas": 2, "max_replicas": 2,
+                    "health_check_period_s": args.health_check_period_s, "ingress_num_cpus": 0.1,
+                    "replica_num_cpus": 0.1, "rank_num_cpus": 0.5},
+        "memory": {"storage_uri": f"{state}/memory", "embedder": "hashing"},
+    }, "faults benchmark (migration)")
+    serve.run(build_app(config, engine_cls=None), name=MIGRATE_APP, route_prefix=f"/{MIGRATE_APP}")
+    return url.rsplit("/", 1)[0] + f"/{MIGRATE_APP}"
+
+
+def per_replica(url: str, series: str = "vllm:num_requests_running") -> dict[str, float]:
+    """A series of ``GET /metrics`` per model replica (replica id -> value; running requests)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {r: float(v) for r, v in re.findall(
+        rf'^{series}{{model_name="{MODEL}",replica="([^"]+)"}} (\S+)$', text, re.M)}
+
+
+def routed_to_both(url: str) -> bool:
+    """Whether short concurrent requests reach both replicas: the ingress's router knows both
+    (it learns of a restarted replica a while after that replica reports in /metrics)."""
+    before = per_replica(url, "vllm:generation_tokens_total")
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            await asyncio.gather(*(client.post("/v1/chat/completions", json=ask(max_tokens=4)) for _ in range(6)))
+
+    asyncio.run(burst())
+    after = per_replica(url, "vllm:generation_tokens_total")
+    return len(after) == 2 and all(after[r] > before.get(r, 0.0) for r in after)
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            found = predicate()
+        except httpx.HTTPError:  # the app is still coming up
+            found = None
+        if found:
+            return found
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not within {timeout_s} s")
+
+
+async def migrated_stream(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One stream of ``body``; after its 20th chunk the replica that runs it is killed by pid."""
+    chunks: list[tuple[float, dict[str, Any]]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+
+        async def read() -> None:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        chunks.append((time.monotonic(), json.loads(line[len("data: "):])))
+
+        task = asyncio.create_task(read())
+        while len(chunks) < 20 and not task.done():
+            await asyncio.sleep(0.02)
+        busy = await asyncio.to_thread(
+            wait_for, lambda: [r for r, n in per_replica(url).items() if n >= 1], 30, "a busy replica")
+        kill(pid_of(f"#{busy[0]}", MIGRATE_APP))
+        killed, before = time.monotonic(), len(chunks)
+        await asyncio.wait_for(task, 300)
+    after = [at for at, _ in chunks if at > killed]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for _, c in chunks if c.get("choices"))
+    usage = next((c["usage"] for _, c in reversed(chunks) if c.get("usage")), {})
+    return {"text": text, "usage": usage, "errors": sum(1 for _, c in chunks if "error" in c),
+            "chunks_before_kill": before, "chunks": len(chunks), "replica": busy[0],
+            "migration_s": round(after[0] - killed, 3) if after else None}
+
+
+def migration_scenario(url: str, n: int) -> dict[str, Any]:
+    """``n`` streams, each answered once uninterrupted, then again while its replica is killed;
+    between two, both replicas serve again (the killed one restarted)."""
+    streams = []
+    with httpx.Client(base_url=url, timeout=300) as http:
+        for i in range(n):
+            # both replicas serve (the one killed before has restarted, and the ingress knows it)
+            wait_for(lambda: routed_to_both(url), 180, "requests reaching both replicas")
+            body = ask(f"Tell me a long story ({i}).", max_tokens=400, ignore_eos=True, temperature=0.0)
+            want = http.post("/v1/chat/completions", json=body).json()
+            got = asyncio.run(migrated_stream(url, {**body, "stream": True, "stream_options": {"include_usage": True}}))
+            got["identical"] = (
+                got["errors"] == 0 and got["text"] == want["choices"][0]["message"]["content"]
+                and got["usage"].get("completion_tokens") == want["usage"]["completion_tokens"]
+                and got["usage"].get("prompt_tokens") == want["usage"]["prompt_tokens"]
+            )
+            streams.append({k: v for k, v in got.items() if k not in ("text", "usage")})
+            log(f"  stream {i}: identical={got['identical']} migration_s={got['migration_s']}")
+    identical = sum(1 for s in streams if s["identical"])
+    times = [s["migration_s"] for s in streams if s["migration_s"] is not None]
+    return {"streams": streams, "identical": identical, "n": n,
+            "migration_s_max": max(times) if times else None}
 
 
 def main() -> None:
@@ -204,6 +318,7 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=20, help="acknowledged writes per kind")
     ap.add_argument("--burst", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--migrations", type=int, default=3, help="streams whose replica is killed (two-replica app)")
     ap.add_argument("--health-check-period-s", type=float, default=10.0, help="Serve's (the config default)")
     args = ap.parse_args()
     app, url = start(args)
@@ -227,6 +342,8 @@ def main() -> None:
         out["replica_kill"] = fault_scenario(url, http, pid_of("SERVE_REPLICA::" + app + "#llm-", app))
         log(f"burst of {args.burst} at {args.concurrency} ...")
         out["burst"] = asyncio.run(burst(url, args.burst, args.concurrency))
+        log(f"migration of {args.migrations} streams ...")
+        out["migration"] = migration_scenario(start_migration_app(args, url), args.migrations)
     rank, replica = out["rank_kill"], out["replica_kill"]
     out.update(
         acknowledged_lost=out["memories"]["lost"] + out["sessions"]["lost"],
@@ -235,13 +352,15 @@ def main() -> None:
         rank_kill_recovery_s=rank["recovery_s"],
         replica_kill_recovery_s=replica["recovery_s"],
         rank_vs_replica_recovery=round(rank["recovery_s"] / replica["recovery_s"], 2),
-        migrated_streams_identical=None,  # mid-stream migration is not implemented
+        migrated_streams_identical=round(out["migration"]["identical"] / out["migration"]["n"], 3),
+        migration_s_max=out["migration"]["migration_s_max"],
         burst_http_500=sum(v for k, v in out["burst"].items() if k.isdigit() and int(k) >= 500 and k != "503"),
         targets=TARGETS,
     )
     args.out.write_text(json.dumps(out, indent=2))
     for key in ("acknowledged_lost", "hung_requests", "health_detect_s", "rank_kill_recovery_s",
-                "replica_kill_recovery_s", "rank_vs_replica_recovery", "migrated_streams_identical", "burst_http_500"):
+                "replica_kill_recovery_s", "rank_vs_replica_recovery", "migrated_streams_identical",
+                "migration_s_max", "burst_http_500"):
         print(f"{key:28s} {out[key]}  (target {TARGETS.get(key, '-')})")
     print(f"wrote {args.out}")
 

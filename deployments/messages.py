@@ -39,6 +39,11 @@ class ModelRequest:
     stream: bool  # deltas paced while it runs; else one merged output per choice at the end
     request_id: str = field(default_factory=new_request_id)
     sent_at: float | None = None  # wall clock at the ingress, for the queue-time stage
+    # A resumption after the replica that streamed this request died (serving.migration):
+    # choice index -> the output token ids its client already has. Only the choices listed
+    # are generated (a finished choice is not); None: a fresh request.
+    resume: dict[int, list[int]] | None = None
+    attempt: int = 0  # resumptions so far (engine ids of a resumption differ from the first)
 
     @property
     def body(self) -> ChatCompletionRequest | CompletionRequest:
@@ -46,7 +51,8 @@ class ModelRequest:
 
     def choice_id(self, index: int) -> str:
         """The engine's id of choice ``index`` (the first choice has the request's id)."""
-        return self.request_id if index == 0 else f"{self.request_id}-{index}"
+        rid = self.request_id if not self.attempt else f"{self.request_id}-m{self.attempt}"
+        return rid if index == 0 else f"{rid}-{index}"
 
 
 @dataclass

@@ -59,6 +59,15 @@ class _Request:
     stopped_by_string: bool = False
     grammar: Any = None  # engine.structured.GrammarState of a constrained request
     logprob: TokenLogprob | None = None  # of the token sampled in this step (logprobs asked)
+    resumed: int = 0  # output tokens generated elsewhere before (the tail of the prompt ids)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.seq.prompt_token_ids) - self.resumed
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.seq.output_token_ids) + self.resumed
 
 
 class EngineCore:
@@ -111,10 +120,21 @@ class EngineCore:
         params: SamplingParams,
         sink: Sink,
         share_prompt_of: str | None = None,
+        resumed: int = 0,
     ) -> None:
         """Queue a request; raises at once when it can never run or the queue is full.
         ``share_prompt_of``: the first of ``n`` samples of this prompt, added just before; this
-        one copies that prompt's KV once it is computed (``engine/siblings.py``)."""
+        one copies that prompt's KV once it is computed (``engine/siblings.py``).
+        ``resumed``: the last ``resumed`` of ``prompt_ids`` are this request's own output from
+        a replica that died (``serving.migration``): they are computed as prompt, and the
+        detokenizer, the stop strings and the grammar continue after them, so the deltas go on
+        exactly where the client's stream stopped; the counts report them as output
+        (``params.max_tokens`` is what is left to generate)."""
+        if not 0 <= resumed < len(prompt_ids):
+            raise InvalidRequestError(
+                f"resumed={resumed} must be below the {len(prompt_ids)} prompt ids it is the tail of",
+                param="resumed",
+            )
         if self._dead:
             raise EngineDeadError(f"the engine stopped: {self._dead}")
         if not prompt_ids:
@@ -132,7 +152,7 @@ class EngineCore:
         grammar = self.structured_output().compile_params(params) if params.constrained else None
         self._pending += 1
         self._inbox.append(
-            AddRequest(request_id, prompt_ids, params, sink, time.monotonic(), grammar, share_prompt_of)
+            AddRequest(request_id, prompt_ids, params, sink, time.monotonic(), grammar, share_prompt_of, resumed)
         )
         self._wake.set()
 
@@ -221,7 +241,7 @@ class EngineCore:
 
     def _admit_item(self, item: AddRequest) -> None:
         self._pending -= 1
-        self._admit(item.request_id, item.prompt_ids, item.params, item.sink, item.arrival, item.grammar)
+        self._admit(item.request_id, item.prompt_ids, item.params, item.sink, item.arrival, item.grammar, item.resumed)
 
     def _prefilling(self, leader: str, prompt_ids: list[int]) -> bool:
         """Whether ``leader`` runs and still computes the same prompt (siblings wait for it)."""
@@ -238,15 +258,16 @@ class EngineCore:
         for item in self._parked.take(leader):
             self._admit_item(item)
 
-    def _admit(self, rid, prompt_ids, params, sink, arrival, grammar=None) -> None:
+    def _admit(self, rid, prompt_ids, params, sink, arrival, grammar=None, resumed=0) -> None:
         seq = Sequence(request_id=rid, prompt_token_ids=list(prompt_ids), max_tokens=params.max_tokens)
         skip = params.skip_special_tokens
         try:
             self.scheduler.add(seq)
         except MAIError as exc:
-            _call_sink(sink, RequestOutput(rid, finish_reason="error", error=exc.message, prompt_tokens=len(prompt_ids)))
+            failed = RequestOutput(rid, finish_reason="error", error=exc.message, prompt_tokens=len(prompt_ids) - resumed)
+            _call_sink(sink, failed)
             return
-        self._requests[rid] = _Request(
+        req = self._requests[rid] = _Request(
             seq=seq,
             params=params,
             sink=sink,
@@ -255,9 +276,17 @@ class EngineCore:
             generator=make_generator(params.seed) if params.seed is not None else None,
             arrival=arrival,
             grammar=self._structured.new_state(grammar) if grammar is not None else None,
+            resumed=resumed,
         )
         if grammar is not None:
             self._num_constrained += 1
+        for token in prompt_ids[len(prompt_ids) - resumed:] if resumed else ():
+            # replay what the client has: the text it was sent (or that is held back) is the same
+            text = req.detok.add(token)
+            if req.stop is not None:
+                req.stop.feed(text)
+            if req.grammar is not None:
+                req.grammar.accept(token)
 
     def _cancel(self, rid: str) -> None:
         parked = self._parked.remove(rid)
@@ -377,8 +406,8 @@ class EngineCore:
                     seq.request_id,
                     token_ids=[token],
                     text=text,
-                    prompt_tokens=len(seq.prompt_token_ids),
-                    completion_tokens=len(seq.output_token_ids),
+                    prompt_tokens=req.prompt_tokens,
+                    completion_tokens=req.completion_tokens,
                     arrival_time=req.arrival,
                     first_token_time=req.first_token_time,
                     logprobs=logprobs,
@@ -408,8 +437,8 @@ class EngineCore:
             token_ids=token_ids or [],
             text=text,
             finish_reason=reason,
-            prompt_tokens=len(req.seq.prompt_token_ids),
-            completion_tokens=len(req.seq.output_token_ids),
+            prompt_tokens=req.prompt_tokens,
+            completion_tokens=req.completion_tokens,
             arrival_time=req.arrival,
             first_token_time=req.first_token_time,
         )
@@ -426,7 +455,7 @@ class EngineCore:
         for rid, req in list(self._requests.items()):
             out = self._final(req, reason) if reason == "abort" else RequestOutput(
                 rid, finish_reason="error", error=error,
-                prompt_tokens=len(req.seq.prompt_token_ids), completion_tokens=len(req.seq.output_token_ids),
+                prompt_tokens=req.prompt_tokens, completion_tokens=req.completion_tokens,
             )
             _call_sink(req.sink, out)
             self.scheduler.abort(rid)

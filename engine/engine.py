@@ -177,14 +177,17 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         share_prompt_of: str | None = None,
+        resumed: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's deltas; closing the iterator early cancels the request.
-        ``share_prompt_of``: a sibling of that request (n > 1; see ``EngineCore.add_request``)."""
+        ``share_prompt_of``: a sibling of that request (n > 1); ``resumed``: the tail of the
+        prompt ids that is the request's own earlier output (see ``EngineCore.add_request``)."""
         rid = request_id or new_request_id()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         sink = OutputSink(outputs.put_nowait, asyncio.get_running_loop())
         self.core.add_request(
-            rid, self.encode_prompt(prompt), params or self.default_params(), sink, share_prompt_of
+            rid, self.encode_prompt(prompt), params or self.default_params(), sink, share_prompt_of,
+            resumed,
         )
         finished = False
         try:

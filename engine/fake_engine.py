@@ -156,9 +156,11 @@ class FakeEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         share_prompt_of: str | None = None,
+        resumed: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the reply's deltas; closing the iterator early cancels the request
-        (``share_prompt_of`` is accepted for the real engine's interface; nothing is shared)."""
+        (``share_prompt_of`` and ``resumed`` are accepted for the real engine's interface;
+        nothing is shared, and a resumed reply starts over from the prompt)."""
         params = params or SamplingParams()
         rid = request_id or new_request_id()
         prompt_ids = (

@@ -22,6 +22,7 @@ class AddRequest:
     arrival: float
     grammar: Any = None  # the compiled grammar of a constrained request
     share_prompt_of: str | None = None
+    resumed: int = 0  # trailing prompt ids that are the request's own earlier output
 
 
 @dataclass(frozen=True)

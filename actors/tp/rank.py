@@ -135,9 +135,12 @@ class RankActor:
         request_id: str,
         pacing: StreamPacing | None = None,
         share_prompt_of: str | None = None,
+        resumed: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's deltas, coalesced per ``pacing`` (None: one output at the end).
         ``share_prompt_of``: the first of ``n`` samples of the same prompt (its KV is shared).
+        ``resumed``: the prompt's tail that is the request's own output from a replica that
+        died (``EngineCore.add_request``).
 
         Cancelling this call (``ray.cancel`` of the caller's stream) closes the engine's
         stream, which cancels the request: the one cancellation path.
@@ -146,6 +149,8 @@ class RankActor:
         interval = None if pacing is None else (lambda: pacing.interval_s(self._active_streams))
         self._active_streams += 1
         extra = {"share_prompt_of": share_prompt_of} if share_prompt_of else {}
+        if resumed:
+            extra["resumed"] = resumed
         try:
             async for out in coalesce(engine.generate(prompt, params, request_id, **extra), interval):
                 yield out

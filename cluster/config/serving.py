@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.autoscaling.policy import LatencyAutoscalingConfig, serve_autoscaling_config
+from cluster.config.migration import MigrationConfig
 from cluster.response_cache import ResponseCacheConfig
 
 if TYPE_CHECKING:
@@ -118,6 +119,11 @@ class ServingConfig(BaseModel):
         default_factory=ResponseCacheConfig,
         description="Cache of whole responses to deterministic requests (temperature 0 or a seed), "
         "per ingress replica and tenant; off unless max_entries > 0.",
+    )
+    migration: MigrationConfig = Field(
+        default_factory=MigrationConfig,
+        description="Mid-stream migration: a stream whose model replica dies is resumed on another "
+        "replica with the tokens already sent (cluster/config/migration.py).",
     )
     metrics_interval_s: float = Field(
         5.0, gt=0, description="How often each replica samples engine state and resource usage."

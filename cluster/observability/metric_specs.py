@@ -87,6 +87,10 @@ ALL: tuple[MetricSpec, ...] = (
     _c("request_success_total", "Requests that finished, by finish reason.", (*REPLICA_LABELS, "finished_reason")),
     _c("request_errors_total", "Failed requests by error kind (OpenAI error type) and where they were seen.",
        ("model", "kind", "source")),
+    _c("stream_migrations_total", "Streams whose model replica died mid-stream, by outcome: resumed (on another "
+       "replica, serving.migration) or why not (disabled, max_tries, max_tokens, wait_s).", ("model", "outcome")),
+    _h("stream_migration_seconds", "Time from a replica's death to the resumed stream's first new token.",
+       labels=("model",)),
     # -- engine state (sampled every serving.metrics_interval_s) ------------------------------
     _g("num_requests_running", "Requests in the engine's running batch."),
     _g("num_requests_waiting", "Requests waiting in the engine for a slot."),

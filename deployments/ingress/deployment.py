@@ -36,6 +36,7 @@ from deployments.ingress.auth import DEFAULT_TENANT, ApiKeyAuth
 from deployments.ingress.embeddings import EmbeddingService
 from deployments.ingress.memory import IngressMemory
 from deployments.ingress.memory_client import MemoryClient
+from deployments.ingress.migration import StreamMigration
 from deployments.ingress.observability import IngressObservability
 from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor
 from deployments.ingress.sessions import SessionClient
@@ -117,6 +118,8 @@ class Ingress:
         self.output = ResponseProcessor(output)
         # Timing breakdown, error and session figures, the response cache, /v1/diagnostics.
         self.observe = IngressObservability(serving.response_cache)
+        # A stream whose model replica dies goes on on another one (serving.migration).
+        self.migration = StreamMigration(serving.migration, self.observe.migration)
         # Memory shards (deployment actors memory-0..M-1); no client when memory is off.
         client = MemoryClient(memory.shards) if memory is not None and memory.enabled else None
         self.memory = IngressMemory(self.sessions, self.observe, client)
@@ -442,23 +445,14 @@ class Ingress:
         """The one message the request travels in to its model (``deployments.messages``)."""
         return ModelRequest(context, tenant, stream, sent_at=time.time())
 
-    async def _deltas(self, message: ModelRequest, session_id: str | None) -> AsyncIterator[ChoiceDelta]:
+    def _deltas(self, message: ModelRequest, session_id: str | None) -> AsyncIterator[ChoiceDelta]:
         """The engine's deltas for ``message`` from its model's replicas (a session's on the
-        replica that holds its turns, ``_routed``). Closing this stream before its end (the
-        client left, or the output pipeline ended the answer) cancels the generation: the one
-        cancellation path, hop by hop down to the engine."""
-        stream = _routed(self._streaming[message.body.model], session_id).generate.remote(message)
-        finished = False
-        try:
-            async for delta in stream:
-                yield delta
-            finished = True
-        except Exception:
-            finished = True  # the replica ended it (the caller turns it into our error)
-            raise
-        finally:
-            if not finished:
-                stream.cancel()
+        replica that holds its turns, ``_routed``), resumed on another replica should its
+        replica die mid-stream (``deployments.ingress.migration``). Closing this stream before
+        its end (the client left, or the output pipeline ended the answer) cancels the
+        generation: the one cancellation path, hop by hop down to the engine."""
+        handle = _routed(self._streaming[message.body.model], session_id)
+        return self.migration.deltas(message, handle.generate.remote)
 
     async def _store_turn(
         self, request: ChatCompletionRequest, message: ModelRequest, answer: dict[str, Any]

@@ -7,6 +7,7 @@
 - the response cache (``cluster.response_cache``) for deterministic requests, with its hit
   and miss counters, hit rate and size as metrics;
 - ``error(exc)``: errors by kind, as clients see them;
+- ``migration(outcome)``: streams moved off a dead model replica (``deployments.ingress.migration``);
 - ``diagnostics()``: the bottleneck report of ``/v1/diagnostics``.
 """
 
@@ -65,6 +66,12 @@ class IngressObservability:
     def error(self, exc: BaseException, model: str = "") -> None:
         kind = exc.error_type if isinstance(exc, MAIError) else "internal_error"
         self.recorder.inc("request_errors_total", kind=kind, source="ingress", model=model)
+
+    def migration(self, outcome: str, model: str, seconds: float | None) -> None:
+        """A stream whose replica died: resumed (after ``seconds``) or why not."""
+        self.recorder.inc("stream_migrations_total", model=model, outcome=outcome)
+        if seconds is not None:
+            self.recorder.observe("stream_migration_seconds", seconds, model=model)
 
     # -- response cache -----------------------------------------------------------------------
 

@@ -212,12 +212,17 @@ class LLMServer:
         """Stream the engine's deltas of one request (``deployments.messages``), each choice's
         (``n``) as they come: paced while it runs when ``request.stream``, else one merged
         output per choice at its end. The ingress shapes them into OpenAI objects. Closing
-        this stream cancels the request in the engine (the one cancellation path)."""
+        this stream cancels the request in the engine (the one cancellation path).
+
+        A resumption (``request.resume``, after the replica that streamed it died) generates
+        only the choices listed, each from its prompt plus the tokens its client has, and
+        streams what follows them (``resume_choices``)."""
         prompt_ids, params, echo = self._prepare(request)
+        choices = resume_choices(prompt_ids, params, request.resume)
         pacing = self.pacing if request.stream else None
         texts = self.token_texts
-        unechoed = set(range(len(params))) if echo else set()
-        async for index, out in self._choice_streams(request, prompt_ids, params, pacing):
+        unechoed = {c.index for c in choices if not c.resumed} if echo else set()
+        async for index, out in self._choice_streams(request, choices, pacing):
             table = texts.table(out.logprobs) if out.logprobs else None
             yield ChoiceDelta(index, out, table, echo if index in unechoed else "")
             unechoed.discard(index)
@@ -278,32 +283,28 @@ class LLMServer:
         )
 
     async def _choice_streams(
-        self,
-        request: ModelRequest,
-        prompt_ids: list[int],
-        params: list[SamplingParams],
-        pacing: StreamPacing | None,
+        self, request: ModelRequest, choices: list[Choice], pacing: StreamPacing | None
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """``(choice index, delta)`` of ``n`` samples of one prompt, as they come. Choices
-        after the first are its siblings in the engine: they wait for its prompt's KV and copy
-        it instead of computing it again (``EngineCore.add_request``)."""
-        if len(params) == 1:
-            async for out in self._engine_stream(request, 0, prompt_ids, params[0], pacing):
-                yield 0, out
+        """``(choice index, delta)`` of the choices of one request, as they come. Choices after
+        the first of a fresh request are its siblings in the engine: they wait for its prompt's
+        KV and copy it instead of computing it again (``EngineCore.add_request``)."""
+        if len(choices) == 1:
+            async for out in self._engine_stream(request, choices[0], pacing):
+                yield choices[0].index, out
             return
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(index: int) -> None:
-            stream = self._engine_stream(request, index, prompt_ids, params[index], pacing)
+        async def pump(choice: Choice) -> None:
+            stream = self._engine_stream(request, choice, pacing)
             try:
                 async for out in stream:
-                    queue.put_nowait((index, out))
+                    queue.put_nowait((choice.index, out))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                queue.put_nowait((index, exc))
+                queue.put_nowait((choice.index, exc))
             finally:
-                queue.put_nowait((index, None))
+                queue.put_nowait((choice.index, None))
 
-        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(params))]
+        tasks = [asyncio.ensure_future(pump(c)) for c in choices]
         try:
             done = 0
             while done < len(tasks):
@@ -319,12 +320,7 @@ class LLMServer:
                 task.cancel()
 
     async def _engine_stream(
-        self,
-        request: ModelRequest,
-        index: int,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        pacing: StreamPacing | None,
+        self, request: ModelRequest, choice: Choice, pacing: StreamPacing | None
     ) -> AsyncIterator[RequestOutput]:
         """Choice ``index`` of ``request``: one streaming Ray call to rank 0. Cancellation has
         one path: closing this stream cancels the Ray call, and rank 0's stream closes the
@@ -332,13 +328,16 @@ class LLMServer:
         took the last output."""
         import ray
 
+        index, params = choice.index, choice.params
         timing = RequestTrace(self.recorder, self.latency, request.choice_id(index), request.sent_at)
         down = self.recovery.unavailable()
         if down is not None:  # the ranks are being rebuilt: say so at once
             timing.fail(down)
             raise down
-        extra = {"share_prompt_of": request.choice_id(0)} if index else {}
-        refs = self.ranks.rank0.generate.remote(prompt_ids, params, timing.request_id, pacing, **extra)
+        extra: dict[str, Any] = {"resumed": choice.resumed} if choice.resumed else {}
+        if index and request.resume is None:
+            extra["share_prompt_of"] = request.choice_id(0)
+        refs = self.ranks.rank0.generate.remote(choice.prompt_ids, params, timing.request_id, pacing, **extra)
         finished = False
         text: list[str] = []
         try:
@@ -358,6 +357,9 @@ class LLMServer:
                     failure = output_failure(out)
                     if failure is not None:
                         timing.fail(failure)
+                    elif choice.resumed:  # this replica's part: its tokens; JSON is judged whole only
+                        here = dataclasses.replace(out, completion_tokens=out.completion_tokens - choice.resumed)
+                        timing.finish(here, "".join(text), None)
                     else:
                         timing.finish(out, "".join(text), params.response_format)
                     return
@@ -433,6 +435,43 @@ class LLMServer:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What the engine runs for choice ``index``: its prompt ids (with ``resumed`` output ids
+    at their end when it resumes) and its sampling (``max_tokens`` what is left)."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    resumed: int = 0
+
+
+def resume_choices(
+    prompt_ids: list[int], params: list[SamplingParams], resume: dict[int, list[int]] | None
+) -> list[Choice]:
+    """Every choice of a fresh request; of a resumption (``ModelRequest.resume``) the choices
+    listed, each continuing after the output ids its client has: they are appended to the
+    prompt and count against ``max_tokens`` and ``min_tokens`` (the engine replays their
+    text, stop strings and grammar; ``EngineCore.add_request``). Greedy decoding continues
+    exactly as if uninterrupted; a seeded one does not (the generator starts afresh), and
+    presence/frequency penalties see only the new output."""
+    if resume is None:
+        return [Choice(i, prompt_ids, p) for i, p in enumerate(params)]
+    choices = []
+    for index, sent in sorted(resume.items()):
+        if not 0 <= index < len(params):
+            raise InvalidRequestError(f"resume names choice {index} of a request with n={len(params)}")
+        p = params[index]
+        if len(sent) >= p.max_tokens:
+            raise InvalidRequestError(
+                f"resume of choice {index} holds {len(sent)} tokens, max_tokens={p.max_tokens}: "
+                f"it has finished, and is not resumed"
+            )
+        left = dataclasses.replace(p, max_tokens=p.max_tokens - len(sent), min_tokens=max(0, p.min_tokens - len(sent)))
+        choices.append(Choice(index, prompt_ids + list(sent), left, len(sent)))
+    return choices
+
+
 def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
     """The sampling of each of ``n`` choices: a seeded request's choice i uses seed + i, so
     the choices differ and the whole answer is still reproducible."""
@@ -444,4 +483,4 @@ def _choices(params: SamplingParams, n: int) -> list[SamplingParams]:
     ]
 
 
-__all__ = ["LLMServer"]
+__all__ = ["Choice", "LLMServer", "resume_choices"]

@@ -1,6 +1,7 @@
 """Processes of a running application killed under traffic, seen over HTTP (fake engine):
 
-- an LLMServer replica killed in the middle of streams: the streams end with an error event,
+- an LLMServer replica killed in the middle of streams (``serving.migration`` off): the streams
+  end with an error event,
   ``/health`` answers 503 until Serve has a replica running again, then new requests are
   served by the replacement;
 - a session store shard killed in the middle of a conversation: Serve recreates it, it
@@ -79,8 +80,10 @@ async def poll_health(client: httpx.AsyncClient, timeout_s: float) -> list[httpx
 
 
 def test_a_killed_llm_replica_ends_its_streams_with_an_error_and_is_replaced(serve_cluster):
+    # Migration off: this is the path of a stream that cannot be resumed (one replica, none
+    # other to go to); tests/e2e/test_stream_migration.py resumes one on a second replica.
     app = serve_cluster.deploy(
-        app_config(),
+        app_config(migration={"enabled": False}),
         prefix="replicakill",
         engine_options={"tokens_per_s": 50.0, "tokenizer": "bytes", "repeat": True},
     )
