@@ -10,10 +10,11 @@ the unit's lexical document: fact-augmented keys).
 ``UserUnits`` holds one user's units with two indexes over them: dense (MiniLM vectors in a
 ``VectorIndex``, filled by the shard's worker in batches) and lexical (``LexicalIndex``,
 BM25, filled at once). Hybrid retrieval reads a second lexical index, ``contextual``, where a
-unit's document also holds the text of the messages just before and after it in its session
-at half weight (``CONTEXT_SPAN``, ``CONTEXT_WEIGHT``): a reply is found by the words of the
-question it answers ("What did you paint?" / "Here it is!"), a question by its answer's, and
-a unit still ranks above its neighbours for its own words. Units of a session are kept in turn order so that retrieval can offer
+unit's document also holds the text of the two messages before and the two after it in its
+session at half weight (``CONTEXT_SPAN``, ``CONTEXT_WEIGHT``): a reply is found by the words of
+the question it answers ("What did you paint?" / "Here it is!"), a question by its answer's,
+and a unit still ranks above its neighbours for its own words. The span was chosen leaving one
+LoCoMo development conversation out (1, 2 or 3 on each side; 2 won two folds of three). Units of a session are kept in turn order so that retrieval can offer
 a hit's neighbours. Persistence: the units (and their stored vectors) are rows of the user's
 episodes table (actors/memory/persistence.py); the lexical index is rebuilt at load.
 """
@@ -35,7 +36,7 @@ from actors.memory.recall.lexical import LexicalIndex
 from cluster.config.memory import IndexConfig
 
 ROLE_LABEL = {"user": "User", "assistant": "Assistant"}
-CONTEXT_SPAN = 1  # messages on each side whose text joins a unit's contextual document
+CONTEXT_SPAN = 2  # messages on each side whose text joins a unit's contextual document
 CONTEXT_WEIGHT = 0.5  # what a neighbour's word counts there: half, as a neighbour's score
 _CAPITALISED = re.compile(r"(?<![.!?]\s)(?<!^)\b([A-Z][a-zA-Z'\-]+)")
 

@@ -4,7 +4,7 @@
 
 1. dense: the query's MiniLM vector against the units' vectors (``candidates`` nearest);
 2. lexical: BM25 over the units' documents (``candidates`` best); in mode ``hybrid`` each
-   document also holds its neighbours' words at half weight (``UserUnits.contextual``);
+   document also holds its session neighbours' words at half weight (``UserUnits.contextual``);
 3. the two lists fused by reciprocal rank fusion: ``sum 1 / (rrf_k + rank)``;
 4. signals (mode ``hybrid``): units said by a person the question names, or naming the same
    capitalised entities, are boosted; for a question about time ("when", "how long ago")
