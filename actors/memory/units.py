@@ -9,7 +9,12 @@ the unit's lexical document: fact-augmented keys).
 
 ``UserUnits`` holds one user's units with two indexes over them: dense (MiniLM vectors in a
 ``VectorIndex``, filled by the shard's worker in batches) and lexical (``LexicalIndex``,
-BM25, filled at once). Units of a session are kept in turn order so that retrieval can offer
+BM25, filled at once). Hybrid retrieval reads a second lexical index, ``contextual``, where a
+unit's document also holds the text of the two messages before and the two after it in its
+session at half weight (``CONTEXT_SPAN``, ``CONTEXT_WEIGHT``): a reply is found by the words of
+the question it answers ("What did you paint?" / "Here it is!"), a question by its answer's,
+and a unit still ranks above its neighbours for its own words. The span was chosen leaving one
+LoCoMo development conversation out (1, 2 or 3 on each side; 2 won two folds of three). Units of a session are kept in turn order so that retrieval can offer
 a hit's neighbours. Persistence: the units (and their stored vectors) are rows of the user's
 episodes table (actors/memory/persistence.py); the lexical index is rebuilt at load.
 """
@@ -31,6 +36,8 @@ from actors.memory.recall.lexical import LexicalIndex
 from cluster.config.memory import IndexConfig
 
 ROLE_LABEL = {"user": "User", "assistant": "Assistant"}
+CONTEXT_SPAN = 2  # messages on each side whose text joins a unit's contextual document
+CONTEXT_WEIGHT = 0.5  # what a neighbour's word counts there: half, as a neighbour's score
 _CAPITALISED = re.compile(r"(?<![.!?]\s)(?<!^)\b([A-Z][a-zA-Z'\-]+)")
 
 
@@ -103,6 +110,7 @@ class UserUnits:
         self.sessions: dict[str, list[tuple[int, int, int]]] = {}  # (turn_id, index, key), sorted
         self.dense = VectorIndex(dimension, self.config)
         self.lexical = LexicalIndex()
+        self.contextual = LexicalIndex()  # documents with their neighbours' words (hybrid)
         self.entities: dict[int, set[str]] = {}
         self.speakers: dict[str, int] = {}  # lower-case speaker name -> units
         self.unembedded: list[int] = []
@@ -116,15 +124,19 @@ class UserUnits:
         at = bisect.bisect_left(order, (turn_id, -1, -1))
         return at < len(order) and order[at][0] == turn_id
 
-    def add(self, unit: MemoryUnit, stored: np.ndarray | None = None) -> MemoryUnit:
+    def add(self, unit: MemoryUnit, stored: np.ndarray | None = None, *, bulk: bool = False) -> MemoryUnit:
         """Index a unit (a new key unless it has one); ``stored``: its quantized vector, else
-        it waits in ``unembedded`` for the worker."""
+        it waits in ``unembedded`` for the worker. ``bulk``: a load whose caller indexes the
+        contextual documents once at the end (``index_contexts``)."""
         if unit.key <= 0 or unit.key in self.units:
             unit.key = self.next_key
         self.next_key = max(self.next_key, unit.key + 1)
         self.units[unit.key] = unit
         bisect.insort(self.sessions.setdefault(unit.session_id, []), (unit.turn_id, unit.index, unit.key))
         self.lexical.add(unit.key, unit.document())
+        if not bulk:  # the unit, and its neighbours, whose contexts now hold its words
+            for key in (unit.key, *self.neighbours(unit.key, CONTEXT_SPAN)):
+                self._index_context(key)
         self.entities[unit.key] = entities_of(unit.text)
         if unit.speaker:
             name = unit.speaker.lower()
@@ -142,8 +154,17 @@ class UserUnits:
         if self.units:
             raise RuntimeError("add_many loads a user without units only")
         for unit in units:
-            self.add(unit, np.zeros(0))  # a placeholder: no per-unit dense insert
+            self.add(unit, np.zeros(0), bulk=True)  # a placeholder: no per-unit dense insert
+        self.index_contexts()
         self.dense.add_many_stored(np.asarray([u.key for u in units], dtype=np.int64), stored)
+
+    def _index_context(self, key: int) -> None:
+        around = " ".join(self.units[n].text for n in self.neighbours(key, CONTEXT_SPAN))
+        self.contextual.add(key, self.units[key].document(), around, CONTEXT_WEIGHT)
+
+    def index_contexts(self) -> None:
+        for key in self.units:
+            self._index_context(key)
 
     def take_unembedded(self, limit: int) -> list[MemoryUnit]:
         keys, self.unembedded = self.unembedded[:limit], self.unembedded[limit:]
@@ -161,6 +182,7 @@ class UserUnits:
                 unit.facts.append(fact_id)
                 unit.fact_texts.append(text)
                 self.lexical.add(unit.key, unit.document())
+                self._index_context(unit.key)
 
     def of_turn(self, session_id: str, turn_id: int) -> list[MemoryUnit]:
         order = self.sessions.get(session_id, [])
@@ -192,6 +214,7 @@ class UserUnits:
             unit = self.units.pop(key, None)
             self.dense.remove(key)
             self.lexical.remove(key)
+            self.contextual.remove(key)
             self.entities.pop(key, None)
             if unit is not None and unit.speaker:
                 name = unit.speaker.lower()
@@ -226,7 +249,8 @@ class UserUnits:
                 stored = np.frombuffer(vector, dtype=dtype)
                 if stored.shape[0] != self.dense.dimension:
                     stored = None
-            self.add(unit, stored)
+            self.add(unit, stored, bulk=True)
+        self.index_contexts()
 
     def quantized(self, vectors: np.ndarray) -> np.ndarray:
         return quantize(vectors, self.dense.dtype)
@@ -243,4 +267,4 @@ def unit_rows(snapshot: tuple[list[dict[str, Any]], dict[int, int], np.ndarray])
     return out
 
 
-__all__ = ["MemoryUnit", "UserUnits", "entities_of", "unit_rows"]
+__all__ = ["CONTEXT_SPAN", "CONTEXT_WEIGHT", "MemoryUnit", "UserUnits", "entities_of", "unit_rows"]

@@ -18,6 +18,9 @@ from cluster.config.output import PluginRef
 # Weight precisions of the built-in `minilm` embedder (engine/embeddings.MiniLMEmbedder):
 # auto = fp16 where torch has the fbgemm engine (x86), else fp32.
 MINILM_PRECISIONS = ("auto", "fp32", "fp16")
+# Precisions of its batches (absorbing): auto = bf16 where the CPU computes bf16 natively
+# (oneDNN: AVX512-BF16, AMX) and `precision` is auto, else the same as single texts.
+MINILM_BATCH_PRECISIONS = ("auto", "bf16", "same")
 
 
 class _Frozen(BaseModel):
@@ -216,7 +219,10 @@ class MemoryConfig(_Frozen):
         description="Built-in `minilm` or `hashing`, or an `m_ai.embedders` entry point. "
         "`minilm` options: model_path, threads, batch_size, max_length, trace_single, and "
         "precision (auto | fp32 | fp16: its Linear weights' precision; auto is fp16 where torch "
-        "has fbgemm (x86): half the time per query, vectors within cosine 0.99999 of fp32).",
+        "has fbgemm (x86): half the time per query, vectors within cosine 0.99999 of fp32), "
+        "batch_precision (auto | bf16 | same: batches of texts, i.e. absorbing; auto is bf16 "
+        "where the CPU computes bf16 natively and precision is auto: a third less CPU per text, "
+        "cosine 0.9999 to fp32).",
     )
     summarizer: Literal["extractive", "model"] = Field(
         "extractive", description="`model` asks a model through a `generate` callable given to "
@@ -264,6 +270,13 @@ class MemoryConfig(_Frozen):
                 f"{', '.join(MINILM_PRECISIONS)}; use auto (fp16 where torch has fbgemm, "
                 "x86), fp16 or fp32 (exact)"
             )
+        batch = value.options.get("batch_precision", "auto") if value.name == "minilm" else "auto"
+        if batch not in MINILM_BATCH_PRECISIONS:
+            raise ValueError(
+                f"embedder.options.batch_precision={batch!r} is not one of "
+                f"{', '.join(MINILM_BATCH_PRECISIONS)}; use auto (bf16 where the CPU has native "
+                "bf16), bf16, or same (batches in `precision`)"
+            )
         return value
 
     @field_validator("storage_uri")
@@ -276,6 +289,7 @@ class MemoryConfig(_Frozen):
 
 __all__ = [
     "MINILM_PRECISIONS",
+    "MINILM_BATCH_PRECISIONS",
     "MemoryConfig",
     "EpisodicConfig",
     "RetrievalConfig",

