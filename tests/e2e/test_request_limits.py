@@ -5,11 +5,12 @@ even ``/health`` of a model whose replicas fail to start."""
 
 from __future__ import annotations
 
+from functools import cache
+
 import httpx
 import pytest
 
 from deployments.protocol import MAX_MESSAGES
-from engine.fake_engine import ByteTokenizer
 from tests.support.serve_harness import app_config
 
 MODEL = "m-ai-tiny"
@@ -20,7 +21,7 @@ MAX_BYTES = 64 * 1024
 @pytest.fixture(scope="module")
 def http(serve_cluster):
     config = app_config(models=[{"context_length": CONTEXT}], max_request_bytes=MAX_BYTES)
-    app = serve_cluster.deploy(config, prefix="limits", engine_options={"tokenizer": "bytes"})
+    app = serve_cluster.deploy(config, prefix="limits")  # the real tiny engine
     with httpx.Client(base_url=app.url, timeout=30) as client:
         yield client
     app.delete()
@@ -30,9 +31,18 @@ def chat(content: str, **fields) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}
 
 
+@cache
+def tokenizer():
+    """The served model's tokenizer (the embedded tiny checkpoint's)."""
+    from engine.tiny.checkpoint import ensure_tiny_checkpoint
+    from engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(ensure_tiny_checkpoint())
+
+
 def prompt_tokens(content: str) -> int:
-    """What the byte tokenizer of the fake engine makes of one user turn."""
-    return len(ByteTokenizer().apply_chat_template([{"role": "user", "content": content}]))
+    """What the model's tokenizer makes of one user turn in its chat template."""
+    return len(tokenizer().apply_chat_template([{"role": "user", "content": content}]))
 
 
 def assert_clean(response: httpx.Response) -> None:
@@ -80,7 +90,7 @@ def test_prompt_plus_max_tokens_over_the_context_gives_vllms_numbers(http):
 
 
 def test_a_prompt_alone_over_the_context_gives_vllms_numbers(http):
-    content = "llama " * 100
+    content = "llama " * 400
     p = prompt_tokens(content)
     assert p >= CONTEXT
     response = http.post("/v1/chat/completions", json=chat(content))
