@@ -45,6 +45,8 @@ class FaultyEngine(LLMEngine):
         def execute(plan: Any) -> Any:
             if armed.is_set():
                 raise InjectedStepFault("injected fault: the engine step raised")
+            if not step_delay_s:
+                return step(plan)
             started = time.monotonic()
             result = step(plan)
             time.sleep(max(0.0, step_delay_s - (time.monotonic() - started)))
