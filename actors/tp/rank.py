@@ -99,7 +99,9 @@ class RankActor:
             )
             await asyncio.to_thread(self.worker.load)
             if self.rank == 0:
-                self.engine = await asyncio.to_thread(self.engine_cls.from_worker, self.worker, cfg)
+                self.engine = await asyncio.to_thread(
+                    self.engine_cls.from_worker, self.worker, cfg, **self.engine_options
+                )
             else:
                 self._follower = threading.Thread(
                     target=self._follow, name=f"m-ai-tp-rank{self.rank}", daemon=True

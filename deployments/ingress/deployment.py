@@ -379,7 +379,9 @@ class Ingress:
             running = deployment.replica_states.get("RUNNING", 0)
             draining = deployment.replica_states.get("STOPPING", 0)
             status = str(getattr(deployment.status, "value", deployment.status))
-            if running == 0 and draining:  # shutting down: no replica admits requests
+            # shutting down: no replica admits requests (a failed deployment whose last failed
+            # replica is being stopped is not draining: its cause is said below)
+            if running == 0 and draining and status not in UNHEALTHY:
                 grace = self.serving.graceful_shutdown_timeout_s
                 raise EngineDeadError(
                     f"model {name}: draining ({draining} replicas finish their running requests "

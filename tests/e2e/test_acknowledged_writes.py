@@ -17,7 +17,7 @@ USER = "dora"
 def app(serve_cluster):
     # An hour between whole-file writes: only the journal can keep what is acknowledged.
     config = app_config(memory={"persist_interval_s": 3600.0})
-    deployed = serve_cluster.deploy(config, prefix="ackw", engine_options={"tokens_per_s": 4000})
+    deployed = serve_cluster.deploy(config, prefix="ackw")  # the real engine
     yield deployed
     deployed.delete()
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cluster.config.serving import hash_api_key
 from deployments.cli.main import app as cli
-from tests.support.serve_harness import REPO_ROOT, app_config, free_port
+from tests.support.serve_harness import FAKE_ENGINE, REPO_ROOT, app_config, free_port
 
 runner = CliRunner()
 
@@ -64,6 +64,8 @@ def test_chat_keeps_one_session_with_a_running_server(serve_cluster):
     app = serve_cluster.deploy(
         app_config(),
         prefix="cli-chat",
+        # The fake's echo of its prompt is what shows that the server sent the history.
+        engine_cls=FAKE_ENGINE,
         engine_options={"tokenizer": "bytes", "reply": "echo", "repeat": True},
     )
     try:

@@ -1,6 +1,7 @@
 """What HTTP clients see when things go wrong: a client that hangs up mid-stream frees its
 slot, a full queue answers 429 with Retry-After, a dead engine answers 503 until Serve has
-replaced the replica."""
+replaced the replica. The real tiny engine throughout, paced (``FaultyEngine``'s
+``step_delay_s``) where a stream must surely still run when the client hangs up."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 import ray
 
+from tests.support.faulty_engine import FAULT_MARKER, FAULTY_ENGINE
 from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-tiny"
@@ -18,6 +20,11 @@ MODEL = "m-ai-tiny"
 
 def ask(content: str = "hi", **fields):
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def long_ask(**fields):
+    """A stream that runs to its ``max_tokens`` (the random-weight model may sample EOS)."""
+    return ask(max_tokens=2000, ignore_eos=True, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +39,8 @@ def one_slot_app(serve_cluster):
     deployed = serve_cluster.deploy(
         config,
         prefix="oneslot",
-        engine_options={"tokens_per_s": 25.0, "tokenizer": "bytes", "repeat": True},
+        engine_cls=FAULTY_ENGINE,
+        engine_options={"step_delay_s": 0.04},  # 25 tokens/s at most
     )
     yield deployed
     deployed.delete()
@@ -42,7 +50,7 @@ def test_a_client_that_hangs_up_frees_its_slot(one_slot_app):
     url = f"{one_slot_app.url}/v1/chat/completions"
     engine = one_slot_app.rank0()
     with httpx.Client(timeout=30) as client:
-        with client.stream("POST", url, json=ask(max_tokens=2000, stream=True)) as response:
+        with client.stream("POST", url, json=long_ask(stream=True)) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
             events = response.iter_lines()
@@ -65,7 +73,7 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slot(one_slot_app):
     engine = one_slot_app.rank0()
     with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 1.5 s of 80
         httpx.post(
-            f"{one_slot_app.url}/v1/chat/completions", json=ask(max_tokens=2000), timeout=1.5
+            f"{one_slot_app.url}/v1/chat/completions", json=long_ask(), timeout=1.5
         )
     stats = wait_until(
         lambda: (s := ray.get(engine.stats.remote())).running == 0 and s,
@@ -83,7 +91,7 @@ def test_a_full_queue_answers_429_with_retry_after(one_slot_app):
         async with httpx.AsyncClient(timeout=30) as client:
 
             async def hold() -> None:  # a slow stream that keeps the one slot (then one queued)
-                async with client.stream("POST", url, json=ask(max_tokens=2000, stream=True)) as r:
+                async with client.stream("POST", url, json=long_ask(stream=True)) as r:
                     async for _ in r.aiter_lines():
                         pass
 
@@ -108,35 +116,32 @@ def test_a_full_queue_answers_429_with_retry_after(one_slot_app):
 
 def test_a_dead_engine_answers_503_until_its_ranks_are_restarted(serve_cluster):
     # Health checks every 3 s: time to see the dead replica before Serve replaces it.
+    # FaultyEngine: every engine step raises once a prompt holds FAULT_MARKER.
     app = serve_cluster.deploy(
         app_config(health_check_period_s=3.0),
         prefix="dying",
-        engine_options={
-            "tokenizer": "bytes",
-            "die_on": "__die__",
-            "tokens_per_s": 100,
-            "repeat": True,
-        },
+        engine_cls=FAULTY_ENGINE,
+        engine_options={"step_delay_s": 0.01},  # 100 tokens/s at most
     )
     try:
         with httpx.Client(base_url=app.url, timeout=30) as client:
             assert client.get("/health").json()["status"] == "ok"
             with client.stream(
-                "POST", "/v1/chat/completions", json=ask(max_tokens=1000, stream=True)
+                "POST", "/v1/chat/completions", json=ask(max_tokens=1000, ignore_eos=True, stream=True)
             ) as live:
                 lines = live.iter_lines()
                 assert next(line for line in lines if line).startswith("data: {")
-                died = client.post("/v1/chat/completions", json=ask("please __die__"))
+                died = client.post("/v1/chat/completions", json=ask(f"please {FAULT_MARKER}"))
                 rest = [line for line in lines if line]
             # The stream that was running when the engine died ends with an error event.
             assert rest[-1] == "data: [DONE]"
             assert '"type":"service_unavailable"' in rest[-2].replace(" ", "")
             assert died.status_code == 503 and int(died.headers["Retry-After"]) >= 1
             assert died.json()["error"]["type"] == "service_unavailable"
-            assert "died" in died.json()["error"]["message"]
-            after = client.post("/v1/chat/completions", json=ask())
+            assert "InjectedStepFault" in died.json()["error"]["message"]  # the cause
+            after = client.post("/v1/chat/completions", json=ask(max_tokens=4))
             # the replica restarts its rank group at once: a 503 saying why, or already served
-            assert (after.status_code == 503 and "died" in after.json()["error"]["message"]) or (
+            assert (after.status_code == 503 and "stopped" in after.json()["error"]["message"]) or (
                 after.status_code == 200), after.text
 
             unhealthy = wait_until(

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from cluster.config.serving import hash_api_key
-from tests.support.serve_harness import app_config, wait_until
+from tests.support.serve_harness import FAKE_ENGINE, app_config, wait_until
 
 MODEL = "m-ai-tiny"
 KEY_ACME = "sk-test-acme-mem-0123456789"
@@ -23,8 +23,13 @@ def app(serve_cluster):
         api_keys={hash_api_key(KEY_ACME): "acme", hash_api_key(KEY_GLOBEX): "globex"},
         memory={"persist_interval_s": 0.2},
     )
+    # The fake engine: its echo is the only way to see over HTTP what memory put in the prompt
+    # (the real engine's reply cannot show it).
     deployed = serve_cluster.deploy(
-        config, prefix="memory", engine_options={"reply": "echo", "tokens_per_s": 4000}
+        config,
+        prefix="memory",
+        engine_cls=FAKE_ENGINE,
+        engine_options={"reply": "echo", "tokens_per_s": 4000},
     )
     yield deployed
     deployed.delete()

@@ -42,7 +42,7 @@ def prometheus_binary() -> str:
 @pytest.fixture(scope="module")
 def app(serve_cluster):
     deployed = serve_cluster.deploy(
-        app_config([{"name": MODEL}], metrics_interval_s=1.0), prefix="prom", engine_options={"tokens_per_s": 500.0, "tokenizer": "bytes"}
+        app_config([{"name": MODEL}], metrics_interval_s=1.0), prefix="prom"  # the real engine
     )
     yield deployed
     deployed.delete()

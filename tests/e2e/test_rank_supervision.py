@@ -13,7 +13,7 @@ import httpx
 import pytest
 import ray
 
-from tests.support.serve_harness import app_config, wait_until
+from tests.support.serve_harness import FAKE_ENGINE, app_config, wait_until
 
 MODEL = "m-ai-tiny"
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -23,7 +23,11 @@ RAY_NAMES = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "RayTas
 @pytest.fixture(scope="module")
 def app(serve_cluster):
     config = app_config(models=[{"tp_size": 2}], health_check_period_s=1.0)
-    deployed = serve_cluster.deploy(config, prefix="ranks", engine_options={"tokens_per_s": 4000})
+    # The fake at TP=2: rank actors without weights reload at once, so the test sees the
+    # supervisor's own timing (a killed real TP=2 rank: tests/e2e/test_real_engine_faults.py).
+    deployed = serve_cluster.deploy(
+        config, prefix="ranks", engine_cls=FAKE_ENGINE, engine_options={"tokens_per_s": 4000}
+    )
     yield deployed
     deployed.delete()
 

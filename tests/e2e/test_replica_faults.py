@@ -1,4 +1,4 @@
-"""Processes of a running application killed under traffic, seen over HTTP (fake engine):
+"""Processes of a running application killed under traffic, seen over HTTP (the real tiny engine):
 
 - an LLMServer replica killed in the middle of streams (``serving.migration`` off): the streams
   end with an error event,
@@ -6,6 +6,8 @@
   served by the replacement;
 - a session store shard killed in the middle of a conversation: Serve recreates it, it
   recovers from its write-ahead log, and no acknowledged turn is lost.
+
+The module shares one application: each test waits until what it killed is back.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import json
 import time
 
 import httpx
+import pytest
 import ray
 
+from tests.support.faulty_engine import FAULTY_ENGINE
 from tests.support.serve_harness import app_config
 
 MODEL = "m-ai-tiny"
@@ -49,7 +53,7 @@ async def read_stream(client: httpx.AsyncClient, started: asyncio.Event) -> list
     """The data lines of one long stream; sets ``started`` at its first event."""
     lines = []
     async with client.stream(
-        "POST", "/v1/chat/completions", json=ask(max_tokens=1500, stream=True)
+        "POST", "/v1/chat/completions", json=ask(max_tokens=1500, ignore_eos=True, stream=True)
     ) as response:
         assert response.status_code == 200, (await response.aread()).decode()
         async for line in response.aiter_lines():
@@ -79,14 +83,22 @@ async def poll_health(client: httpx.AsyncClient, timeout_s: float) -> list[httpx
     return answers
 
 
-def test_a_killed_llm_replica_ends_its_streams_with_an_error_and_is_replaced(serve_cluster):
+@pytest.fixture(scope="module")
+def app(serve_cluster):
+    # Paced (50 tokens/s at most): the streams surely still run when the replica is killed.
     # Migration off: this is the path of a stream that cannot be resumed (one replica, none
     # other to go to); tests/e2e/test_stream_migration.py resumes one on a second replica.
-    app = serve_cluster.deploy(
+    deployed = serve_cluster.deploy(
         app_config(migration={"enabled": False}),
-        prefix="replicakill",
-        engine_options={"tokens_per_s": 50.0, "tokenizer": "bytes", "repeat": True},
+        prefix="faults",
+        engine_cls=FAULTY_ENGINE,
+        engine_options={"step_delay_s": 0.02},
     )
+    yield deployed
+    deployed.delete()
+
+
+def test_a_killed_llm_replica_ends_its_streams_with_an_error_and_is_replaced(app):
     replica_prefix = f"SERVE_REPLICA::{app.name}#llm-"
 
     async def scenario():
@@ -104,65 +116,54 @@ def test_a_killed_llm_replica_ends_its_streams_with_an_error_and_is_replaced(ser
             ended = await asyncio.wait_for(asyncio.gather(*streams), 15)
             return killed, ended, await during, await health
 
-    try:
-        killed, ended, during, health = asyncio.run(scenario())
-        for lines in ended:  # each stream ended (no hang) with an error event, then [DONE]
-            assert lines[-1] == "data: [DONE]"
-            error = json.loads(lines[-2][len("data: ") :])["error"]
-            assert error["type"] == "service_unavailable", error
-            assert_no_stack_trace("\n".join(lines))
-        for response in during:
-            assert response.status_code in (200, 503), response.text
-            assert_no_stack_trace(response.text)
-            if response.status_code == 503:
-                assert response.headers["Retry-After"]
-        # /health tells the truth: 503 while no replica runs, 200 once the new one does.
-        codes = [a.status_code for a in health]
-        assert 503 in codes and codes[-1] == 200, codes
-        assert set(codes) <= {200, 503}
-        down = next(a for a in health if a.status_code == 503)
-        assert "running replicas" in down.json()["error"]["message"] and down.headers["Retry-After"]
-        assert health[-1].json()["models"][MODEL]["running_replicas"] == 1
-        (replacement, _), *_ = named_actors(replica_prefix)
-        assert replacement != killed
-        with httpx.Client(base_url=app.url, timeout=30) as client:
-            replies = [
-                client.post("/v1/chat/completions", json=ask(max_tokens=5)) for _ in range(3)
-            ]
-        assert [r.status_code for r in replies] == [200] * 3
-    finally:
-        app.delete()
+    killed, ended, during, health = asyncio.run(scenario())
+    for lines in ended:  # each stream ended (no hang) with an error event, then [DONE]
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][len("data: ") :])["error"]
+        assert error["type"] == "service_unavailable", error
+        assert_no_stack_trace("\n".join(lines))
+    for response in during:
+        assert response.status_code in (200, 503), response.text
+        assert_no_stack_trace(response.text)
+        if response.status_code == 503:
+            assert response.headers["Retry-After"]
+    # /health tells the truth: 503 while no replica runs, 200 once the new one does.
+    codes = [a.status_code for a in health]
+    assert 503 in codes and codes[-1] == 200, codes
+    assert set(codes) <= {200, 503}
+    down = next(a for a in health if a.status_code == 503)
+    assert "running replicas" in down.json()["error"]["message"] and down.headers["Retry-After"]
+    assert health[-1].json()["models"][MODEL]["running_replicas"] == 1
+    (replacement, _), *_ = named_actors(replica_prefix)
+    assert replacement != killed
+    with httpx.Client(base_url=app.url, timeout=30) as client:
+        replies = [
+            client.post("/v1/chat/completions", json=ask(max_tokens=5)) for _ in range(3)
+        ]
+    assert [r.status_code for r in replies] == [200] * 3
 
 
-def test_a_killed_session_store_loses_no_acknowledged_turn(serve_cluster):
-    app = serve_cluster.deploy(
-        app_config(),
-        prefix="storekill",
-        engine_options={"reply": "echo", "tokenizer": "bytes", "tokens_per_s": 2000},
-    )
-    try:
-        with httpx.Client(base_url=app.url, timeout=30) as client:
-            sid = client.post("/v1/sessions", json={"system_prompt": "Be brief."}).json()["id"]
-            for turn in ("first turn", "second turn"):
-                reply = client.post(
-                    "/v1/chat/completions", json=ask(turn, max_tokens=8, session_id=sid)
-                )
-                assert reply.status_code == 200  # acknowledged
+def test_a_killed_session_store_loses_no_acknowledged_turn(app):
+    with httpx.Client(base_url=app.url, timeout=30) as client:
+        sid = client.post("/v1/sessions", json={"system_prompt": "Be brief."}).json()["id"]
+        for turn in ("first turn", "second turn"):
+            reply = client.post(
+                "/v1/chat/completions", json=ask(turn, max_tokens=8, session_id=sid)
+            )
+            assert reply.status_code == 200  # acknowledged
 
-            kill_named(f"SERVE_DEPLOYMENT_ACTOR::{app.name}::ingress::")
+        kill_named(f"SERVE_DEPLOYMENT_ACTOR::{app.name}::ingress::")
 
-            deadline = time.monotonic() + 60
-            while True:  # 503 while Serve recreates the shard; anything else is final
-                third = client.post(
-                    "/v1/chat/completions", json=ask("third turn", max_tokens=8, session_id=sid)
-                )
-                if third.status_code != 503 or time.monotonic() > deadline:
-                    break
-                time.sleep(1.0)
-            assert third.status_code == 200, third.text
-            stored = client.get(f"/v1/sessions/{sid}")
-            assert stored.status_code == 200, stored.text
-            users = [m["content"] for m in stored.json()["messages"] if m["role"] == "user"]
-            assert users == ["first turn", "second turn", "third turn"]
-    finally:
-        app.delete()
+        deadline = time.monotonic() + 60
+        while True:  # 503 while Serve recreates the shard; anything else is final
+            third = client.post(
+                "/v1/chat/completions", json=ask("third turn", max_tokens=8, session_id=sid)
+            )
+            if third.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        assert third.status_code == 200, third.text
+        stored = client.get(f"/v1/sessions/{sid}")
+        assert stored.status_code == 200, stored.text
+        users = [m["content"] for m in stored.json()["messages"] if m["role"] == "user"]
+        assert users == ["first turn", "second turn", "third turn"]

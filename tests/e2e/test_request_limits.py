@@ -1,26 +1,28 @@
 """Bad input at the limits, over HTTP: a body above ``serving.max_request_bytes`` is a 413, too
 many messages a 400 naming ``messages``, a prompt plus ``max_tokens`` beyond the context a
 400 with the numbers and the words vLLM uses, and no answer ever carries a stack trace, not
-even ``/health`` of a model whose replicas fail to start."""
+even ``/health`` of a model whose replicas fail to start (its checkpoint does not exist)."""
 
 from __future__ import annotations
+
+from functools import cache
 
 import httpx
 import pytest
 
 from deployments.protocol import MAX_MESSAGES
-from engine.fake_engine import ByteTokenizer
 from tests.support.serve_harness import app_config
 
 MODEL = "m-ai-tiny"
 CONTEXT = 512
 MAX_BYTES = 64 * 1024
+MISSING_CHECKPOINT = "/nonexistent/m-ai-no-checkpoint"
 
 
 @pytest.fixture(scope="module")
 def http(serve_cluster):
     config = app_config(models=[{"context_length": CONTEXT}], max_request_bytes=MAX_BYTES)
-    app = serve_cluster.deploy(config, prefix="limits", engine_options={"tokenizer": "bytes"})
+    app = serve_cluster.deploy(config, prefix="limits")  # the real tiny engine
     with httpx.Client(base_url=app.url, timeout=30) as client:
         yield client
     app.delete()
@@ -30,9 +32,18 @@ def chat(content: str, **fields) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}
 
 
+@cache
+def tokenizer():
+    """The served model's tokenizer (the embedded tiny checkpoint's)."""
+    from engine.tiny.checkpoint import ensure_tiny_checkpoint
+    from engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(ensure_tiny_checkpoint())
+
+
 def prompt_tokens(content: str) -> int:
-    """What the byte tokenizer of the fake engine makes of one user turn."""
-    return len(ByteTokenizer().apply_chat_template([{"role": "user", "content": content}]))
+    """What the model's tokenizer makes of one user turn in its chat template."""
+    return len(tokenizer().apply_chat_template([{"role": "user", "content": content}]))
 
 
 def assert_clean(response: httpx.Response) -> None:
@@ -80,7 +91,7 @@ def test_prompt_plus_max_tokens_over_the_context_gives_vllms_numbers(http):
 
 
 def test_a_prompt_alone_over_the_context_gives_vllms_numbers(http):
-    content = "llama " * 100
+    content = "llama " * 400
     p = prompt_tokens(content)
     assert p >= CONTEXT
     response = http.post("/v1/chat/completions", json=chat(content))
@@ -105,13 +116,14 @@ def test_health_of_a_model_that_cannot_start_carries_no_stack_trace(serve_cluste
     try:
         with pytest.raises(RuntimeError):  # serve.run reports the failed deployment
             serve_cluster.deploy(
-                app_config(), prefix="nostart", engine_options={"no_such_option": 1}
+                app_config(models=[{"checkpoint": MISSING_CHECKPOINT}]), prefix="nostart"
             )
         name = next(n for n in serve.status().applications if n.startswith("nostart-"))
         health = httpx.get(f"http://127.0.0.1:{serve_cluster.http_port}/{name}/health", timeout=30)
         assert health.status_code == 503, health.text
         message = health.json()["error"]["message"]
-        assert "DEPLOY_FAILED" in message and "no_such_option" in message  # the cause, briefly
+        # the cause, briefly (its middle elided): the checkpoint, and what to do
+        assert "DEPLOY_FAILED" in message and "check the path" in message
         assert_clean(health)
         assert "\n" not in message and "\x1b" not in message
     finally:

@@ -14,7 +14,7 @@ import pytest
 from cluster.autoscaling.policy import last_scaling_decision
 from cluster.autoscaling.simulation import ServeDefaultState, serve_default_decide
 from deployments.protocol import ChatCompletionRequest
-from tests.support.serve_harness import app_config, wait_until
+from tests.support.serve_harness import FAKE_ENGINE, app_config, wait_until
 
 MODEL = "m-ai-tiny"
 FAST_POLICY = {
@@ -36,7 +36,11 @@ def test_load_scales_one_to_two_and_back(serve_cluster):
         models=[{"name": MODEL, "max_num_seqs": 2}],
         min_replicas=1, max_replicas=2, target_ongoing_requests=2, autoscaling=FAST_POLICY,
     )
-    app = serve_cluster.deploy(config, prefix="scale", engine_options={"tokens_per_s": 50.0, "tokenizer": "bytes"})
+    # The fake engine: replicas that start without a model load, so scaling is seen in time.
+    app = serve_cluster.deploy(
+        config, prefix="scale", engine_cls=FAKE_ENGINE,
+        engine_options={"tokens_per_s": 50.0, "tokenizer": "bytes"},
+    )
     try:
         assert running_replicas(app) == 1
         stop = threading.Event()

@@ -22,11 +22,7 @@ def examples() -> list[str]:
 
 @pytest.fixture(scope="module")
 def app(serve_cluster):
-    deployed = serve_cluster.deploy(
-        app_config(),
-        prefix="handle-docs",
-        engine_options={"tokenizer": "bytes", "tokens_per_s": 2000.0},
-    )
+    deployed = serve_cluster.deploy(app_config(), prefix="handle-docs")  # the real engine
     yield deployed
     deployed.delete()
 

@@ -1,5 +1,6 @@
 """Metrics, the timing breakdown and /v1/diagnostics, the response cache, autoscaling stats and
-batch jobs, on the real Serve graph with the fake engine."""
+batch jobs, on the real Serve graph with the real tiny engine (paced: ``FaultyEngine``'s
+``step_delay_s``, so that decode takes a known time whatever the machine)."""
 
 from __future__ import annotations
 
@@ -13,22 +14,29 @@ import ray
 from deployments.batch_jobs import run_batch
 from deployments.diagnostics import metrics_endpoints
 from deployments.protocol import ChatCompletionRequest
+from tests.support.faulty_engine import FAULTY_ENGINE
 from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-obs"  # a name of its own: metrics of other test apps do not mix in
-SLOW_DECODE = {"tokens_per_s": 250.0, "tokenizer": "bytes"}  # 40 tokens: 0.16 s of decode
+STEP_S = 0.02
+SLOW_DECODE = {"step_delay_s": STEP_S}  # 40 tokens: 0.8 s of decode
 
 
 @pytest.fixture(scope="module")
 def app(serve_cluster):
     config = app_config([{"name": MODEL}], metrics_interval_s=0.5, response_cache={"max_entries": 16})
-    deployed = serve_cluster.deploy(config, prefix="obs", engine_options=SLOW_DECODE)
+    deployed = serve_cluster.deploy(
+        config, prefix="obs", engine_cls=FAULTY_ENGINE, engine_options=SLOW_DECODE
+    )
     yield deployed
     deployed.delete()
 
 
 def chat(content: str, **fields) -> ChatCompletionRequest:
-    return ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": content}], **fields)
+    """``ignore_eos``: exactly ``max_tokens`` tokens, whatever the random-weight model samples."""
+    return ChatCompletionRequest(
+        model=MODEL, messages=[{"role": "user", "content": content}], ignore_eos=True, **fields
+    )
 
 
 def metrics_page() -> str:
@@ -60,7 +68,7 @@ def test_requests_record_metrics_and_diagnostics_name_decode(app):
 
     report = httpx.get(app.url + "/v1/diagnostics", params={"model": MODEL}, timeout=30).json()
     assert report["requests"] >= 6 and report["dominant"] == "decode", report
-    assert report["mean_s"]["decode"] == pytest.approx(39 / 250, rel=0.5)
+    assert report["mean_s"]["decode"] == pytest.approx(39 * STEP_S, rel=0.5)
     assert "tensor-parallel" in report["recommendation"]
     unknown = httpx.get(app.url + "/v1/diagnostics", params={"model": "nope"}, timeout=30)
     assert unknown.status_code == 404  # OpenAI's model_not_found
@@ -90,7 +98,8 @@ def test_batch_job_runs_resumes_and_survives_bad_lines(app, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [
         {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": MODEL, "messages": [{"role": "user", "content": f"n{i}"}], "max_tokens": 8}}
+         "body": {"model": MODEL, "messages": [{"role": "user", "content": f"n{i}"}], "max_tokens": 8,
+                  "ignore_eos": True}}
         for i in range(10)
     ]
     lines.append({"custom_id": "wrong-model", "method": "POST", "url": "/v1/completions",

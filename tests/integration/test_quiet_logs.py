@@ -12,14 +12,14 @@ import httpx
 import pytest
 
 from cluster.errors import ModelNotFoundError
-from tests.support.serve_harness import FAST_FAKE, app_config, wait_until
+from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-tiny"
 
 
 @pytest.fixture(scope="module")
 def app(serve_cluster):
-    deployed = serve_cluster.deploy(app_config(), prefix="quiet", engine_options=FAST_FAKE)
+    deployed = serve_cluster.deploy(app_config(), prefix="quiet")  # the real engine
     yield deployed
     deployed.delete()
 

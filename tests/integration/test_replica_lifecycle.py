@@ -34,7 +34,10 @@ def greedy_default_text(app) -> str:
 @pytest.fixture(scope="module")
 def tp2_app(serve_cluster):
     config = app_config(models=[{"tp_size": 2}], health_check_period_s=3.0)
-    deployed = serve_cluster.deploy(config, prefix="tp2", engine_options=FAST_FAKE)
+    # The placement group and rank actors of TP=2 without loading weights: the fake engine.
+    deployed = serve_cluster.deploy(
+        config, prefix="tp2", engine_cls=FAKE_ENGINE, engine_options=FAST_FAKE
+    )
     yield deployed
     deployed.delete()
 

@@ -17,14 +17,18 @@ from deployments.protocol import (
     SessionInfo,
 )
 from engine.fake_engine import DEFAULT_REPLY, ByteTokenizer
-from tests.support.serve_harness import FAST_FAKE, app_config, wait_until
+from tests.support.serve_harness import FAKE_ENGINE, FAST_FAKE, app_config, wait_until
 
 MODEL = "m-ai-tiny"
 
 
 @pytest.fixture(scope="module")
 def app(serve_cluster):
-    deployed = serve_cluster.deploy(app_config(), prefix="graph", engine_options=FAST_FAKE)
+    # The serving graph on its own: the fake engine's fixed reply and byte tokens are the
+    # expected values (the real engine behind the same graph: tests/e2e).
+    deployed = serve_cluster.deploy(
+        app_config(), prefix="graph", engine_cls=FAKE_ENGINE, engine_options=FAST_FAKE
+    )
     yield deployed
     deployed.delete()
 
@@ -172,6 +176,7 @@ def test_cancelling_a_handle_stream_frees_the_engine_slot(serve_cluster):
     slow = serve_cluster.deploy(
         app_config(),
         prefix="cancel",
+        engine_cls=FAKE_ENGINE,  # a serving-graph test, see ``app``
         engine_options={"tokens_per_s": 20.0, "tokenizer": "bytes", "repeat": True},
     )
     try:

@@ -11,7 +11,7 @@ import re
 import httpx
 import pytest
 
-from tests.support.serve_harness import app_config, wait_until
+from tests.support.serve_harness import FAKE_ENGINE, app_config, wait_until
 
 MODEL = "m-ai-tiny"
 TOKENS = 8  # per answer
@@ -25,7 +25,10 @@ def generated(url: str) -> dict[str, float]:
 
 def deploy(serve_cluster, affinity: bool):
     config = app_config(min_replicas=2, max_replicas=2, session_affinity=affinity)
-    app = serve_cluster.deploy(config, prefix="routing", engine_options={"tokens_per_s": 2000})
+    # Routing in the serving graph only: the fake engine (two replicas, no model to load).
+    app = serve_cluster.deploy(
+        config, prefix="routing", engine_cls=FAKE_ENGINE, engine_options={"tokens_per_s": 2000}
+    )
     wait_until(lambda: len(generated(app.url)) == 2, timeout_s=60, what="both replicas reporting")
     return app
 

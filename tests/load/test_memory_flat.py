@@ -21,7 +21,7 @@ import psutil
 import pytest
 import ray
 
-from tests.support.load_client import MODEL, client, send
+from tests.support.load_client import MODEL, Answers, client, reference_answers, send
 from tests.support.serve_harness import app_config
 
 pytestmark = pytest.mark.load
@@ -47,11 +47,7 @@ def rss(pids: dict[str, int]) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def app(serve_cluster):
-    deployed = serve_cluster.deploy(
-        app_config(session_store_shards=2),
-        prefix="leak",
-        engine_options={"reply": "echo", "tokenizer": "bytes", "tokens_per_s": 2000.0},
-    )
+    deployed = serve_cluster.deploy(app_config(session_store_shards=2), prefix="leak")  # real
     yield deployed
     deployed.delete()
 
@@ -75,7 +71,7 @@ async def session_traffic(c: httpx.AsyncClient, k: int, payload_chars: int = 200
     return ok
 
 
-async def one_round(url: str, r: int) -> int:
+async def one_round(url: str, r: int, answers: Answers) -> int:
     """200 requests: 100 chat completions (half streamed), 20 conversations of 5 requests."""
     rng = random.Random(r)
     async with client(url, 32) as c:
@@ -83,7 +79,7 @@ async def one_round(url: str, r: int) -> int:
 
         async def chat(i: int) -> int:
             async with gate:
-                return (await send(c, i, i % 2 == 0, rng)).kind == "ok"
+                return (await send(c, i, i % 2 == 0, rng, answers)).kind == "ok"
 
         async def talk(k: int) -> int:
             async with gate:
@@ -100,9 +96,10 @@ def test_resident_memory_is_flat_over_five_rounds_of_200_requests(app):
     kinds = " ".join(pids)
     assert "#ingress#" in kinds and "#llm-" in kinds and "m-ai-rank-" in kinds
     assert "SERVE_DEPLOYMENT_ACTOR::" in kinds, pids
+    answers = asyncio.run(reference_answers(app.url))
     samples = []
     for r in range(5):
-        assert asyncio.run(one_round(app.url, r)) == 200
+        assert asyncio.run(one_round(app.url, r, answers)) == 200
         samples.append(rss(pids))
     growth = {name: samples[4][name] / samples[1][name] - 1 for name in pids}
     report = {name.split("::")[-1][-40:]: f"{g:+.1%}" for name, g in growth.items()}

@@ -4,8 +4,9 @@ a designed refusal (429/503 with Retry-After); never a 500, never a hang.
 The rate is measured first in the same run: the throughput of a closed loop that keeps 32
 requests in flight (the engine's batch) is the machine's ceiling; 1,000 requests then arrive
 as a Poisson process at 80% of it (an open loop at the ceiling itself only builds a queue:
-the client shares the same cores), half of them streamed. The fake engine echoes its
-prompt, so each answer proves it went to the request that asked (no crossed streams).
+the client shares the same cores), half of them streamed. The real tiny engine answers greedily
+and a batch does not change its answers, so each answer is checked against its prompt's
+reference answer and its length (tests/support/load_client.py): no crossed streams.
 """
 
 from __future__ import annotations
@@ -15,34 +16,31 @@ from collections import Counter
 
 import pytest
 
-from tests.support.load_client import closed_loop, open_loop
+from tests.support.load_client import closed_loop, open_loop, reference_answers
 from tests.support.serve_harness import app_config
 
 pytestmark = pytest.mark.load
 
 
 @pytest.fixture(scope="module")
-def echo_app(serve_cluster):
-    deployed = serve_cluster.deploy(
-        app_config(retry_after_s=1.0),
-        prefix="load",
-        engine_options={"reply": "echo", "tokenizer": "bytes", "tokens_per_s": 2000.0},
-    )
+def load_app(serve_cluster):
+    deployed = serve_cluster.deploy(app_config(retry_after_s=1.0), prefix="load")  # real engine
     yield deployed
     deployed.delete()
 
 
-def test_1000_requests_at_the_sustained_rate_are_answered_or_refused_by_design(echo_app):
-    warm, _ = asyncio.run(closed_loop(echo_app.url, 32, 8, first=100_000))
+def test_1000_requests_at_the_sustained_rate_are_answered_or_refused_by_design(load_app):
+    answers = asyncio.run(reference_answers(load_app.url))
+    warm, _ = asyncio.run(closed_loop(load_app.url, answers, 32, 8, first=100_000))
     assert all(o.kind == "ok" for o in warm), [o.detail for o in warm if o.kind != "ok"]
 
-    calibration, wall = asyncio.run(closed_loop(echo_app.url, 160, 32, first=200_000))
+    calibration, wall = asyncio.run(closed_loop(load_app.url, answers, 160, 32, first=200_000))
     assert all(o.kind == "ok" for o in calibration)
     ceiling = len(calibration) / wall
     sustained = 0.8 * ceiling
     print(f"\nceiling (32 in flight): {ceiling:.1f} requests/s; offered {sustained:.1f}/s")
 
-    outcomes, wall = asyncio.run(open_loop(echo_app.url, 1000, sustained, first=0))
+    outcomes, wall = asyncio.run(open_loop(load_app.url, answers, 1000, sustained, first=0))
     kinds = Counter(o.kind for o in outcomes)
     statuses = Counter(o.status for o in outcomes)
     failures = Counter(o.detail[:120] for o in outcomes if o.kind == "failed")
@@ -66,13 +64,13 @@ def test_overload_with_a_short_queue_is_refused_by_design(serve_cluster):
     app = serve_cluster.deploy(
         app_config(max_ongoing_requests=8, max_queued_requests=8, retry_after_s=2.0),
         prefix="overload",
-        engine_options={"reply": "echo", "tokenizer": "bytes", "tokens_per_s": 500.0},
     )
     try:
-        calibration, wall = asyncio.run(closed_loop(app.url, 64, 8, first=300_000))
+        answers = asyncio.run(reference_answers(app.url))
+        calibration, wall = asyncio.run(closed_loop(app.url, answers, 64, 8, first=300_000))
         assert all(o.kind == "ok" for o in calibration)
         rate = 3 * len(calibration) / wall
-        outcomes, _ = asyncio.run(open_loop(app.url, 600, rate, first=400_000))
+        outcomes, _ = asyncio.run(open_loop(app.url, answers, 600, rate, first=400_000))
     finally:
         app.delete()
     kinds = Counter(o.kind for o in outcomes)

@@ -1,17 +1,23 @@
-"""The real engine with a fault switch, for tests of an engine step that raises.
+"""The real engine with a fault switch and a pace, for tests of faults and of slow streams.
 
 ``FaultyEngine`` is ``engine.engine:LLMEngine`` unchanged until a prompt contains
 ``FAULT_MARKER``; from then on every step of its rank-0 worker raises, as a CUDA error or a
 broken kernel would. The engine core loop dies on the first such step and fails every request
 in flight (like vLLM's ``EngineDeadError``), and the replica's health check fails.
 
+``step_delay_s`` (an engine option) makes each step of the rank-0 worker last at least that
+long: a stream then yields at most ``1 / step_delay_s`` tokens a second whatever the machine,
+so a test can hang up, fill a queue or kill a process while a stream is surely still running.
+
 Deploy it with ``engine_cls=FAULTY_ENGINE`` (a path the rank actors import: the repository
-root is on their ``PYTHONPATH``, see ``serve_harness``).
+root is on their ``PYTHONPATH``, see ``serve_harness``) and, for a pace,
+``engine_options={"step_delay_s": ...}``.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,19 +32,25 @@ class InjectedStepFault(RuntimeError):
 
 
 class FaultyEngine(LLMEngine):
-    """``LLMEngine`` whose steps raise once a prompt holding ``FAULT_MARKER`` arrives."""
+    """``LLMEngine`` whose steps raise once a prompt holding ``FAULT_MARKER`` arrives, and
+    last at least ``step_delay_s``."""
 
     armed: threading.Event
 
     @classmethod
-    def from_worker(cls, worker: Any, config: Any) -> FaultyEngine:
+    def from_worker(cls, worker: Any, config: Any, step_delay_s: float = 0.0) -> FaultyEngine:
         armed = threading.Event()
         step = worker.execute
 
         def execute(plan: Any) -> Any:
             if armed.is_set():
                 raise InjectedStepFault("injected fault: the engine step raised")
-            return step(plan)
+            if not step_delay_s:
+                return step(plan)
+            started = time.monotonic()
+            result = step(plan)
+            time.sleep(max(0.0, step_delay_s - (time.monotonic() - started)))
+            return result
 
         worker.execute = execute  # before the core loop starts calling it
         engine = super().from_worker(worker, config)

@@ -1,7 +1,13 @@
 """The client side of the load tests: requests whose answers can be checked, sent at a rate
 or with a fixed number in flight, each one classified as correct, a designed refusal (429 or
 503 with Retry-After) or a failure (anything else: a 500, a wrong answer, a broken stream, no
-answer within the client timeout)."""
+answer within the client timeout).
+
+The answers are checked against the real engine's greedy decoding, which a batch does not
+change: request ``i`` asks prompt ``i % PROMPTS`` for its own number of tokens (``ignore_eos``),
+so its answer is the start of that prompt's reference answer (``reference_answers``, asked
+once before the load) with exactly that many tokens. An answer delivered to the wrong request
+has another prompt's text or another length."""
 
 from __future__ import annotations
 
@@ -15,6 +21,11 @@ import httpx
 
 MODEL = "m-ai-tiny"
 CLIENT_TIMEOUT_S = 60.0
+PROMPTS = 32  # distinct prompts: request i asks prompt i % PROMPTS
+MAX_TOKENS = 96  # a request asks for 40 to MAX_TOKENS tokens
+
+# prompt number -> the greedy answer of MAX_TOKENS tokens
+Answers = dict[int, str]
 
 
 @dataclass
@@ -25,24 +36,52 @@ class Outcome:
     latency_s: float = 0.0
 
 
+def prompt(k: int) -> list[dict]:
+    return [{"role": "user", "content": f"load request {k} about llamas"}]
+
+
 def body(i: int, stream: bool, rng: random.Random) -> dict:
-    """Request ``i``: the echoing fake engine answers with its prompt, which names ``i``."""
-    fields = {"stream": True} if stream else {}
+    """Request ``i``: prompt ``i % PROMPTS``, greedy, exactly ``max_tokens`` tokens."""
+    fields = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
     return {
         "model": MODEL,
-        "messages": [{"role": "user", "content": f"load request {i} about llamas"}],
-        "max_tokens": rng.randrange(40, 96),
+        "messages": prompt(i % PROMPTS),
+        "max_tokens": rng.randrange(40, MAX_TOKENS + 1),
         "temperature": 0.0,
+        "ignore_eos": True,
         **fields,
     }
 
 
-def check_answer(i: int, text: str, finish: str | None) -> str:
+async def reference_answers(url: str) -> Answers:
+    """Each prompt's greedy answer of ``MAX_TOKENS`` tokens."""
+
+    async def ask(c: httpx.AsyncClient, k: int) -> str:
+        response = await c.post("/v1/chat/completions", json={
+            "model": MODEL, "messages": prompt(k), "max_tokens": MAX_TOKENS,
+            "temperature": 0.0, "ignore_eos": True,
+        })
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    async with client(url, 16) as c:
+        texts = await asyncio.gather(*(ask(c, k) for k in range(PROMPTS)))
+    assert len(set(texts)) > PROMPTS // 2, texts  # the prompts tell the answers apart
+    return dict(enumerate(texts))
+
+
+def check_answer(
+    i: int, payload: dict, text: str, finish: str | None, tokens: int | None, answers: Answers
+) -> str:
     """'' when the answer is the one request ``i`` must get, else what is wrong."""
-    if f"load request {i} " not in text:
-        return f"answer of request {i} does not name it: {text[:80]!r}"
-    if finish not in ("stop", "length"):
+    reference = answers[i % PROMPTS]
+    # a last token that ends inside a UTF-8 character decodes to U+FFFD
+    if not text or not reference.startswith(text.rstrip("\ufffd")):
+        return f"answer of request {i} is not its prompt's: {text[:80]!r} vs {reference[:80]!r}"
+    if finish != "length":
         return f"finish_reason={finish!r}"
+    if tokens != payload["max_tokens"]:
+        return f"{tokens} completion tokens, request {i} asked {payload['max_tokens']}"
     return ""
 
 
@@ -50,10 +89,14 @@ def refused(response: httpx.Response) -> bool:
     return response.status_code in (429, 503) and bool(response.headers.get("Retry-After"))
 
 
-async def send(client: httpx.AsyncClient, i: int, stream: bool, rng: random.Random) -> Outcome:
+async def send(
+    client: httpx.AsyncClient, i: int, stream: bool, rng: random.Random, answers: Answers
+) -> Outcome:
     start = time.monotonic()
     try:
-        outcome = await asyncio.wait_for(_send(client, i, stream, rng), CLIENT_TIMEOUT_S)
+        outcome = await asyncio.wait_for(
+            _send(client, i, stream, rng, answers), CLIENT_TIMEOUT_S
+        )
     except (asyncio.TimeoutError, httpx.TimeoutException):
         return Outcome("failed", 0, f"no answer within {CLIENT_TIMEOUT_S:.0f}s (a hang)")
     except httpx.HTTPError as exc:
@@ -62,22 +105,28 @@ async def send(client: httpx.AsyncClient, i: int, stream: bool, rng: random.Rand
     return outcome
 
 
-async def _send(client: httpx.AsyncClient, i: int, stream: bool, rng: random.Random) -> Outcome:
+async def _send(
+    client: httpx.AsyncClient, i: int, stream: bool, rng: random.Random, answers: Answers
+) -> Outcome:
     payload = body(i, stream, rng)
     if not stream:
         response = await client.post("/v1/chat/completions", json=payload)
         if response.status_code != 200:
             kind = "refused" if refused(response) else "failed"
             return Outcome(kind, response.status_code, response.text[:200])
-        choice = response.json()["choices"][0]
-        wrong = check_answer(i, choice["message"]["content"], choice["finish_reason"])
+        answer = response.json()
+        choice = answer["choices"][0]
+        wrong = check_answer(
+            i, payload, choice["message"]["content"], choice["finish_reason"],
+            answer["usage"]["completion_tokens"], answers,
+        )
         return Outcome("failed" if wrong else "ok", 200, wrong)
     async with client.stream("POST", "/v1/chat/completions", json=payload) as response:
         if response.status_code != 200:
             await response.aread()
             kind = "refused" if refused(response) else "failed"
             return Outcome(kind, response.status_code, response.text[:200])
-        text, finish, done = [], None, False
+        text, finish, tokens, done = [], None, None, False
         async for line in response.aiter_lines():
             if line == "data: [DONE]":
                 done = True
@@ -88,9 +137,11 @@ async def _send(client: httpx.AsyncClient, i: int, stream: bool, rng: random.Ran
                 for choice in chunk.get("choices", []):
                     text.append(choice["delta"].get("content") or "")
                     finish = choice.get("finish_reason") or finish
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
     if not done:
         return Outcome("failed", 200, "the stream ended without [DONE]")
-    wrong = check_answer(i, "".join(text), finish)
+    wrong = check_answer(i, payload, "".join(text), finish, tokens, answers)
     return Outcome("failed" if wrong else "ok", 200, wrong)
 
 
@@ -99,7 +150,9 @@ def client(url: str, in_flight: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, limits=limits, timeout=CLIENT_TIMEOUT_S)
 
 
-async def closed_loop(url: str, n: int, in_flight: int, first: int = 0) -> tuple[list[Outcome], float]:
+async def closed_loop(
+    url: str, answers: Answers, n: int, in_flight: int, first: int = 0
+) -> tuple[list[Outcome], float]:
     """``n`` requests, ``in_flight`` at a time; returns the outcomes and the wall time."""
     rng = random.Random(first)
     queue = list(range(first, first + n))
@@ -109,21 +162,23 @@ async def closed_loop(url: str, n: int, in_flight: int, first: int = 0) -> tuple
         async def worker() -> None:
             while queue:
                 i = queue.pop()
-                outcomes.append(await send(c, i, i % 2 == 0, rng))
+                outcomes.append(await send(c, i, i % 2 == 0, rng, answers))
 
         start = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(in_flight)))
         return outcomes, time.monotonic() - start
 
 
-async def open_loop(url: str, n: int, rate: float, first: int = 0) -> tuple[list[Outcome], float]:
+async def open_loop(
+    url: str, answers: Answers, n: int, rate: float, first: int = 0
+) -> tuple[list[Outcome], float]:
     """``n`` requests arriving as a Poisson process of ``rate`` per second."""
     rng = random.Random(first)
     async with client(url, 512) as c:
         start = time.monotonic()
         tasks = []
         for i in range(first, first + n):
-            tasks.append(asyncio.create_task(send(c, i, i % 2 == 0, rng)))
+            tasks.append(asyncio.create_task(send(c, i, i % 2 == 0, rng, answers)))
             await asyncio.sleep(rng.expovariate(rate))
         outcomes = await asyncio.gather(*tasks)
         return list(outcomes), time.monotonic() - start

@@ -20,7 +20,7 @@ from typing import Any
 
 from cluster.config import AppConfig, build_app_config
 from cluster.net import free_port
-from deployments.app import FAKE_ENGINE
+from deployments.app import FAKE_ENGINE as FAKE_ENGINE  # tests that need the fake name it
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NUM_CPUS = 8
@@ -36,8 +36,6 @@ FAST_SERVING: dict[str, Any] = {
     "graceful_shutdown_wait_loop_s": 0.1,
 }
 FAST_FAKE = {"tokens_per_s": 2000.0, "tokenizer": "bytes"}
-
-
 
 # Tests' memory: the hashing embedder (no MiniLM load), files in the app's own directory.
 FAST_MEMORY: dict[str, Any] = {"embedder": "hashing"}
@@ -117,12 +115,16 @@ class ServeCluster:
         config: AppConfig,
         *,
         prefix: str = "app",
-        engine_cls: str | type | None = FAKE_ENGINE,
+        engine_cls: str | type | None = None,
         engine_options: dict[str, Any] | None = None,
         live: dict[str, dict[str, Any]] | None = None,
         name: str | None = None,
     ) -> DeployedApp:
-        """Deploy ``build_app(config)`` under a unique name (or ``name``, to update it)."""
+        """Deploy ``build_app(config)`` under a unique name (or ``name``, to update it).
+
+        ``engine_cls`` None is the real engine (the tiny checkpoint unless ``config`` names
+        another); a test passes ``FAKE_ENGINE`` only for what the fake alone gives (its echo of
+        the prompt, no model load for serving-graph tests) and says why where it does."""
         from ray import serve
 
         from deployments.app import build_app

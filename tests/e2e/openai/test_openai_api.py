@@ -21,13 +21,11 @@ def app(serve_cluster):
     config = app_config(
         api_keys={hash_api_key(KEY_ACME): "acme", hash_api_key(KEY_GLOBEX): "globex"},
         session_store_shards=2,
+        # No recalled facts in the prompt: a session's prompt is then its conversation, token
+        # for token (memory in the prompt: tests/e2e/test_memory_http.py).
+        memory={"retrieval": {"top_k": 0}, "units": {"max_units": 0}},
     )
-    # The real tiny tokenizer when the engine provides it; the fake answers with its prompt.
-    deployed = serve_cluster.deploy(
-        config,
-        prefix="openai",
-        engine_options={"reply": "echo", "repeat": True, "tokens_per_s": 2000},
-    )
+    deployed = serve_cluster.deploy(config, prefix="openai")  # the real tiny engine
     yield deployed
     deployed.delete()
 
@@ -35,6 +33,14 @@ def app(serve_cluster):
 @pytest.fixture(scope="module")
 def client(app):
     return openai.OpenAI(base_url=f"{app.url}/v1", api_key=KEY_ACME, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    """The served model's tokenizer: the counts in ``usage`` are its counts."""
+    from engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +60,23 @@ def test_models_lists_the_served_model(client):
     assert [m.id for m in models.data] == [MODEL, "hashing"]  # then the embedding model
 
 
-def test_chat_completion_whole_and_streamed_agree(client):
+def test_chat_completion_whole_and_streamed_agree(client, tokenizer):
+    # ignore_eos: exactly max_tokens tokens, whatever the random-weight model samples
+    exact = {"ignore_eos": True}
     whole = client.chat.completions.create(
-        **ask("Tell me about llamas", max_tokens=20, temperature=0)
+        **ask("Tell me about llamas", max_tokens=20, temperature=0), extra_body=exact
     )
     choice = whole.choices[0]
-    assert "llamas" in choice.message.content  # the fake echoes its prompt
+    assert choice.message.content
     assert choice.finish_reason == "length" and choice.message.role == "assistant"
     assert whole.usage.completion_tokens == 20
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about llamas"}])
+    assert whole.usage.prompt_tokens == len(prompt)  # counted by the model's tokenizer
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + 20
 
     stream = client.chat.completions.create(
         **ask("Tell me about llamas", max_tokens=20, temperature=0),
+        extra_body=exact,
         stream=True,
         stream_options={"include_usage": True},
     )
@@ -81,32 +92,37 @@ def test_chat_completion_whole_and_streamed_agree(client):
 
 
 def test_text_completion_whole_and_streamed(client):
+    exact = {"ignore_eos": True}  # exactly max_tokens tokens
     whole = client.completions.create(
-        model=MODEL, prompt="Llamas live in", max_tokens=8, temperature=0
+        model=MODEL, prompt="Llamas live in", max_tokens=8, temperature=0, extra_body=exact
     )
     assert whole.object == "text_completion" and whole.choices[0].text
     assert whole.usage.completion_tokens == 8
     streamed = "".join(
         c.choices[0].text
         for c in client.completions.create(
-            model=MODEL, prompt="Llamas live in", max_tokens=8, temperature=0, stream=True
+            model=MODEL, prompt="Llamas live in", max_tokens=8, temperature=0, stream=True,
+            extra_body=exact,
         )
     )
     assert streamed == whole.choices[0].text
 
 
 def test_stop_and_seed_and_user_are_accepted(client):
-    reply = client.chat.completions.create(
-        **ask("alpha beta gamma", max_tokens=200, temperature=0, stop=["gamma"], seed=3, user="u-1")
-    )
+    # Greedy decoding gives the same text twice: a stop string taken from the middle of the
+    # first answer ends the second one right before it.
+    body = ask("alpha beta gamma", max_tokens=40, temperature=0, seed=3, user="u-1")
+    full = client.chat.completions.create(**body, extra_body={"ignore_eos": True})
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2 :][:3]
+    assert len(stop) == 3 and stop.strip(), text
+    reply = client.chat.completions.create(**body, stop=[stop], extra_body={"ignore_eos": True})
     assert reply.choices[0].finish_reason == "stop"
-    assert (
-        "beta" in reply.choices[0].message.content
-        and "gamma" not in reply.choices[0].message.content
-    )
+    assert reply.choices[0].message.content == text[: text.index(stop)]
+    assert reply.usage.completion_tokens < full.usage.completion_tokens == 40
 
 
-def test_a_session_carries_the_conversation_across_three_turns(client, http):
+def test_a_session_carries_the_conversation_across_three_turns(client, http, tokenizer):
     session = http.post("/v1/sessions", json={"system_prompt": "You are terse."})
     assert session.status_code == 201
     sid = session.json()["id"]
@@ -114,12 +130,17 @@ def test_a_session_carries_the_conversation_across_three_turns(client, http):
     replies = []
     for turn in ("my name is Ada", "I keep llamas", "what is my name"):
         reply = client.chat.completions.create(
-            **ask(turn, max_tokens=400, temperature=0), extra_body={"session_id": sid}
+            **ask(turn, max_tokens=12, temperature=0), extra_body={"session_id": sid}
         )
         replies.append(reply)
-    # The server put the earlier turns (and the system prompt) in front of the last one.
-    assert "my name is Ada" in replies[2].choices[0].message.content
-    assert "You are terse." in replies[2].choices[0].message.content
+    # The server put the earlier turns (and the system prompt) in front of the last one:
+    # the last prompt is the whole conversation in the model's chat template, token for token.
+    history = [{"role": "system", "content": "You are terse."}]
+    for turn, reply in zip(("my name is Ada", "I keep llamas", "what is my name"), replies):
+        history.append({"role": "user", "content": turn})
+        if reply is not replies[2]:
+            history.append({"role": "assistant", "content": reply.choices[0].message.content})
+    assert replies[2].usage.prompt_tokens == len(tokenizer.apply_chat_template(history))
     assert (
         replies[0].usage.prompt_tokens
         < replies[1].usage.prompt_tokens
