@@ -26,7 +26,8 @@ its own causal mask, as long as the chunk).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,7 @@ class ModelRunner:
         layers = self._layer_projections()
         cos, sin = self._rotary_tables(x, pos_all[:, None])
         nq, hd = self.num_heads, self.head_dim
+        threads = torch.get_num_threads()
         for i, (layer, proj) in enumerate(zip(self.layers, layers)):
             q, k, v = proj.qkv_heads(rms_norm(layer.input_layernorm, x), cos, sin)  # [N, 1, H, hd]
             kc, vc = self.k_cache[i], self.v_cache[i]
@@ -146,8 +148,9 @@ class ModelRunner:
             outs = []
             if batch:
                 qd = q[:batch].transpose(1, 2)  # [B, H, 1, hd]
-                for b, src in enumerate(reads):
-                    outs.append(self._attend(qd[b : b + 1], *self._kv(kc, vc, src), None))
+                with _one_thread(threads):
+                    for b, src in enumerate(reads):
+                        outs.append(self._attend(qd[b : b + 1], *self._kv(kc, vc, src), None))
             for first, n, _start, src, mask in spans:
                 rows = slice(first, first + n)
                 qc = q[rows, 0].transpose(0, 1)[None]  # [1, H, T, hd]
@@ -232,3 +235,17 @@ class ModelRunner:
             self._arange_cache = cached
         return cached[:n]
 
+
+@contextmanager
+def _one_thread(threads: int) -> Iterator[None]:
+    """Decode attention on one thread: each call is one query token over one sequence's keys,
+    too small to split, so more threads only add a fork and join per call (128 calls a step
+    at batch 32 with 4 layers); the matmuls around it keep every thread."""
+    if threads <= 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -59,3 +59,36 @@ def test_preempted_and_resumed_sequences_match_hugging_face(tiny_checkpoint, hf_
     assert stats.num_preemptions > 0
     for p, got in zip(prompts, deltas):
         assert got == hf_tokens(hf_model, p, n_out)  # streamed: nothing repeated or lost
+
+
+@pytest.mark.timeout(300)
+def test_two_threads_attend_on_one_match_hugging_face_and_keep_their_thread_count(tiny_checkpoint, hf_model):
+    """At two torch threads decode attention runs on one (``model_runner._one_thread``): the
+    answers stay Hugging Face's, and the matmuls get both threads back after every step."""
+    config = make_config(tiny_checkpoint, max_num_seqs=4, cpu_threads_per_rank=2)
+    seen: list[int] = []
+    with LLMEngine.from_config(config) as engine:
+        runner = engine.core.worker.runner
+        forward = runner.forward
+
+        def counted(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            seen.append(torch.get_num_threads())
+            return out
+
+        attend = runner._attend
+        decode_threads: list[int] = []
+
+        def attended(q, keys, values, mask, causal=False):
+            if q.shape[2] == 1 and mask is None and not causal:  # a decode row
+                decode_threads.append(torch.get_num_threads())
+            return attend(q, keys, values, mask, causal)
+
+        runner.forward, runner._attend = counted, attended
+        prompts = [engine.tokenizer.encode(t) for t in TEXTS]
+        streams = [engine.submit(p, SamplingParams(max_tokens=24, **GREEDY)) for p in prompts]
+        deltas = [[t for out in s for t in out.token_ids] for s in streams]
+    assert seen and set(seen) == {2}
+    assert decode_threads and set(decode_threads) == {1}
+    for p, got in zip(prompts, deltas):
+        assert got == hf_tokens(hf_model, p, 24)
