@@ -103,7 +103,7 @@ class EnginePath:
         self.config = config
 
     async def one(self, request: Any) -> tuple[float, int]:
-        from deployments.ingress import openai_adapter as oa
+        from deployments.ingress.openai_api import inputs as oa
 
         start = time.perf_counter()
         prompt = oa.chat_prompt(self.engine.tokenizer, request, self.config)

@@ -232,7 +232,7 @@ class ModelState(_StateModel):
         return head + [{"role": m.role, "content": m.content} for m in ctx.messages]
 
     def summary(self, with_messages: bool = False) -> dict[str, Any]:
-        """The shape the ingress's session client (``deployments.ingress.sessions``) returns: ``turns``
+        """The shape the ingress's session client (``deployments.ingress.stores.sessions``) returns: ``turns``
         counts exchanges (appends: a user message and its reply are one), ``message_count``
         the messages."""
         out: dict[str, Any] = {

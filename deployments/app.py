@@ -104,7 +104,7 @@ def memory_actors(config: AppConfig) -> list[Any]:
     from ray.serve.config import DeploymentActorConfig
 
     from actors.memory.shard import MemoryShard
-    from deployments.ingress.memory_client import memory_actor_name
+    from deployments.ingress.stores.memory_client import memory_actor_name
 
     memory = config.memory
     if not memory.enabled:
@@ -131,7 +131,7 @@ def ingress_deployment_options(
     from ray.serve.config import DeploymentActorConfig
 
     from actors.sessions.shard import SessionShard
-    from deployments.ingress.sessions import session_actor_name
+    from deployments.ingress.stores.sessions import session_actor_name
 
     store_cls = ray.remote(SessionShard)
     return {

@@ -1,7 +1,7 @@
 """``SessionShard``: the durable sessions of one store shard, as a plain asyncio class.
 
 The store actor wraps it (``ray.remote``; a Ray async actor, since its methods are ``async``).
-It keeps the same calls and return shapes as the ingress's session client (``deployments.ingress.sessions``) (create,
+It keeps the same calls and return shapes as the ingress's session client (``deployments.ingress.stores.sessions``) (create,
 get, context, append, list_sessions, delete) and adds durability, settings, cleanup and
 recovery. The API is asyncio for one event loop; it is not thread-safe.
 

@@ -5,7 +5,7 @@ larger than ``serving.max_request_bytes`` gets 413 in the OpenAI error format, a
 ``Content-Length`` says so, or, for a body sent in chunks, as soon as the bytes received pass
 the limit; the body is never read further, parsed or tokenized. The other limits live where
 the request is understood: the count of ``messages`` in ``deployments/protocol.py`` (400), the
-prompt and ``max_tokens`` against the model's context in ``deployments/ingress/openai_adapter.py``
+prompt and ``max_tokens`` against the model's context in ``deployments/ingress/openai_api/inputs.py``
 (400, in vLLM's words).
 """
 

@@ -10,7 +10,7 @@ are the handle API and the HTTP routes (``deployments/routes_*.py``) only call t
 
 It routes each request to the model's LLMServer deployment, and with a ``session_id`` gives
 it the session's context (the user's memory recall when memory is on, else the session's
-earlier turns; ``deployments.ingress.memory``) and stores the finished turn afterwards, then
+earlier turns; ``deployments.ingress.stores.memory``) and stores the finished turn afterwards, then
 hands it to memory in the background (a turn that fails or is cancelled is not stored).
 Answers pass through the output pipeline (``deployments.ingress.output_processing``: sanitizing, the
 tenant's content safety, formats) before the client, and a session, sees them. Every failure
@@ -34,12 +34,12 @@ from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error, brief
 from deployments.ingress.auth import DEFAULT_TENANT, ApiKeyAuth
 from deployments.ingress.embeddings import EmbeddingService
-from deployments.ingress.memory import IngressMemory
-from deployments.ingress.memory_client import MemoryClient
 from deployments.ingress.migration import StreamMigration
 from deployments.ingress.observability import IngressObservability
 from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor
-from deployments.ingress.sessions import SessionClient
+from deployments.ingress.stores.memory import IngressMemory
+from deployments.ingress.stores.memory_client import MemoryClient
+from deployments.ingress.stores.sessions import SessionClient
 from deployments.live_config_status import read_refusal
 from deployments.messages import ChoiceDelta, ModelRequest, SessionContext
 from deployments.protocol import (
@@ -91,7 +91,7 @@ def _routed(handle: Any, session_id: str | None) -> Any:
 
 class Ingress:
     """Routes requests to the models, keeps sessions and their memory (see the module docstring,
-    ``deployments.ingress.memory`` and ``deployments.responses.api``)."""
+    ``deployments.ingress.stores.memory`` and ``deployments.responses.api``)."""
 
     def __init__(
         self,
@@ -297,7 +297,7 @@ class Ingress:
     ) -> dict[str, Any]:
         return await self.responses.add_conversation_items(conversation_id, request, tenant)
 
-    # -- memory (an M-AI extension; ``deployments.ingress.memory``) ---------------------------
+    # -- memory (an M-AI extension; ``deployments.ingress.stores.memory``) ---------------------------
 
     async def list_memories(
         self,

@@ -16,7 +16,7 @@ the tenant. Then:
   (``content_filter``: the tenant's policy blocked it; ``stop``: one of the pipeline's stop
   sequences) the stream ends there, and closing it cancels the generation;
 - a whole answer is the same, fed one final delta per choice;
-- the OpenAI objects are built once, after the pipeline (``deployments.ingress.openai_outputs``).
+- the OpenAI objects are built once, after the pipeline (``deployments.ingress.openai_api.outputs``).
 
 Processed answers carry the extension ``m_ai`` (format, validity, safety findings, quality
 metrics; on a stream, in the last chunk), which the metrics layer will read.
@@ -32,7 +32,7 @@ from typing import Any
 from cluster.config.output import OutputConfig
 from cluster.errors import InvalidRequestError
 from cluster.logging_setup import get_logger
-from deployments.ingress.openai_outputs import (
+from deployments.ingress.openai_api.outputs import (
     ChatChunks,
     CompletionChunks,
     Piece,
@@ -42,7 +42,7 @@ from deployments.ingress.openai_outputs import (
     completion_response,
     whole,
 )
-from deployments.ingress.tool_calls import ToolCallHold
+from deployments.ingress.openai_api.tool_calls import ToolCallHold
 from deployments.messages import ChoiceDelta
 from deployments.protocol import (
     ChatCompletionChunk,

@@ -38,9 +38,9 @@ from cluster.config.serving import LiveConfig, ServingConfig, replica_bundles
 from cluster.errors import ConfigError, EngineDeadError, InvalidRequestError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
-from deployments.ingress import openai_adapter as oa
-from deployments.ingress.openai_outputs import TokenTexts
-from deployments.ingress.tool_calls import llama_messages
+from deployments.ingress.openai_api import inputs as oa
+from deployments.ingress.openai_api.outputs import TokenTexts
+from deployments.ingress.openai_api.tool_calls import llama_messages
 from deployments.live_config_status import publish_refusal
 from deployments.llm_server.metrics import MetricsRecorder
 from deployments.llm_server.monitor import ReplicaMonitor

@@ -24,7 +24,7 @@ from typing import Any
 
 from cluster.errors import InvalidRequestError
 from deployments.ingress.auth import DEFAULT_TENANT
-from deployments.ingress.memory import IngressMemory, SessionContext
+from deployments.ingress.stores.memory import IngressMemory, SessionContext
 from deployments.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,

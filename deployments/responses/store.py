@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from cluster.errors import NotFoundError
-from deployments.ingress.sessions import SessionClient
+from deployments.ingress.stores.sessions import SessionClient
 from deployments.protocol import SessionCreateRequest
 
 KIND = "m_ai.kind"  # metadata: "responses" or "conversation"

@@ -22,7 +22,7 @@ from cluster.errors import (
 from deployments.app import llm_deployment_options
 from deployments.errors import validation_error
 from deployments.ingress.auth import DEFAULT_TENANT, ApiKeyAuth
-from deployments.ingress.openai_adapter import chat_prompt, sampling_params
+from deployments.ingress.openai_api.inputs import chat_prompt, sampling_params
 from deployments.protocol import ChatCompletionRequest
 from engine.fake_engine import DEFAULT_REPLY, ByteTokenizer, FakeEngine
 from engine.stream_batching import StreamPacing, coalesce

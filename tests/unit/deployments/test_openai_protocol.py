@@ -11,10 +11,10 @@ from pydantic import ValidationError
 from cluster.config import ModelConfig
 from cluster.errors import InvalidRequestError
 from deployments.errors import validation_error
-from deployments.ingress.openai_adapter import sampling_params
-from deployments.ingress.openai_outputs import ChatChunks, chat_response
+from deployments.ingress.openai_api.inputs import sampling_params
+from deployments.ingress.openai_api.outputs import ChatChunks, chat_response
+from deployments.ingress.openai_api.tool_calls import call_schema, llama_messages, parse_tool_calls
 from deployments.ingress.output_processing import AnswerShaper, whole_answer
-from deployments.ingress.tool_calls import call_schema, llama_messages, parse_tool_calls
 from deployments.messages import ChoiceDelta
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.responses.items import input_messages, output_items

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from cluster.config import ModelConfig
-from deployments.ingress.openai_adapter import chat_prompt
+from deployments.ingress.openai_api.inputs import chat_prompt
 from deployments.protocol import ChatCompletionRequest
 from engine.tiny.corpus import corpus_lines
 from engine.tokenizer import load_tokenizer

@@ -15,7 +15,7 @@ from actors.memory.forget import session_user
 from actors.memory.shard import MemoryShard
 from cluster.config.memory import MemoryConfig
 from cluster.errors import EngineDeadError
-from deployments.ingress.memory_client import MemoryClient, memory_user
+from deployments.ingress.stores.memory_client import MemoryClient, memory_user
 from engine.embeddings import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
 from tests.support.fake_handles import PlainHandle

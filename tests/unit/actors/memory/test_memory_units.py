@@ -244,8 +244,8 @@ def test_an_app_config_refuses_model_extraction_with_the_fix():
 
 
 def test_the_turn_import_api_keeps_speaker_names_and_dates():
-    from deployments.ingress.memory import IngressMemory
-    from deployments.ingress.memory_client import MemoryClient
+    from deployments.ingress.stores.memory import IngressMemory
+    from deployments.ingress.stores.memory_client import MemoryClient
     from tests.support.fake_handles import PlainHandle
 
     async def go():

@@ -165,7 +165,7 @@ def test_create_get_list_delete_and_tenant_isolation(tmp_path) -> None:
 
 
 def test_shapes_match_what_the_ingress_session_client_reads(tmp_path) -> None:
-    """The calls and shapes ``deployments.ingress.sessions.SessionClient`` uses on a store shard."""
+    """The calls and shapes ``deployments.ingress.stores.sessions.SessionClient`` uses on a store shard."""
     from actors.sessions.requests import new_session_id, shard_for
     from deployments.protocol import SessionInfo
 

@@ -11,8 +11,8 @@ import pytest
 
 from cluster.config import build_app_config
 from cluster.errors import InvalidRequestError
-from deployments.ingress import openai_adapter as oa
-from deployments.ingress.openai_outputs import ChatChunks, Piece
+from deployments.ingress.openai_api import inputs as oa
+from deployments.ingress.openai_api.outputs import ChatChunks, Piece
 from deployments.ingress.output_processing import ProcessedStream, ResponseProcessor
 from deployments.messages import ChoiceDelta
 from deployments.protocol import ChatCompletionRequest, CompletionRequest

@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deployments.ingress.openai_outputs import Piece
-from deployments.ingress.tool_call_stream import ToolCallStream
+from deployments.ingress.openai_api.outputs import Piece
+from deployments.ingress.openai_api.tool_call_stream import ToolCallStream
 from deployments.protocol import ChatCompletionRequest
 from deployments.protocol_tools import FunctionCallOut, ToolCallOut, tool_call_id
 

@@ -2,7 +2,7 @@
 
 A ``Piece`` is one step of one choice as the client will see it, after the output pipeline
 (``deployments.ingress.output_processing``): text, or the choice's tool calls (parsed out of
-the stream by ``deployments.ingress.tool_calls.ToolCallHold``), log probabilities, and on
+the stream by ``deployments.ingress.openai_api.tool_calls.ToolCallHold``), log probabilities, and on
 the last one the finish reason and the pipeline's report. The builders here turn pieces into
 ``n``-choice chunks (the role on a choice's first, tool calls as ``tool_calls`` deltas: per
 call id, type and name, then the arguments; ``finish_reason`` ``tool_calls``), the usage
@@ -10,7 +10,7 @@ chunk, and whole responses, with log probabilities in OpenAI's shapes (``TokenTe
 When decoding is constrained to a call (``required``, a named function) the calls stream as
 they are decoded: pieces with ``call_deltas`` carry their ``tool_calls`` deltas (per call:
 index, id, type, name and empty arguments first, then argument fragments;
-``deployments.ingress.tool_call_stream``).
+``deployments.ingress.openai_api.tool_call_stream``).
 """
 
 from __future__ import annotations

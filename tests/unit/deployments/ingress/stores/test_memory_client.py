@@ -13,7 +13,7 @@ from actors.memory.shard import MemoryShard
 from cluster.config import build_app_config
 from cluster.errors import EngineDeadError
 from deployments.app import memory_storage_uri
-from deployments.ingress.memory_client import MemoryClient, memory_user, sum_usage
+from deployments.ingress.stores.memory_client import MemoryClient, memory_user, sum_usage
 from tests.support.fake_handles import PlainHandle
 
 

@@ -24,9 +24,9 @@ from actors.memory.shard import shard_for
 from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
-from deployments.ingress.shard_handles import ShardHandles
+from deployments.ingress.stores.shard_handles import ShardHandles
 
-log = get_logger("deployments.ingress.memory_client")
+log = get_logger("deployments.ingress.stores.memory_client")
 
 RECALL_TIMEOUT_S = 10.0  # covers loading the embedder on the first recall (MiniLM: ~5 s)
 ABSORB_WAIT_S = 2.0

@@ -19,10 +19,10 @@ from actors.sessions.requests import new_session_id, shard_for
 from cluster.errors import EngineDeadError
 from cluster.logging_setup import get_logger
 from deployments.errors import as_mai_error
-from deployments.ingress.shard_handles import ShardHandles
+from deployments.ingress.stores.shard_handles import ShardHandles
 from deployments.protocol import SessionCreateRequest, SessionInfo
 
-log = get_logger("deployments.ingress.sessions")
+log = get_logger("deployments.ingress.stores.sessions")
 
 
 def session_actor_name(shard: int) -> str:

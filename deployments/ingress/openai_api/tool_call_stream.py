@@ -3,7 +3,7 @@ sends each call's ``function.arguments`` as it grows (OpenAI's shape: a first de
 ``index``, ``id``, ``type``, ``function.name`` and ``arguments: ""``, then argument fragments).
 
 Only for ``tool_choice`` ``required`` or a named function: decoding follows the call schema
-of ``deployments.ingress.tool_calls.call_schema`` (``{"name": ..., "arguments": {...}}``, or
+of ``deployments.ingress.openai_api.tool_calls.call_schema`` (``{"name": ..., "arguments": {...}}``, or
 a list of such objects), so the text is a call from its first character. A call's first delta
 goes out once its name is complete; the fragments are the raw text of its ``arguments``
 object, whose concatenation is that object as the model wrote it.

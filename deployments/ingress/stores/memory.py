@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.errors import NotFoundError
-from deployments.ingress.memory_client import MemoryClient, memory_user
 from deployments.ingress.observability import IngressObservability
-from deployments.ingress.sessions import SessionClient
+from deployments.ingress.stores.memory_client import MemoryClient, memory_user
+from deployments.ingress.stores.sessions import SessionClient
 from deployments.messages import SessionContext
 from deployments.protocol import (
     ChatCompletionRequest,

@@ -3,7 +3,7 @@
 Pure functions (no Ray): the prompt (chat template, and a sliding window over a session's
 history when it would not fit), the one context-length check (a 400 in vLLM's words, naming
 the field), and ``SamplingParams`` from the request and the model's live defaults. The way
-back, from engine deltas to OpenAI objects, is the ingress's: ``openai_outputs`` builds them
+back, from engine deltas to OpenAI objects, is the ingress's: ``openai_api.outputs`` builds them
 once, after the output pipeline (``output_processing``).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from cluster.config import ModelConfig
 from cluster.errors import InvalidRequestError
-from deployments.ingress.tool_calls import llama_messages, tool_response_format
+from deployments.ingress.openai_api.tool_calls import llama_messages, tool_response_format
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from deployments.ingress.tool_call_stream import ToolCallStream
+from deployments.ingress.openai_api.tool_call_stream import ToolCallStream
 
 
 def run(text: str, step: int) -> tuple[list, list[list]]:
