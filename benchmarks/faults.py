@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -48,6 +47,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.config import build_app_config  # noqa: E402
+from tests.support.replica_metrics import per_replica, routed_to_both  # noqa: E402
 
 MODEL = "m-ai-tiny"
 MIGRATE_APP = "faults-migrate"
@@ -227,27 +227,6 @@ def start_migration_app(args: argparse.Namespace, url: str) -> str:
     return url.rsplit("/", 1)[0] + f"/{MIGRATE_APP}"
 
 
-def per_replica(url: str, series: str = "vllm:num_requests_running") -> dict[str, float]:
-    """A series of ``GET /metrics`` per model replica (replica id -> value; running requests)."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {r: float(v) for r, v in re.findall(
-        rf'^{series}{{model_name="{MODEL}",replica="([^"]+)"}} (\S+)$', text, re.M)}
-
-
-def routed_to_both(url: str) -> bool:
-    """Whether short concurrent requests reach both replicas: the ingress's router knows both
-    (it learns of a restarted replica a while after that replica reports in /metrics)."""
-    before = per_replica(url, "vllm:generation_tokens_total")
-
-    async def burst() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            await asyncio.gather(*(client.post("/v1/chat/completions", json=ask(max_tokens=4)) for _ in range(6)))
-
-    asyncio.run(burst())
-    after = per_replica(url, "vllm:generation_tokens_total")
-    return len(after) == 2 and all(after[r] > before.get(r, 0.0) for r in after)
-
-
 def wait_for(predicate, timeout_s: float, what: str) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -276,7 +255,7 @@ async def migrated_stream(url: str, body: dict[str, Any]) -> dict[str, Any]:
         while len(chunks) < 20 and not task.done():
             await asyncio.sleep(0.02)
         busy = await asyncio.to_thread(
-            wait_for, lambda: [r for r, n in per_replica(url).items() if n >= 1], 30, "a busy replica")
+            wait_for, lambda: [r for r, n in per_replica(url, MODEL).items() if n >= 1], 30, "a busy replica")
         kill(pid_of(f"#{busy[0]}", MIGRATE_APP))
         killed, before = time.monotonic(), len(chunks)
         await asyncio.wait_for(task, 300)
@@ -295,7 +274,7 @@ def migration_scenario(url: str, n: int) -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=300) as http:
         for i in range(n):
             # both replicas serve (the one killed before has restarted, and the ingress knows it)
-            wait_for(lambda: routed_to_both(url), 180, "requests reaching both replicas")
+            wait_for(lambda: routed_to_both(url, MODEL, ask(max_tokens=4)), 180, "requests reaching both replicas")
             body = ask(f"Tell me a long story ({i}).", max_tokens=400, ignore_eos=True, temperature=0.0)
             want = http.post("/v1/chat/completions", json=body).json()
             got = asyncio.run(migrated_stream(url, {**body, "stream": True, "stream_options": {"include_usage": True}}))

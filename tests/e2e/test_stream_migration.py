@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import time
 
@@ -20,6 +19,7 @@ import httpx
 import pytest
 import ray
 
+from tests.support.replica_metrics import per_replica, routed_to_both
 from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-tiny"
@@ -31,28 +31,8 @@ def body(**fields) -> dict:
             "max_tokens": TOKENS, "ignore_eos": True, "temperature": 0.0, **fields}
 
 
-def per_replica(url: str, series: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {replica: float(value) for replica, value in re.findall(
-        rf'^{series}{{model_name="{MODEL}",replica="([^"]+)"}} (\S+)$', text, re.M)}
-
-
 def running(url: str) -> dict[str, float]:
-    return per_replica(url, "vllm:num_requests_running")
-
-
-def routed_to_both(url: str) -> bool:
-    """Whether short concurrent requests reach both replicas: the ingress's router knows both
-    (it learns of a restarted replica a while after the replica reports in /metrics)."""
-    before = per_replica(url, "vllm:generation_tokens_total")
-
-    async def burst() -> None:
-        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-            await asyncio.gather(*(client.post("/v1/chat/completions", json=body(max_tokens=4)) for _ in range(6)))
-
-    asyncio.run(burst())
-    after = per_replica(url, "vllm:generation_tokens_total")
-    return len(after) == 2 and all(after[r] > before.get(r, 0.0) for r in after)
+    return per_replica(url, MODEL)
 
 
 def replica_pid(app_name: str, replica: str) -> int:
@@ -106,7 +86,7 @@ def killed_mid_stream(app, **fields) -> tuple[list[dict], float, int]:
         return chunks, killed_at, before
 
     # both replicas serve (a replica killed by an earlier test has been restarted)
-    wait_until(lambda: routed_to_both(app.url), timeout_s=180, interval_s=0.5, what="requests reaching both replicas")
+    wait_until(lambda: routed_to_both(app.url, MODEL, body(max_tokens=4)), timeout_s=180, interval_s=0.5, what="requests reaching both replicas")
     return asyncio.run(scenario())
 
 
@@ -148,7 +128,7 @@ def test_a_whole_answer_whose_replica_is_killed_is_answered_identical(two_replic
     with httpx.Client(base_url=app.url, timeout=300) as http:
         want = http.post("/v1/chat/completions", json=body())
         assert want.status_code == 200, want.text
-        wait_until(lambda: routed_to_both(app.url), timeout_s=180, interval_s=0.5, what="requests reaching both replicas")
+        wait_until(lambda: routed_to_both(app.url, MODEL, body(max_tokens=4)), timeout_s=180, interval_s=0.5, what="requests reaching both replicas")
 
         async def scenario() -> httpx.Response:
             async with httpx.AsyncClient(base_url=app.url, timeout=300) as client:
