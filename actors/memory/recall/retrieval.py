@@ -2,7 +2,9 @@
 
 ``rank_units`` ranks one user's units for a query (docs/memory.md, "Retrieval"):
 
-1. dense: the query's MiniLM vector against the units' vectors (``candidates`` nearest);
+1. dense: the query's MiniLM vector against the units' vectors (``candidates`` nearest); in
+   mode ``hybrid`` against their contextual vectors, which hold their session neighbours'
+   vectors at a fifth of the weight (``UserUnits.contextual_dense``);
 2. lexical: BM25 over the units' documents (``candidates`` best); in mode ``hybrid`` each
    document also holds its session neighbours' words at half weight (``UserUnits.contextual``);
 3. the two lists fused by reciprocal rank fusion: ``sum 1 / (rrf_k + rank)``;
@@ -78,7 +80,9 @@ def rank_units(
         return []
     lists: list[list[int]] = []
     if mode in ("dense", "fused", "hybrid") and vector is not None and len(units.dense):
-        lists.append([key for key, _ in units.dense.search(vector, config.candidates)])
+        # hybrid: vectors with their neighbours' meaning (actors/memory/units.py)
+        vectors = units.contextual_dense if mode == "hybrid" and len(units.contextual_dense) else units.dense
+        lists.append([key for key, _ in vectors.search(vector, config.candidates)])
     if mode in ("lexical", "fused", "hybrid"):
         words = terms(query)
         if mode == "hybrid":  # who is asked about is the speaker signal's part, not the words'

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from actors.memory.recall.dates import annotate, parse_date_time, question_time, resolve_mentions
@@ -136,6 +137,46 @@ def test_hybrid_finds_a_reply_by_the_words_of_the_message_it_answers():
     loaded.load_rows([{"data": json.dumps(u.to_json()), "vector": None} for u in units.units.values()], False)
     for query in ("paint", "dinosaurs", "ones", "lake weather"):
         assert loaded.contextual.search(query, 10) == units.contextual.search(query, 10)
+
+
+def test_hybrid_dense_keys_carry_the_meaning_of_the_neighbouring_messages():
+    lines = [
+        ("Jon", "Why did you open a shop of your own?"),
+        ("Gina", "Thanks! I'm passionate about it."),
+        ("Jon", "The weather was nice at the lake."),
+        ("Gina", "Loved the lake."),
+        ("Jon", "My kids love dinosaurs."),
+        ("Gina", "Dinosaurs rock."),
+        ("Jon", "Chess tonight?"),
+        ("Gina", "Sure, at eight."),
+    ]
+    embedder = HashingEmbedder()
+    units = units_of(lines)
+    plain = {k: units.dense.vector(k) for k in units.units}
+    order = [key for _, _, key in units.sessions["s1"]]
+    # a unit's contextual vector: its own plus a fifth of each neighbour's within three, unit length
+    for at, key in enumerate(order):
+        expected = plain[key] + 0.2 * sum(plain[order[j]] for j in range(max(0, at - 3), min(len(order), at + 4)) if j != at)
+        expected /= np.linalg.norm(expected)
+        assert np.allclose(units.contextual_dense.vector(key), expected, atol=0.02)
+    # the reply shares no word with the question about the shop: its own vector barely matches,
+    # its contextual one carries the question it answers
+    query = embedder.embed(["open a shop of your own"])[0]
+    reply = order[1]
+    assert float(units.contextual_dense.vector(reply) @ query) > float(plain[reply] @ query) + 0.05
+    config = UnitRetrievalConfig(neighbours=0)
+    hybrid = [u.turn_id for u in rank_units(units, "open a shop of your own", query, config, mode="hybrid")]
+    dense = [u.turn_id for u in rank_units(units, "open a shop of your own", query, config, mode="dense")]
+    assert hybrid.index(1) < dense.index(1)
+    # vectors that arrive one by one give what a bulk load (a restart) computes at once
+    loaded = UserUnits(units.dense.dimension)
+    rows = [{"data": json.dumps(u.to_json()), "vector": units.dense.stored(u.key).tobytes()}
+            for u in units.units.values()]
+    loaded.load_rows(rows, True)
+    for key in order:
+        assert np.allclose(loaded.contextual_dense.vector(key), units.contextual_dense.vector(key), atol=1e-6)
+    units.remove_session("s1")
+    assert len(units.contextual_dense) == 0
 
 
 def test_neighbours_of_a_hit_are_offered_and_time_questions_prefer_dated_units():
