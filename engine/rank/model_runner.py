@@ -26,12 +26,12 @@ its own causal mask, as long as the chunk).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from engine.rank.decode_threads import DecodeThreads
 from engine.rank.fused_projections import LayerProjections, build_projections, rms_norm
 
 Chunk = tuple[Sequence[int], int, Sequence[int]]  # token ids, start position, block table
@@ -70,6 +70,7 @@ class ModelRunner:
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in self.layers]
         # Built now, or on the first forward for a lazily loaded model (weights still on meta).
         self._projections: list[LayerProjections] | None = None
+        self.decode_threads = DecodeThreads()  # decode attention, sequences shared over threads
         if self.embed.weight.device.type != "meta":
             self._layer_projections()
 
@@ -140,6 +141,7 @@ class ModelRunner:
         cos, sin = self._rotary_tables(x, pos_all[:, None])
         nq, hd = self.num_heads, self.head_dim
         threads = torch.get_num_threads()
+        on_cpu = self.device.type == "cpu"
         for i, (layer, proj) in enumerate(zip(self.layers, layers)):
             q, k, v = proj.qkv_heads(rms_norm(layer.input_layernorm, x), cos, sin)  # [N, 1, H, hd]
             kc, vc = self.k_cache[i], self.v_cache[i]
@@ -148,9 +150,9 @@ class ModelRunner:
             outs = []
             if batch:
                 qd = q[:batch].transpose(1, 2)  # [B, H, 1, hd]
-                with _one_thread(threads):
-                    for b, src in enumerate(reads):
-                        outs.append(self._attend(qd[b : b + 1], *self._kv(kc, vc, src), None))
+                outs += self.decode_threads.run(
+                    lambda b, qd=qd, kc=kc, vc=vc: self._attend(qd[b : b + 1], *self._kv(kc, vc, reads[b]), None),
+                    positions, threads, on_cpu)
             for first, n, _start, src, mask in spans:
                 rows = slice(first, first + n)
                 qc = q[rows, 0].transpose(0, 1)[None]  # [1, H, T, hd]
@@ -234,18 +236,3 @@ class ModelRunner:
             cached = torch.arange(max(n, 4096), device=self.device)
             self._arange_cache = cached
         return cached[:n]
-
-
-@contextmanager
-def _one_thread(threads: int) -> Iterator[None]:
-    """Decode attention on one thread: each call is one query token over one sequence's keys,
-    too small to split, so more threads only add a fork and join per call (128 calls a step
-    at batch 32 with 4 layers); the matmuls around it keep every thread."""
-    if threads <= 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -5,6 +5,7 @@ unevenly, and with tensor parallelism (the block tables travel to the other rank
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -62,10 +63,12 @@ def test_preempted_and_resumed_sequences_match_hugging_face(tiny_checkpoint, hf_
 
 
 @pytest.mark.timeout(300)
-def test_two_threads_attend_on_one_match_hugging_face_and_keep_their_thread_count(tiny_checkpoint, hf_model):
-    """At two torch threads decode attention runs on one (``model_runner._one_thread``): the
+def test_two_threads_share_decode_attention_match_hugging_face_and_keep_their_thread_count(
+        tiny_checkpoint, hf_model):
+    """At two torch threads each decode attention call runs on one thread, and the sequences
+    are shared between the engine's thread and a helper (``engine.rank.decode_threads``): the
     answers stay Hugging Face's, and the matmuls get both threads back after every step."""
-    config = make_config(tiny_checkpoint, max_num_seqs=4, cpu_threads_per_rank=2)
+    config = make_config(tiny_checkpoint, max_num_seqs=8, cpu_threads_per_rank=2)
     seen: list[int] = []
     with LLMEngine.from_config(config) as engine:
         runner = engine.core.worker.runner
@@ -78,17 +81,21 @@ def test_two_threads_attend_on_one_match_hugging_face_and_keep_their_thread_coun
 
         attend = runner._attend
         decode_threads: list[int] = []
+        decode_callers: set[int] = set()
 
         def attended(q, keys, values, mask, causal=False):
             if q.shape[2] == 1 and mask is None and not causal:  # a decode row
                 decode_threads.append(torch.get_num_threads())
+                decode_callers.add(threading.get_ident())
             return attend(q, keys, values, mask, causal)
 
         runner.forward, runner._attend = counted, attended
-        prompts = [engine.tokenizer.encode(t) for t in TEXTS]
+        texts = TEXTS + [t.upper() for t in TEXTS]  # 8 sequences: two shares of four
+        prompts = [engine.tokenizer.encode(t) for t in texts]
         streams = [engine.submit(p, SamplingParams(max_tokens=24, **GREEDY)) for p in prompts]
         deltas = [[t for out in s for t in out.token_ids] for s in streams]
     assert seen and set(seen) == {2}
     assert decode_threads and set(decode_threads) == {1}
+    assert len(decode_callers) == 2  # the engine's thread and one helper
     for p, got in zip(prompts, deltas):
         assert got == hf_tokens(hf_model, p, 24)
