@@ -53,10 +53,12 @@ from deployments.protocol import (
     MemoryTurnRequest,
     ModelCard,
     ModelList,
+    SessionContextPreview,
     SessionCreateRequest,
     SessionDeleted,
     SessionInfo,
     SessionList,
+    SessionTurnRequest,
     parse_request,
 )
 from deployments.protocol_responses import (
@@ -251,6 +253,22 @@ class Ingress:
         await self.memory.forget_session(tenant, session_id)
         await self.sessions.delete(session_id, tenant)
         return SessionDeleted(id=session_id)
+
+    async def preview_context(
+        self, session_id: str, request: SessionTurnRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> SessionContextPreview:
+        """``POST /v1/sessions/{session_id}/context``: the prompt ``request`` would give the model
+        as the session's next turn, by the chat's own path, and its token count; stores nothing."""
+        request = _parse(SessionTurnRequest, request).in_session(session_id)
+        self._model(request.model)
+        context = await self.memory.session_context(request, tenant, touch=False)
+        message = self._message(context, tenant, stream=False)
+        try:
+            prompt = await _routed(self.models[request.model], session_id).preview.remote(message)
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
+        return SessionContextPreview(session_id=session_id, model=request.model, user=context.user,
+                                     memory=context.recall is not None, **prompt)
 
     # -- responses and conversations (``deployments.responses.api``) --------------------------
 
