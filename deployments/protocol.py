@@ -44,6 +44,7 @@ from deployments.protocol_sessions import (  # noqa: F401
     MemoryTurnMessage,
     MemoryTurnRequest,
     MemoryUsage,
+    SessionContextPreview,
     SessionCreateRequest,
     SessionDeleted,
     SessionInfo,
@@ -298,6 +299,16 @@ class ChatCompletionRequest(ChatToolFields, SamplingFields):
             self.max_tokens = self.max_completion_tokens
         return self
 
+
+
+class SessionTurnRequest(ChatCompletionRequest):
+    """A chat turn of the session the route's path names (``POST /v1/sessions/{id}/context``)."""
+
+    session_id: None = Field(None, description="The path names the session: leave it out.")
+
+    def in_session(self, session_id: str) -> ChatCompletionRequest:
+        fields = {**dict(self), "session_id": session_id}  # validated already
+        return ChatCompletionRequest.model_construct(self.model_fields_set | {"session_id"}, **fields)
 
 
 class CompletionRequest(SamplingFields):

@@ -112,6 +112,30 @@ class SessionDeleted(_Response):
     deleted: bool = True
 
 
+class SessionContextPreview(_Response):
+    """``POST /v1/sessions/{session_id}/context``: the prompt a chat turn in the session would
+    give the model now, through the chat's own path; nothing is generated or stored."""
+
+    object: Literal["session.context"] = "session.context"
+    session_id: str
+    model: str
+    user: str | None = Field(None, description="Whose long-term memory was read (None: memory is off).")
+    memory: bool = Field(
+        description="True: memory assembled the prompt (its facts, summaries and earlier "
+        "conversations in the system message, then the session's recent turns); False: the "
+        "session's messages through the sliding window (memory off, or its shard did not answer)."
+    )
+    messages: list[dict[str, str]] = Field(
+        description="{role, content} as the model's chat template renders them: the system message "
+        "(the session's system prompt and memory's sections), the earlier turns that fit "
+        "context_length - max_tokens, then the new message(s)."
+    )
+    prompt_tokens: int = Field(
+        description="Their token count with the model's tokenizer and chat template: the "
+        "usage.prompt_tokens of the same chat turn sent now."
+    )
+
+
 class Memory(_Response):
     """One long-term memory of a user (docs/memory.md lists the fields)."""
 

@@ -271,10 +271,12 @@ class MemoryShard:
         *,
         top_k: int | None = None,
         history: Sequence[dict[str, str]] | None = None,
+        touch: bool = True,
     ) -> MemoryRecall:
         """What memory offers a request: ranked facts for ``query``, the session and user
         summaries (without sentences about superseded facts) and the recent turns. Without
-        turns of its own for the session, ``history`` (the session store's messages) is used."""
+        turns of its own for the session, ``history`` (the session store's messages) is used.
+        ``touch``: the facts recalled count as used (not for a preview of the prompt)."""
         memory = await self._recalled_user(tenant, user, session_id)
         if session_id and history:  # turns lost while this shard was down (memory_catchup.py)
             missed = missed_turns(memory.episodes.sessions.get(session_id), history)
@@ -297,11 +299,11 @@ class MemoryShard:
             vectors = await self.embeddings.embed(texts)
             unit_vector, fact_vector = vectors[0], vectors[-1]
         if want_facts and fact_vector is not None:
-            for item in memory.longterm.search(fact_vector, k, self.clock()):
+            for item in memory.longterm.search(fact_vector, k, self.clock(), touch=touch):
                 record = item.record
                 facts.append(RecalledFact(record.id, record.text, record.kind, item.similarity, item.score,
                                           tuple(record.source_turns)))
-            if facts:
+            if facts and touch:
                 memory.touched = True  # written with the next flush, or within a minute
                 self.users.schedule_flush()
         session = memory.episodes.sessions.get(session_id) if session_id else None

@@ -129,6 +129,19 @@ def failures(app: str) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
+def posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(app, deployment) -> the failures its replicas posted, for each of ``apps``; an app
+    whose board cannot be read is left out (the board is an aid: Serve's status still answers)."""
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for app in apps:
+        try:
+            for deployment, posted in failures(app).items():
+                found[(app, deployment)] = posted
+        except Exception:
+            log.warning("health board unreadable", exc_info=True)
+    return found
+
+
 def remaining_s(record: dict[str, Any], now: float | None = None) -> float:
     """Seconds until the posted recovery is expected (at least 1)."""
     now = time.time() if now is None else now
@@ -141,6 +154,7 @@ __all__ = [
     "post_failure",
     "clear_failure",
     "failures",
+    "posted_failures",
     "remaining_s",
     "WATCH_INTERVAL_S",
 ]

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from actors.tp.supervision import remaining_s
+from actors.tp.supervision import posted_failures, remaining_s
 from cluster.config.memory import MemoryConfig
 from cluster.config.output import OutputConfig
 from cluster.config.serving import ServingConfig
@@ -53,10 +53,12 @@ from deployments.protocol import (
     MemoryTurnRequest,
     ModelCard,
     ModelList,
+    SessionContextPreview,
     SessionCreateRequest,
     SessionDeleted,
     SessionInfo,
     SessionList,
+    SessionTurnRequest,
     parse_request,
 )
 from deployments.protocol_responses import (
@@ -252,6 +254,22 @@ class Ingress:
         await self.sessions.delete(session_id, tenant)
         return SessionDeleted(id=session_id)
 
+    async def preview_context(
+        self, session_id: str, request: SessionTurnRequest | dict, tenant: str = DEFAULT_TENANT
+    ) -> SessionContextPreview:
+        """``POST /v1/sessions/{session_id}/context``: the prompt ``request`` would give the model
+        as the session's next turn, by the chat's own path, and its token count; stores nothing."""
+        request = _parse(SessionTurnRequest, request).in_session(session_id)
+        self._model(request.model)
+        context = await self.memory.session_context(request, tenant, touch=False)
+        message = self._message(context, tenant, stream=False)
+        try:
+            prompt = await _routed(self.models[request.model], session_id).preview.remote(message)
+        except Exception as exc:
+            raise self._failed(exc, request.model) from None
+        return SessionContextPreview(session_id=session_id, model=request.model, user=context.user,
+                                     memory=context.recall is not None, **prompt)
+
     # -- responses and conversations (``deployments.responses.api``) --------------------------
 
     async def create_response(
@@ -368,7 +386,7 @@ class Ingress:
         if self._status_cache is None or now - self._status_cache[0] > STATUS_CACHE_S:
             apps = {handle.app_name for handle in self.models.values()}
             self._status_cache = (now, await asyncio.to_thread(serve.status),
-                                  await asyncio.to_thread(_posted_failures, apps))
+                                  await asyncio.to_thread(posted_failures, apps))
         applications, posted = self._status_cache[1].applications, self._status_cache[2]
         report: dict[str, Any] = {}
         for name, handle in self.models.items():
@@ -474,20 +492,6 @@ class Ingress:
         # memory keeps who said what: a message's OpenAI `name` is its speaker
         named = [m.as_dict() | ({"name": m.name} if m.name else {}) for m in kept]
         self.memory.remember_turn(context, tenant, request.session_id, count, [*named, turn[-1]])
-
-
-def _posted_failures(apps: set[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """(app, deployment) -> the failures its replicas posted on the health board."""
-    from actors.tp.supervision import failures
-
-    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for app in apps:
-        try:
-            for deployment, posted in failures(app).items():
-                found[(app, deployment)] = posted
-        except Exception:  # the board is an aid: Serve's status still answers
-            log.warning("health board unreadable", exc_info=True)
-    return found
 
 
 __all__ = ["Ingress"]

@@ -217,8 +217,8 @@ class LLMServer:
         A resumption (``request.resume``, after the replica that streamed it died) generates
         only the choices listed, each from its prompt plus the tokens its client has, and
         streams what follows them (``resume_choices``)."""
-        prompt_ids, params, echo = self._prepare(request)
-        choices = resume_choices(prompt_ids, params, request.resume)
+        prompt, params, echo = self._prepare(request)
+        choices = resume_choices(prompt.token_ids, params, request.resume)
         pacing = self.pacing if request.stream else None
         texts = self.token_texts
         unechoed = {c.index for c in choices if not c.resumed} if echo else set()
@@ -227,8 +227,16 @@ class LLMServer:
             yield ChoiceDelta(index, out, table, echo if index in unechoed else "")
             unechoed.discard(index)
 
-    def _prepare(self, request: ModelRequest) -> tuple[list[int], list[SamplingParams], str]:
-        """Token ids, each choice's sampling and the echo of ``request``; the context length
+    async def preview(self, request: ModelRequest) -> dict[str, Any]:
+        """What ``generate`` would give the engine for ``request``, generating nothing: the
+        messages the chat template renders and their token count (``POST
+        /v1/sessions/{id}/context``). One path with ``generate``, so the same 400s answer."""
+        prompt = self._prepare(request)[0]
+        return {"messages": prompt.messages, "prompt_tokens": len(prompt.token_ids),
+                "dropped_turns": prompt.dropped_turns}
+
+    def _prepare(self, request: ModelRequest) -> tuple[oa.Prompt, list[SamplingParams], str]:
+        """The prompt, each choice's sampling and the echo of ``request``; the context length
         is checked here, where the tokenizer is (a 400 in vLLM's words)."""
         body, context = request.body, request.context
         if isinstance(body, ChatCompletionRequest):
@@ -242,7 +250,7 @@ class LLMServer:
             prompt = oa.completion_prompt(self.tokenizer, body)
             params = oa.sampling_params(body, self.config, len(prompt.token_ids), "prompt")
             echo = self._echo(body, prompt)
-        return prompt.token_ids, _choices(params, body.n), echo
+        return prompt, _choices(params, body.n), echo
 
     def _echo(self, request: CompletionRequest, prompt: oa.Prompt) -> str:
         if not request.echo:
@@ -269,7 +277,7 @@ class LLMServer:
                 messages, context_length=self.config.context_length, max_tokens=want,
                 recall=recall, system_prompt=system_prompt,
             )
-            return oa.Prompt(context.token_ids, context.dropped_turns)
+            return oa.Prompt(context.token_ids, context.dropped_turns, context.messages)
         except InvalidRequestError:
             raise
         except Exception as exc:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from cluster.config.serving import hash_api_key
 from deployments.cli.main import app as cli
-from tests.support.serve_harness import FAKE_ENGINE, REPO_ROOT, app_config, free_port
+from tests.support.serve_harness import REPO_ROOT, app_config, free_port
 
 runner = CliRunner()
 
@@ -61,29 +61,31 @@ def test_config_hash_key_prints_the_digest_to_configure():
 
 
 def test_chat_keeps_one_session_with_a_running_server(serve_cluster):
-    app = serve_cluster.deploy(
-        app_config(),
-        prefix="cli-chat",
-        # The fake's echo of its prompt is what shows that the server sent the history.
-        engine_cls=FAKE_ENGINE,
-        engine_options={"tokenizer": "bytes", "reply": "echo", "repeat": True},
-    )
+    app = serve_cluster.deploy(app_config(), prefix="cli-chat")  # the real engine
     try:
         result = runner.invoke(
             cli,
-            ["chat", "--url", app.url, "--max-tokens", "300", "--temperature", "0"],
+            ["chat", "--url", app.url, "--max-tokens", "16", "--temperature", "0"],
             input="my name is Ada\nwhat is my name\n/exit\n",
         )
         assert result.exit_code == 0, result.output
         session_id = re.search(r"session (sess-[A-Za-z0-9_-]+)", result.output).group(1)
-        # the echo of the second prompt may span lines (memory's facts section)
         answers = result.output.split("m-ai>")[1:]
-        assert len(answers) == 2 and "my name is Ada" in answers[1]  # the server sent the history
+        assert len(answers) == 2
         stored = httpx.get(f"{app.url}/v1/sessions/{session_id}").json()
         assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == [
             "my name is Ada",
             "what is my name",
         ]
+        # the server sends the history with each turn: the session's next prompt (its context
+        # preview) holds both exchanges, the model's answers as stored, before the new message
+        seen = httpx.post(f"{app.url}/v1/sessions/{session_id}/context", json={
+            "model": "m-ai-tiny", "max_tokens": 16, "messages": [{"role": "user", "content": "and now?"}],
+        }).json()
+        turns = [m for m in seen["messages"] if m["role"] != "system"]
+        assert turns == [{"role": m["role"], "content": m["content"]} for m in stored["messages"]] + [
+            {"role": "user", "content": "and now?"}
+        ], (seen, stored)
     finally:
         app.delete()
 

@@ -1,7 +1,10 @@
-"""Conversation memory over HTTP, with the echo fake engine (its reply is the prompt it was
-given, so the reply shows what memory put in the prompt): a fact told in one session reaches
-a new session of the same user and no one else's; the /v1/memories API (list, search, add,
-read, delete, usage) is scoped by tenant; a dead memory actor does not fail a chat."""
+"""Conversation memory over HTTP, on the real engine (the tiny Llama 2 checkpoint): a fact told
+in one session reaches a new session of the same user and no one else's; the /v1/memories API
+(list, search, add, read, delete, usage) is scoped by tenant; a dead memory actor does not fail
+a chat. What memory put in a prompt is read from the session's context preview
+(``POST /v1/sessions/{id}/context``), and each preview is proved to be what the engine got:
+the chat turn sent right after it counts the same ``usage.prompt_tokens``, which is the model's
+chat template's count of the previewed messages."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import httpx
 import pytest
 
 from cluster.config.serving import hash_api_key
-from tests.support.serve_harness import FAKE_ENGINE, app_config, wait_until
+from tests.support.serve_harness import app_config, wait_until
 
 MODEL = "m-ai-tiny"
 KEY_ACME = "sk-test-acme-mem-0123456789"
@@ -23,20 +26,21 @@ def app(serve_cluster):
         api_keys={hash_api_key(KEY_ACME): "acme", hash_api_key(KEY_GLOBEX): "globex"},
         memory={"persist_interval_s": 0.2},
     )
-    # The fake engine: its echo is the only way to see over HTTP what memory put in the prompt
-    # (the real engine's reply cannot show it).
-    deployed = serve_cluster.deploy(
-        config,
-        prefix="memory",
-        engine_cls=FAKE_ENGINE,
-        engine_options={"reply": "echo", "tokens_per_s": 4000},
-    )
+    deployed = serve_cluster.deploy(config, prefix="memory")  # the real engine
     yield deployed
     deployed.delete()
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    """The served model's tokenizer: the counts in ``usage`` are its counts."""
+    from engine.tokenizer import load_tokenizer
+
+    return load_tokenizer(tiny_checkpoint)
+
+
 def _client(app, key: str) -> httpx.Client:
-    return httpx.Client(base_url=app.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    return httpx.Client(base_url=app.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +55,43 @@ def globex(app):
         yield c
 
 
-def chat(http: httpx.Client, session_id: str, content: str, user: str | None = None) -> str:
+def turn(content: str, user: str | None) -> dict:
     body = {
         "model": MODEL,
-        "session_id": session_id,
         "messages": [{"role": "user", "content": content}],
-        "max_tokens": 1000,  # the echo is the whole prompt: the memory block, then the window
+        "max_tokens": 8,  # the answer's text does not matter here: the prompt does
         "temperature": 0,
     }
-    if user is not None:
-        body["user"] = user
-    response = http.post("/v1/chat/completions", json=body)
+    return body if user is None else {**body, "user": user}
+
+
+def preview(http: httpx.Client, session_id: str, content: str, user: str | None = None) -> dict:
+    """The session's context preview of this turn: the messages the model would get."""
+    response = http.post(f"/v1/sessions/{session_id}/context", json=turn(content, user))
     assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["message"]["content"]
+    return response.json()
+
+
+def text_of(previewed: dict) -> str:
+    return "\n".join(m["content"] for m in previewed["messages"])
+
+
+def chat(http: httpx.Client, session_id: str, content: str, user: str | None = None) -> dict:
+    response = http.post("/v1/chat/completions", json={**turn(content, user), "session_id": session_id})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def previewed_chat(
+    http: httpx.Client, tokenizer, session_id: str, content: str, user: str | None = None
+) -> dict:
+    """The turn's preview, then the turn itself: the engine got the previewed prompt, token
+    for token in count (the preview generated and stored nothing in between)."""
+    seen = preview(http, session_id, content, user)
+    reply = chat(http, session_id, content, user)
+    assert reply["usage"]["prompt_tokens"] == seen["prompt_tokens"], (seen, reply["usage"])
+    assert seen["prompt_tokens"] == len(tokenizer.apply_chat_template(seen["messages"]))
+    return seen
 
 
 def new_session(http: httpx.Client) -> str:
@@ -78,7 +106,7 @@ def memories(http: httpx.Client, user: str, **params) -> dict:
     return response.json()
 
 
-def test_a_fact_from_one_session_reaches_the_users_next_session(acme):
+def test_a_fact_from_one_session_reaches_the_users_next_session(acme, tokenizer):
     first = new_session(acme)
     chat(acme, first, "My name is Ada. I am allergic to peanuts.", user="ada")
     listed = wait_until(
@@ -90,20 +118,25 @@ def test_a_fact_from_one_session_reaches_the_users_next_session(acme):
     assert all(m["source_turns"] == [f"{first}#2"] for m in listed["data"])
 
     second = new_session(acme)
-    reply = chat(acme, second, "Am I allergic to anything?", user="ada")
-    assert FACTS_HEADER in reply and "allergic to peanuts" in reply
+    seen = previewed_chat(acme, tokenizer, second, "Am I allergic to anything?", user="ada")
+    assert seen["memory"] is True and seen["user"] == "ada"
+    system = seen["messages"][0]
+    assert system["role"] == "system"
+    assert FACTS_HEADER in system["content"] and "allergic to peanuts" in system["content"]
     # session A's turn reaches session B as a memory (after the memory header, dated), never
-    # as a message of session B: B's own history holds only its question (and the echo's answer)
-    assert reply.index("User: My name is Ada.") > reply.index(FACTS_HEADER)
+    # as a message of session B: B's prompt is the memory block and its question, and B's own
+    # history holds only its question (and the model's answer)
+    assert system["content"].index("User: My name is Ada.") > system["content"].index(FACTS_HEADER)
+    assert seen["messages"][1:] == [{"role": "user", "content": "Am I allergic to anything?"}]
     own = acme.get(f"/v1/sessions/{second}").json()["messages"]
     assert [m["content"] for m in own if m["role"] == "user"] == ["Am I allergic to anything?"]
 
     stranger = new_session(acme)
-    other = chat(acme, stranger, "Am I allergic to anything?", user="bob")
+    other = text_of(previewed_chat(acme, tokenizer, stranger, "Am I allergic to anything?", user="bob"))
     assert "peanuts" not in other and FACTS_HEADER not in other
 
     # the next turn of the same session still comes from memory's window of that session
-    follow = chat(acme, second, "And what is my name?", user="ada")
+    follow = text_of(previewed_chat(acme, tokenizer, second, "And what is my name?", user="ada"))
     assert "Am I allergic to anything?" in follow and "The user's name is Ada." in follow
 
 
@@ -166,7 +199,7 @@ def test_bad_memory_requests_are_400(acme):
     assert httpx.get(f"{acme.base_url}v1/memories", params={"user": "x"}).status_code == 401
 
 
-def test_a_session_created_for_a_user_feeds_that_users_memory(acme):
+def test_a_session_created_for_a_user_feeds_that_users_memory(acme, tokenizer):
     created = acme.post("/v1/sessions", json={"user": "yuri"})
     assert created.status_code == 201 and created.json()["user"] == "yuri"
     session = created.json()["id"]
@@ -174,7 +207,7 @@ def test_a_session_created_for_a_user_feeds_that_users_memory(acme):
     wait_until(lambda: memories(acme, "yuri")["total"] >= 1, timeout_s=30)
     assert memories(acme, f"session:{session}")["total"] == 0
     later = new_session(acme)
-    assert "Kyiv" in chat(acme, later, "Where do I live?", user="yuri")
+    assert "Kyiv" in text_of(previewed_chat(acme, tokenizer, later, "Where do I live?", user="yuri"))
     assert acme.post("/v1/sessions", json={"user": ""}).status_code == 400
 
 
@@ -194,6 +227,31 @@ def test_deleting_a_session_deletes_what_memory_kept_of_it(acme, globex):
     assert globex.get("/v1/memories/usage").json()["users"] == 0
 
 
+def test_a_context_preview_stores_nothing_and_answers_only_its_tenant(acme, globex):
+    session = new_session(acme)
+    seen = preview(acme, session, "I live in Rome.", user="quinn")
+    assert (seen["object"], seen["session_id"], seen["model"]) == ("session.context", session, MODEL)
+    assert seen["messages"][-1] == {"role": "user", "content": "I live in Rome."}
+    assert acme.get(f"/v1/sessions/{session}").json()["message_count"] == 0  # no turn stored
+    # memory absorbs a session's turns in order: once the chat's fact is in, a preview's would be
+    chat(acme, session, "My name is Quinn.", user="quinn")
+    kept = wait_until(lambda: (found := memories(acme, "quinn"))["total"] >= 1 and found, timeout_s=30)
+    assert not any("Rome" in m["text"] for m in kept["data"]), kept
+
+    def refused(http: httpx.Client, path_id: str, **body) -> dict:
+        response = http.post(f"/v1/sessions/{path_id}/context", json={**turn("hi", None), **body})
+        assert response.status_code in (400, 404), response.text
+        return {"status": response.status_code, "param": response.json()["error"]["param"]}
+
+    assert refused(globex, session) == {"status": 404, "param": "session_id"}  # acme's session
+    assert refused(acme, "sess-unknown") == {"status": 404, "param": "session_id"}
+    assert refused(acme, session, model="llama-9000") == {"status": 404, "param": "model"}
+    assert refused(acme, session, session_id="sess-other")["status"] == 400  # the path names it
+    assert refused(acme, session, messages=[])["status"] == 400
+    assert refused(acme, session, colour="red")["status"] == 400
+    assert httpx.post(f"{acme.base_url}v1/sessions/{session}/context", json=turn("hi", None)).status_code == 401
+
+
 def test_chat_answers_when_the_memory_actor_is_dead(app, acme):
     """Runs last: it kills the module's memory shard."""
     import ray
@@ -207,6 +265,7 @@ def test_chat_answers_when_the_memory_actor_is_dead(app, acme):
     ]
     assert len(names) == 1, names
     ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
-    reply = chat(acme, session, "Where do I live?", user="erin")
     # answered from the session (sliding window) or from a memory shard Serve recreated
-    assert "Where do I live?" in reply
+    seen = preview(acme, session, "Where do I live?", user="erin")
+    assert seen["messages"][-1] == {"role": "user", "content": "Where do I live?"}
+    assert chat(acme, session, "Where do I live?", user="erin")["choices"][0]["message"]["role"] == "assistant"

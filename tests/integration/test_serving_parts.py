@@ -230,6 +230,11 @@ def test_a_long_session_history_slides_but_keeps_the_system_prompt():
         and "question 9" in text
         and "question 0" not in text
     )
+    # the messages rendered (what a session's context preview shows): the window after the drops
+    assert prompt.token_ids == tok.apply_chat_template(prompt.messages)
+    assert prompt.messages[0] == {"role": "system", "content": "S"}
+    assert prompt.messages[-1] == {"role": "user", "content": "last"}
+    assert len(prompt.messages) == len(history) + 1 - prompt.dropped_turns
 
 
 def test_sampling_params_use_live_defaults_and_check_the_context():

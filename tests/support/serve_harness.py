@@ -123,8 +123,10 @@ class ServeCluster:
         """Deploy ``build_app(config)`` under a unique name (or ``name``, to update it).
 
         ``engine_cls`` None is the real engine (the tiny checkpoint unless ``config`` names
-        another); a test passes ``FAKE_ENGINE`` only for what the fake alone gives (its echo of
-        the prompt, no model load for serving-graph tests) and says why where it does."""
+        another); a test passes ``FAKE_ENGINE`` only for what the fake alone gives (no model
+        load, for serving-graph tests) and says why where it does. What a prompt held is read
+        from the session's context preview (``POST /v1/sessions/{id}/context``), not from a
+        fake's echo."""
         from ray import serve
 
         from deployments.app import build_app

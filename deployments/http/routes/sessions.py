@@ -1,18 +1,22 @@
-"""HTTP routes of server-side sessions (an M-AI extension): create, list, read, delete.
-A chat request with ``session_id`` then sends only its new turn."""
+"""HTTP routes of server-side sessions (an M-AI extension): create, list, read, delete, and a
+preview of the prompt the next turn would give the model. A chat request with ``session_id``
+then sends only its new turn."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from deployments.http.routes.openai import ERRORS as CHAT_ERRORS
 from deployments.http.routes.openai import ingress_of, tenant_of
 from deployments.protocol import (
     ErrorResponse,
+    SessionContextPreview,
     SessionCreateRequest,
     SessionDeleted,
     SessionInfo,
     SessionList,
+    SessionTurnRequest,
 )
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404)}
@@ -66,3 +70,19 @@ async def delete_session(
     return JSONResponse(
         (await ingress_of(request).delete_session(session_id, tenant)).model_dump(mode="json")
     )
+
+
+@router.post(
+    "/{session_id}/context",
+    # as a chat turn's: 404 an unknown session or model, 429 and 503 the model's queue or state
+    responses={200: {"model": SessionContextPreview}, **CHAT_ERRORS},
+    summary="Preview the prompt of the session's next turn (nothing generated or stored)",
+)
+async def preview_context(
+    session_id: str,
+    body: SessionTurnRequest,
+    request: Request,
+    tenant: str = Depends(tenant_of),
+) -> Response:
+    preview = await ingress_of(request).preview_context(session_id, body, tenant)
+    return JSONResponse(preview.model_dump(mode="json"))

@@ -28,10 +28,12 @@ from engine.types import SamplingParams, context_length_error
 
 @dataclass(frozen=True)
 class Prompt:
-    """A request ready for the engine: its token ids and how many history turns were dropped."""
+    """A request ready for the engine: its token ids, how many history turns were dropped and,
+    for a chat, the messages the chat template rendered (what a context preview shows)."""
 
     token_ids: list[int]
     dropped_turns: int = 0
+    messages: list[dict[str, Any]] | None = None
 
 
 def chat_prompt(
@@ -51,7 +53,7 @@ def chat_prompt(
         ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         droppable = [i for i in range(history_len - dropped) if messages[i]["role"] != "system"]
         if len(ids) + want <= config.context_length or not droppable:
-            return Prompt(ids, dropped)
+            return Prompt(ids, dropped, messages)
         # Drop a user turn with the answer that follows it, so roles keep alternating.
         first = droppable[0]
         n = (

@@ -55,11 +55,12 @@ class IngressMemory:
         return self.client is not None
 
     async def session_context(
-        self, request: ChatCompletionRequest, tenant: str, whole: bool = False
+        self, request: ChatCompletionRequest, tenant: str, whole: bool = False, touch: bool = True
     ) -> SessionContext:
         """The request with its session's context: a memory recall, or the earlier turns.
         ``whole``: every earlier turn, none to be dropped and no recall (the Responses API's
-        ``truncation="disabled"``: too long a history is the request's 400)."""
+        ``truncation="disabled"``: too long a history is the request's 400). ``touch`` False:
+        the facts recalled do not count as used (a preview of the prompt)."""
         if not request.session_id:
             return SessionContext(request, 0)
         if whole:
@@ -77,7 +78,9 @@ class IngressMemory:
                 # the model reads each message's text (tool items rendered as the model wrote them)
                 messages = [{"role": m["role"], "content": m["content"]} for m in session.get("messages") or []]
                 user = memory_user(request.user, session.get("user"), sid)
-                recall = await self.client.recall(tenant, user, sid, _last_user_text(request), messages)
+                recall = await self.client.recall(
+                    tenant, user, sid, _last_user_text(request), messages, touch=touch
+                )
                 if recall is not None:
                     plain = request.model_copy(update={"session_id": None})
                     return SessionContext(plain, 0, user, recall, system_prompt)

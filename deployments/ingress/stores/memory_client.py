@@ -81,14 +81,16 @@ class MemoryClient(ShardHandles):
         session_id: str,
         query: str | None,
         history: Sequence[dict[str, str]],
+        touch: bool = True,
     ) -> Any:
-        """The ``MemoryRecall`` for a request, or None when memory cannot answer (logged)."""
+        """The ``MemoryRecall`` for a request, or None when memory cannot answer (logged).
+        ``touch``: the facts recalled count as used (False for a preview of the prompt)."""
         pending = self._absorbing.get((tenant, session_id))
         if pending is not None and not pending.done():
             await asyncio.wait([pending], timeout=ABSORB_WAIT_S)
         try:
             return await asyncio.wait_for(
-                self._call(tenant, user, "recall", session_id, query, history=list(history)),
+                self._call(tenant, user, "recall", session_id, query, history=list(history), touch=touch),
                 RECALL_TIMEOUT_S,
             )
         except Exception as exc:

@@ -16,7 +16,7 @@ from deployments.ingress.openai_api.outputs import ChatChunks, chat_response
 from deployments.ingress.openai_api.tool_calls import call_schema, llama_messages, parse_tool_calls
 from deployments.ingress.output_processing import AnswerShaper, whole_answer
 from deployments.messages import ChoiceDelta
-from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, SessionTurnRequest
 from deployments.responses.items import input_messages, output_items
 from engine.types import RequestOutput
 
@@ -196,3 +196,17 @@ def test_response_input_items_become_chat_messages():
     assert err.value.param == "input[0].content[0].type"
     items = output_items(None, "hi")
     assert items[0]["content"][0] == {"type": "output_text", "text": "hi", "annotations": [], "logprobs": []}
+
+
+def test_a_session_turn_becomes_a_chat_request_of_the_session_its_path_names():
+    turn = SessionTurnRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 5,
+         "user": "ada"}
+    )
+    request = turn.in_session("sess-1")
+    assert type(request) is ChatCompletionRequest and request.session_id == "sess-1"
+    assert (request.max_tokens, request.user, request.messages) == (5, "ada", turn.messages)
+    with pytest.raises(ValidationError) as info:  # the body cannot name another session
+        SessionTurnRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                           "session_id": "sess-2"})
+    assert validation_error(info.value.errors()).param == "session_id"

@@ -157,6 +157,24 @@ def test_capacity_evicts_the_lowest_priority_and_ttl_expires_unused():
     run(go())
 
 
+def test_a_recall_for_a_preview_of_the_prompt_is_not_a_use():
+    async def go():
+        clock = Clock()
+        s = shard(clock=clock, capacity={"ttl_s": 100.0})
+        await s.add_memory("t", "u", "The user sails.")
+        await s.add_memory("t", "u", "The user cooks.")
+        clock.now += 60
+        previewed = await s.recall("t", "u", None, "Does the user sail?", top_k=1, touch=False)
+        used = await s.recall("t", "u", None, "Does the user cook?", top_k=1)
+        assert [f.text for f in previewed.facts] == ["The user sails."]
+        assert [f.text for f in used.facts] == ["The user cooks."]
+        clock.now += 60
+        assert (await s.cleanup())["expired"] == 1
+        assert {m["text"] for m in (await s.list_memories("t", "u"))["data"]} == {"The user cooks."}
+
+    run(go())
+
+
 def test_idle_sessions_fold_into_the_user_summary():
     async def go():
         clock = Clock()

@@ -24,6 +24,11 @@ def test_the_spec_documents_the_routes_streaming_and_errors():
     assert "get" in paths["/v1/models"] and "get" in paths["/health"]
     assert {"get", "post"} <= set(paths["/v1/sessions"])
     assert {"get", "delete"} <= set(paths["/v1/sessions/{session_id}"])
+    preview = paths["/v1/sessions/{session_id}/context"]["post"]
+    assert preview["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/SessionTurnRequest")
+    assert {"200", "400", "401", "404", "429", "503"} <= set(preview["responses"])
+    turn = spec["components"]["schemas"]["SessionTurnRequest"]["properties"]
+    assert turn["session_id"]["type"] == "null"  # the path names the session
     assert "post" in paths["/v1/embeddings"] and "post" in paths["/v1/responses"]
     assert {"get", "delete"} <= set(paths["/v1/responses/{response_id}"])
     assert {"get", "post"} <= set(paths["/v1/conversations/{conversation_id}/items"])
