@@ -267,7 +267,7 @@ async def build_user(embedder, tokenizer, n: int, seed: int, root: Path, conv: C
     units = [MemoryUnit(i + 1, "sess-imported", i, 0, "user", None, item["text"], 1.7e9 + 60 * i)
              for i, item in enumerate(items)]
     for unit in units:
-        unit.tokens = tokenizer.count_tokens(unit.line) if len(units) <= 1000 else 24
+        unit.tokens = tokenizer.count_tokens(unit.line)  # as absorbing counts it
     memory.units.add_many(units, memory.units.quantized(vectors))
     for turn_id, (text, answer, _) in enumerate(conv.turns[:24]):
         await shard.absorb_turn("bench", "big", "sess-latency", turn_id,

@@ -13,7 +13,7 @@ import json
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,11 @@ from cluster.logging_setup import get_logger
 log = get_logger("engine.tokenizer")
 
 FALLBACK_CHAT_TEMPLATE_FILE = Path(__file__).parent / "data" / "llama2_chat.jinja"
+# Chat prompt pieces (one exchange between the template's BOS and EOS) whose ids are kept: a
+# session's every turn, and every fit of a memory context, renders the same exchanges again.
+# Pieces longer than PIECE_CACHE_MAX_CHARS are encoded each time (bounds the memory: ~40 MB).
+PIECE_CACHE_SIZE = 4096
+PIECE_CACHE_MAX_CHARS = 8192
 CHAT_ROLES = ("system", "user", "assistant")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _REPLACEMENT_CHAR = "\ufffd"
@@ -164,7 +169,15 @@ class Tokenizer:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_plain_text_backend", None)
+        state.pop("_piece_ids", None)
         return state
+
+    @cached_property
+    def _piece_ids(self) -> Any:
+        """Plain-text ids of a chat prompt piece, remembered (LRU, thread-safe): a piece's ids
+        never change, and most pieces of a prompt were in the previous one."""
+        return lru_cache(maxsize=PIECE_CACHE_SIZE)(
+            lambda piece: tuple(self.encode(piece, add_bos=False, special_tokens=False)))
 
     def count_tokens(self, text: str) -> int:
         """How many tokens ``text`` adds to a sequence (no BOS counted)."""
@@ -278,8 +291,10 @@ class Tokenizer:
             for after_eos, piece in enumerate(between.split(eos)):
                 if after_eos:
                     ids.append(self.eos_token_id)
-                if piece:
+                if len(piece) > PIECE_CACHE_MAX_CHARS:
                     ids += self.encode(piece, add_bos=False, special_tokens=False)
+                elif piece:
+                    ids += self._piece_ids(piece)
         return ids
 
     @cached_property

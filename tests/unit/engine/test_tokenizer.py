@@ -331,3 +331,23 @@ def test_streaming_decodes_a_bounded_window(tok):
     assert "".join(stream(detok, ids)) == tok.decode(ids)
     assert max(widths) < 40
     assert len(detok._ids) <= IncrementalDetokenizer.TRIM_AFTER + 40
+
+
+def test_a_sessions_next_prompt_reuses_the_encoded_exchanges_and_stays_exact(tiny_checkpoint):
+    import pickle
+
+    tok = load_tokenizer(tiny_checkpoint)
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i} about llamas"},
+                    {"role": "assistant", "content": f"answer {i} </s> with a stop string in it"}]
+    first = tok.apply_chat_template(history + [{"role": "user", "content": "and now?"}])
+    before = tok._piece_ids.cache_info().hits
+    second = tok.apply_chat_template(history + [{"role": "user", "content": "and then?"}])
+    assert tok._piece_ids.cache_info().hits - before == 6  # the six earlier exchanges
+    # the same ids as encoding the rendered text piece by piece, without the cache
+    fresh = pickle.loads(pickle.dumps(tok))  # a copy starts with no cache (nothing pickled)
+    assert "_piece_ids" not in fresh.__dict__
+    assert fresh.apply_chat_template(history + [{"role": "user", "content": "and then?"}]) == second
+    assert second != first and second[: len(first) - 12] == first[: len(first) - 12]
+    assert second.count(tok.eos_token_id) == 6  # a stop string typed in a message stays text
