@@ -87,7 +87,8 @@ class UnitRetrievalConfig(_Frozen):
     )
     candidates: int = Field(100, ge=1, le=10_000, description="Units each retriever returns before fusion.")
     rrf_k: float = Field(
-        20.0, gt=0.0, description="Reciprocal rank fusion constant (1 / (k + rank)); lower favours the top ranks."
+        60.0, gt=0.0, description="Reciprocal rank fusion constant (1 / (k + rank)); lower favours the top "
+        "ranks. 60 is the usual value (Cormack et al., 2009)."
     )
     speaker_weight: float = Field(
         0.5, ge=0.0, description="Score boost of units said by a person the question names."
