@@ -25,7 +25,12 @@ off unless ``--output-processing`` (benchmarks/output_overhead.py measures it).
 
 ``python benchmarks/serving_overhead.py --out F`` writes JSON with ``http_tokens_per_s_ratio``
 (HTTP over engine, 32 streams) and ``ttft_overhead_ms_p50`` (HTTP minus engine, 1 stream),
-and a PNG next to it.
+and a PNG next to it. With each path it records the CPU seconds each process spent per 1,000
+output tokens (``benchmarks/process_cpu.py``: the proxy, the ingress and LLMServer replicas,
+rank 0's engine thread and its other threads, the client) and the SSE events per 1,000 tokens:
+figures that other work on the machine changes less than tokens/s. ``--paths`` and
+``--streams`` pick a part (e.g. ``--paths engine,http --streams 32``); ``--pids-file`` names the
+processes for a profiler.
 """
 
 from __future__ import annotations
@@ -43,10 +48,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.process_cpu import ProcessCpu, cpu_delta, cpu_per_1k_tokens  # noqa: E402
+from benchmarks.serving_overhead_report import PATHS, TARGETS, plot, print_table  # noqa: E402
 from cluster.config import ModelConfig, build_app_config  # noqa: E402
 
-TARGETS = {"http_tokens_per_s_ratio": 0.90, "ttft_overhead_ms_p50": 15.0}
-PATHS = ("engine", "handle", "http")
 MODEL = "m-ai-tiny"
 TOPICS = ["llamas", "the sea", "bread", "rain", "trains", "chess", "tea", "bees", "maps", "ice"]
 
@@ -139,24 +144,33 @@ class HttpPath:
 
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self.client = httpx.AsyncClient(base_url=url, limits=limits, timeout=120)
+        self.events = 0  # SSE events read, all requests
 
     async def one(self, request: Any) -> tuple[float, int]:
+        """One streamed request, read as raw SSE bytes: an event's JSON is parsed only while
+        the first text is awaited, for the usage and for an error, so that the client's own
+        CPU (it shares the cores with the server) stays small."""
         body = request.model_dump(mode="json", exclude_none=True)
         start = time.perf_counter()
-        ttft, tokens = None, 0
+        ttft, tokens, buffer = None, 0, b""
         async with self.client.stream("POST", "/v1/chat/completions", json=body) as response:
             response.raise_for_status()
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(f"stream failed: {chunk['error']}")
-                choices = chunk.get("choices") or []
-                if ttft is None and choices and choices[0]["delta"].get("content"):
-                    ttft = time.perf_counter() - start
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+            async for data in response.aiter_raw():
+                *events, buffer = (buffer + data).split(b"\n\n")
+                for event in events:
+                    if not event.startswith(b"data: {"):
+                        continue  # [DONE]
+                    self.events += 1
+                    if ttft is not None and b'"usage":{' not in event and b'{"error"' not in event[:16]:
+                        continue
+                    chunk = json.loads(event[6:])
+                    if "error" in chunk:
+                        raise RuntimeError(f"stream failed: {chunk['error']}")
+                    choices = chunk.get("choices") or []
+                    if ttft is None and choices and choices[0]["delta"].get("content"):
+                        ttft = time.perf_counter() - start
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
         return ttft, tokens
 
     async def close(self) -> None:
@@ -210,7 +224,11 @@ def start_serve(args: argparse.Namespace, config: ModelConfig) -> tuple[str, str
     app_config = build_app_config(
         {
             "models": [config.model_dump(exclude_none=True)],
-            "serving": {"graceful_shutdown_timeout_s": 1, "graceful_shutdown_wait_loop_s": 0.1},
+            "serving": {
+                "graceful_shutdown_timeout_s": 1,
+                "graceful_shutdown_wait_loop_s": 0.1,
+                **({"stream_max_events_per_s": args.max_events_per_s} if args.max_events_per_s else {}),
+            },
             "output": {"enabled": args.output_processing},
         },
         "benchmark config",
@@ -241,9 +259,12 @@ def output_lengths(n: int, mean: int, spread: bool) -> list[int]:
     return [low + (i * 53) % width for i in range(n)]
 
 
-async def measure(args: argparse.Namespace, engine: Any, config: ModelConfig, url: str) -> dict:
-    """Every path at each concurrency, in ``args.rounds`` interleaved rounds (engine, handle,
-    http, engine, ...) so that a change in the machine's load hits all paths alike."""
+async def measure(
+    args: argparse.Namespace, engine: Any, config: ModelConfig, url: str, cpu: ProcessCpu
+) -> tuple[dict, dict]:
+    """Every path of ``args.paths`` at each of ``args.streams``, in ``args.rounds`` interleaved
+    rounds (engine, handle, http, engine, ...) so that a change in the machine's load hits all
+    paths alike; with each round's tokens, the CPU seconds each process spent on it."""
     from deployments.protocol import ChatCompletionRequest
 
     def requests(chats: list, lengths: list[int]) -> list[ChatCompletionRequest]:
@@ -259,35 +280,46 @@ async def measure(args: argparse.Namespace, engine: Any, config: ModelConfig, ur
             for m, n in zip(chats, lengths)
         ]
 
-    results: dict[str, dict[int, dict]] = {p: {} for p in PATHS}
-    for concurrency, n, mean, spread in (
-        (1, args.requests_1, args.tokens_1, False),
-        (32, args.requests_32, args.max_tokens, True),
-    ):
+    paths = args.paths
+    results: dict[str, dict[int, dict]] = {p: {} for p in paths}
+    cpu_s: dict[str, dict[int, dict[str, float]]] = {p: {} for p in paths}
+    settings = {1: (args.requests_1, args.tokens_1, False), 32: (args.requests_32, args.max_tokens, True)}
+    for concurrency in args.streams:
+        n, mean, spread = settings[concurrency]
         chats, lengths = prompts(n), output_lengths(n, mean, spread)
         http = HttpPath(url, concurrency)
-        paths = {"engine": EnginePath(engine, config), "handle": HandlePath("bench"), "http": http}
-        rounds: dict[str, list[dict]] = {p: [] for p in PATHS}
+        runners = {
+            "engine": EnginePath(engine, config) if engine is not None else None,
+            "handle": HandlePath("bench") if "handle" in paths else None,
+            "http": http,
+        }
+        rounds: dict[str, list[dict]] = {p: [] for p in paths}
         try:
-            for name in PATHS:  # warm-up: connections, code paths, the engine's first steps
+            for name in paths:  # warm-up: connections, code paths, the engine's first steps
                 warm = requests(prompts(concurrency), [4] * concurrency)
-                await run_clients(warm, concurrency, paths[name].one)
+                await run_clients(warm, concurrency, runners[name].one)
             for r in range(args.rounds):
                 part = slice(r * n // args.rounds, (r + 1) * n // args.rounds)
-                for name in PATHS:
+                for name in paths:
                     log(f"{name}: round {r + 1}/{args.rounds}, {concurrency} in flight ...")
                     batch = requests(chats[part], lengths[part])
-                    rounds[name].append(await run_clients(batch, concurrency, paths[name].one))
+                    before, events = cpu.snapshot(), http.events
+                    rounds[name].append(await run_clients(batch, concurrency, runners[name].one))
+                    rounds[name][-1]["events"] = http.events - events
+                    spent = cpu_delta(before, cpu.snapshot())
+                    total = cpu_s[name].setdefault(concurrency, {})
+                    for role, seconds in spent.items():
+                        total[role] = total.get(role, 0.0) + seconds
         finally:
             await http.close()
-        for name in PATHS:
+        for name in paths:
             results[name][concurrency] = merge_rounds(rounds[name])
-        expected = results["engine"][concurrency]["tokens"]
-        for name in ("handle", "http"):  # same requests, greedy: the same tokens
+        expected = results[paths[0]][concurrency]["tokens"]
+        for name in paths[1:]:  # same requests, greedy: the same tokens
             got = results[name][concurrency]["tokens"]
             if got != expected:
-                log(f"warning: {name} at {concurrency} streams got {got} tokens, engine {expected}")
-    return results
+                log(f"warning: {name} at {concurrency} streams got {got} tokens, {paths[0]} {expected}")
+    return results, cpu_s
 
 
 def merge_rounds(rounds: list[dict]) -> dict[str, Any]:
@@ -302,10 +334,11 @@ def merge_rounds(rounds: list[dict]) -> dict[str, Any]:
         "ttft_ms_p50": statistics.median(ttfts),
         "ttft_ms_p90": percentile(ttfts, 0.9),
         "rounds_tokens_per_s": [r["tokens_per_s"] for r in rounds],
+        "events_per_1k_tokens": 1000 * sum(r["events"] for r in rounds) / tokens,
     }
 
 
-def summarize(args: argparse.Namespace, results: dict) -> dict[str, Any]:
+def summarize(args: argparse.Namespace, results: dict, cpu_s: dict) -> dict[str, Any]:
     r: dict[str, Any] = {
         "engine": args.engine,
         "fake_tokens_per_s_per_stream": args.tokens_per_s if args.engine == "fake" else None,
@@ -318,102 +351,32 @@ def summarize(args: argparse.Namespace, results: dict) -> dict[str, Any]:
         # Other work on the machine slows Ray's processes (not the fake engine): record it.
         "load_average_1m": {"start": args.load_start, "end": os.getloadavg()[0]},
         "results": results,
+        "cpu_s_per_1k_tokens": cpu_per_1k_tokens(results, cpu_s),
     }
-    for c in (1, 32):
+    if "engine" not in results:
+        return r
+    for c in args.streams:
         base = results["engine"][c]
-        for path in ("handle", "http"):
+        for path in set(results) & {"handle", "http"}:
             r[f"{path}_tokens_per_s_ratio_{c}"] = (
                 results[path][c]["tokens_per_s"] / base["tokens_per_s"]
             )
             r[f"{path}_ttft_overhead_ms_p50_{c}"] = (
                 results[path][c]["ttft_ms_p50"] - base["ttft_ms_p50"]
             )
-    r["http_tokens_per_s_ratio"] = r["http_tokens_per_s_ratio_32"]
-    r["ttft_overhead_ms_p50"] = r["http_ttft_overhead_ms_p50_1"]
-    r["targets"] = TARGETS
+    targets = {
+        "http_tokens_per_s_ratio": "http_tokens_per_s_ratio_32",
+        "ttft_overhead_ms_p50": "http_ttft_overhead_ms_p50_1",
+    }
+    for key, source in targets.items():
+        if source in r:
+            r[key] = r[source]
+    r["targets"] = {k: v for k, v in TARGETS.items() if k in r}
     r["targets_met"] = {
-        "http_tokens_per_s_ratio": r["http_tokens_per_s_ratio"]
-        >= TARGETS["http_tokens_per_s_ratio"],
-        "ttft_overhead_ms_p50": r["ttft_overhead_ms_p50"] < TARGETS["ttft_overhead_ms_p50"],
+        key: r[key] >= target if key.endswith("ratio") else r[key] < target
+        for key, target in r["targets"].items()
     }
     return r
-
-
-def print_table(r: dict) -> None:
-    res = r["results"]
-    print(
-        f"\n{'path':8}{'streams':>8}{'tokens/s':>10}{'x engine':>10}{'TTFT p50 ms':>13}"
-        f"{'+ms':>8}{'TTFT p90 ms':>13}"
-    )
-    for c in (1, 32):
-        base = res["engine"][c]
-        for path in PATHS:
-            x = res[path][c]
-            print(
-                f"{path:8}{c:8d}{x['tokens_per_s']:10.0f}{x['tokens_per_s'] / base['tokens_per_s']:10.3f}"
-                f"{x['ttft_ms_p50']:13.1f}{x['ttft_ms_p50'] - base['ttft_ms_p50']:8.1f}"
-                f"{x['ttft_ms_p90']:13.1f}"
-            )
-    load = r["load_average_1m"]
-    print(
-        f"\n{r['cpu_cores']} cores; 1-minute load average {load['start']:.1f} at the start, "
-        f"{load['end']:.1f} at the end"
-    )
-    for key, target in r["targets"].items():
-        mark = "met" if r["targets_met"][key] else "MISSED"
-        cmp = ">=" if key.endswith("ratio") else "<"
-        print(f"{key:26} {r[key]:8.3f}  (target {cmp} {target}, {mark})")
-
-
-def plot(r: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib missing: no plot")
-        return
-    res = r["results"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
-    width = 0.25
-    for i, p in enumerate(PATHS):
-        xs = [j + (i - 1) * width for j in range(2)]
-        ratios = [res[p][c]["tokens_per_s"] / res["engine"][c]["tokens_per_s"] for c in (1, 32)]
-        bars = left.bar(xs, ratios, width, label=p)
-        for bar, c in zip(bars, (1, 32)):
-            left.annotate(
-                f"{res[p][c]['tokens_per_s']:.0f}",
-                (bar.get_x() + width / 2, 0.02),
-                ha="center",
-                fontsize=7,
-                rotation=90,
-                color="white",
-            )
-        right.bar(xs, [res[p][c]["ttft_ms_p50"] for c in (1, 32)], width, label=p)
-    left.axhline(
-        TARGETS["http_tokens_per_s_ratio"], color="gray", ls=":", label="target (HTTP, 32)"
-    )
-    left.set_ylim(0, 1.1)
-    left.set_title("output tokens/s, relative to the engine (bars: absolute)")
-    right.set_title("time to first token, p50 (ms)")
-    for ax in (left, right):
-        ax.set_xticks([0, 1], ["1 stream", "32 streams"])
-        ax.legend(fontsize=8)
-    engine = (
-        f"fake engine, {r['fake_tokens_per_s_per_stream']:g} tokens/s per stream"
-        if r["engine"] == "fake"
-        else "tiny model on the CPU"
-    )
-    load = r["load_average_1m"]
-    fig.suptitle(
-        f"Serving overhead ({engine}; {r['cpu_cores']} cores, load {load['start']:.1f}-"
-        f"{load['end']:.1f}):\nHTTP x{r['http_tokens_per_s_ratio']:.3f} tokens/s at 32 streams, "
-        f"+{r['ttft_overhead_ms_p50']:.1f} ms TTFT at 1 stream",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -437,7 +400,20 @@ def main() -> None:
         "--max-tokens", type=int, default=128, help="mean max_tokens at 32 streams (64..192)"
     )
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per concurrency")
+    ap.add_argument(
+        "--paths", type=comma_list(PATHS), default=list(PATHS), help="e.g. engine,http (all)"
+    )
+    ap.add_argument(
+        "--streams", type=comma_list(("1", "32")), default=["1", "32"], help="1, 32 or 1,32"
+    )
+    ap.add_argument(
+        "--max-events-per-s", type=float, help="serving.stream_max_events_per_s (its default)"
+    )
+    ap.add_argument(
+        "--pids-file", help="write the processes' ids by role here once Serve runs (a profiler's)"
+    )
     args = ap.parse_args()
+    args.streams = [int(c) for c in args.streams]
     args.load_start = os.getloadavg()[0]
 
     from engine.tiny.checkpoint import ensure_tiny_checkpoint
@@ -452,8 +428,12 @@ def main() -> None:
     engine = None
     try:
         _, url, temp_dir = start_serve(args, config)
-        engine = make_engine(args, config)
-        results = asyncio.run(measure(args, engine, config, url))
+        engine = make_engine(args, config) if "engine" in args.paths else None
+        core = getattr(engine, "core", None)
+        cpu = ProcessCpu(temp_dir, core._thread.native_id if core is not None else None)
+        if args.pids_file:
+            Path(args.pids_file).write_text(json.dumps(cpu.pids()))
+        results, cpu_s = asyncio.run(measure(args, engine, config, url, cpu))
     finally:
         if engine is not None:
             engine.shutdown()
@@ -465,12 +445,26 @@ def main() -> None:
             ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    r = summarize(args, results)
+    r = summarize(args, results, cpu_s)
     print_table(r)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2))
-    plot(r, out.with_suffix(".png"))
+    if set(args.paths) == set(PATHS) and args.streams == [1, 32]:
+        plot(r, out.with_suffix(".png"))
+
+
+def comma_list(choices: tuple[str, ...]):
+    """An argparse type: a comma-separated subset of ``choices``, in their order."""
+
+    def parse(text: str) -> list[str]:
+        picked = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [t for t in picked if t not in choices]
+        if unknown or not picked:
+            raise argparse.ArgumentTypeError(f"{text!r}: pick from {', '.join(choices)}")
+        return [c for c in choices if c in picked]
+
+    return parse
 
 
 if __name__ == "__main__":

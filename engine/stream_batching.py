@@ -24,7 +24,7 @@ class StreamPacing:
     """How often one stream may send an event (see the module docstring)."""
 
     min_interval_s: float = 0.02
-    max_events_per_s: float = 200.0
+    max_events_per_s: float = 100.0
 
     def interval_s(self, active_streams: int) -> float:
         return max(self.min_interval_s, active_streams / self.max_events_per_s)
