@@ -27,12 +27,13 @@ its own causal mask, as long as the chunk).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from engine.rank.decode_threads import DecodeThreads
-from engine.rank.fused_projections import LayerProjections, build_projections, rms_norm
+from engine.rank.fused_projections import LayerProjections, build_projections, direct, rms_norm
 
 Chunk = tuple[Sequence[int], int, Sequence[int]]  # token ids, start position, block table
 
@@ -71,6 +72,7 @@ class ModelRunner:
         # Built now, or on the first forward for a lazily loaded model (weights still on meta).
         self._projections: list[LayerProjections] | None = None
         self.decode_threads = DecodeThreads()  # decode attention, sequences shared over threads
+        self._lm_head: Any = None  # built on first use, once the weights are loaded
         if self.embed.weight.device.type != "meta":
             self._layer_projections()
 
@@ -220,7 +222,9 @@ class ModelRunner:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """``[B, 1, hidden] -> [B, vocab]``; AutoTP's sliced lm_head slices a 3-D input."""
-        return self.lm_head(rms_norm(self.norm, h))[:, 0]
+        if self._lm_head is None:
+            self._lm_head = direct(self.lm_head)  # a plain linear's weight packed once (CPU)
+        return self._lm_head(rms_norm(self.norm, h))[:, 0]
 
     def _attend(self, q, keys, values, mask, causal: bool = False):
         # enable_gqa shares each key/value head among its query heads without copying them

@@ -87,3 +87,20 @@ def test_modules_with_hooks_are_called_one_by_one_and_rotary_is_exact(config, la
 def test_rms_norm_is_the_module_bit_for_bit(layer):
     x = torch.randn(4, 7, HEADS * HEAD_DIM) * 5
     assert torch.equal(rms_norm(layer.input_layernorm, x), layer.input_layernorm(x))
+
+
+def test_cpu_projections_run_prepacked_through_onednn_unless_told_not_to(config, layer, monkeypatch):
+    from engine.rank import fused_projections
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN")
+    h = rms_norm(layer.input_layernorm, torch.randn(2, 3, config.hidden_size))
+    want_mlp = layer.mlp(h)
+    packed = build_projections(layer, HEAD_DIM, HEADS, KV_HEADS)
+    assert isinstance(packed.qkv, fused_projections._PackedLinear)
+    assert isinstance(packed.down, fused_projections._PackedLinear)
+    torch.testing.assert_close(packed.mlp(h), want_mlp, rtol=1e-5, atol=1e-5)  # float rounding apart
+    monkeypatch.setenv("M_AI_CPU_LINEAR", "torch")
+    plain = build_projections(layer, HEAD_DIM, HEADS, KV_HEADS)
+    assert isinstance(plain.qkv, fused_projections._FusedLinear)
+    torch.testing.assert_close(plain.mlp(h), want_mlp, rtol=0, atol=0)  # torch's own kernels: exact
