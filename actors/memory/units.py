@@ -230,7 +230,8 @@ class UserUnits:
             for neighbour in self.neighbours(key, DENSE_CONTEXT_SPAN):
                 if neighbour in self.dense:
                     vector = vector + DENSE_CONTEXT_WEIGHT * self.dense.vector(neighbour)
-            self.contextual_dense.add(key, vector / max(float(np.linalg.norm(vector)), 1e-12))
+            # in place: each unit is refreshed as up to three later neighbours arrive
+            self.contextual_dense.refine(key, vector / max(float(np.linalg.norm(vector)), 1e-12))
 
     def take_unembedded(self, limit: int) -> list[MemoryUnit]:
         keys, self.unembedded = self.unembedded[:limit], self.unembedded[limit:]

@@ -99,6 +99,20 @@ class VectorIndex:
         else:
             self.ensure_graph()
 
+    def refine(self, key: int, vector: np.ndarray) -> None:
+        """Set ``key``'s vector (float32, unit) in place, or add it when new. The graph keeps
+        the vector the key was added with: it only proposes candidates, which are scored
+        against the stored matrix, so a vector that moves a little (a unit's contextual vector
+        as its neighbours arrive) costs no graph removal and insertion."""
+        row = self._rows.get(key)
+        if row is None:
+            self.add(key, vector)
+            return
+        stored = quantize(np.asarray(vector, dtype=np.float32)[None, :], self.dtype)[0]
+        self._matrix[row] = stored
+        norm = float(np.linalg.norm(stored.astype(np.float32)))
+        self._inverse_norms[row] = 1.0 / norm if norm > 0 else 0.0
+
     def add_many_stored(self, keys: np.ndarray, stored: np.ndarray, build_graph: bool = True) -> None:
         """Bulk load into an empty index; the graph (if the size calls for one) is built once
         at the end unless ``build_graph`` is False (a saved graph is restored instead)."""

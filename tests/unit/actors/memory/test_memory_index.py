@@ -89,3 +89,19 @@ def test_bytes_account_for_vectors_and_graph():
     graph = VectorIndex(32, IndexConfig(brute_force_below=50, embedding_dtype="i8"))
     graph.add_many_stored(np.arange(200), quantize(v, "i8"))
     assert graph.nbytes() > small.nbytes()
+
+
+def test_a_refined_vector_is_scored_as_it_is_now_without_touching_the_graph():
+    v = unit_vectors(200)
+    index = VectorIndex(32, IndexConfig(brute_force_below=100, embedding_dtype="f32"))
+    for key, vector in enumerate(v):
+        index.add(key, vector)
+    assert index.uses_graph
+    moved = v[7] + 0.3 * v[8]
+    moved /= np.linalg.norm(moved)
+    index.refine(7, moved)
+    assert len(index) == 200 and np.allclose(index.vector(7), moved, atol=1e-6)
+    hit = dict(index.search(moved, 5))
+    assert hit[7] == pytest.approx(1.0, abs=1e-5)  # the graph still proposes it; the score is the new vector's
+    index.refine(500, v[0])  # a new key is added
+    assert len(index) == 201 and 500 in index
