@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engine.rank.cpu_attention import paged_decode_attention
 from engine.rank.decode_threads import DecodeThreads
 from engine.rank.fused_projections import LayerProjections, build_projections, direct, rms_norm
 
@@ -72,6 +73,10 @@ class ModelRunner:
         # Built now, or on the first forward for a lazily loaded model (weights still on meta).
         self._projections: list[LayerProjections] | None = None
         self.decode_threads = DecodeThreads()  # decode attention, sequences shared over threads
+        # float32 on the CPU: every decode row's attention in one C++ call per layer (built,
+        # or taken from the build cache, now: a first build takes ~30 s, not a first request)
+        on_cpu_fp32 = self.device.type == "cpu" and dtype == torch.float32
+        self.decode_kernel = paged_decode_attention(self.head_dim) if on_cpu_fp32 else None
         self._lm_head: Any = None  # built on first use, once the weights are loaded
         if self.embed.weight.device.type != "meta":
             self._layer_projections()
@@ -144,13 +149,22 @@ class ModelRunner:
         nq, hd = self.num_heads, self.head_dim
         threads = torch.get_num_threads()
         on_cpu = self.device.type == "cpu"
+        kernel = self.decode_kernel if batch else None
+        if kernel is not None:
+            width = -(-(max(positions) + 1) // bs)
+            block_tables = torch.tensor([list(t[:width]) + [0] * (width - len(t[:width])) for t in tables],
+                                        dtype=torch.long)
+            lengths = torch.tensor(positions, dtype=torch.long) + 1
         for i, (layer, proj) in enumerate(zip(self.layers, layers)):
             q, k, v = proj.qkv_heads(rms_norm(layer.input_layernorm, x), cos, sin)  # [N, 1, H, hd]
             kc, vc = self.k_cache[i], self.v_cache[i]
             kc.index_copy_(1, slot_index, k[:, 0].transpose(0, 1))
             vc.index_copy_(1, slot_index, v[:, 0].transpose(0, 1))
             outs = []
-            if batch:
+            if kernel is not None:
+                decoded = kernel(q[:batch, 0], kc, vc, block_tables, lengths, bs, self.scale)  # [B, H, hd]
+                outs.append(decoded.view(batch, 1, nq, hd))
+            elif batch:
                 qd = q[:batch].transpose(1, 2)  # [B, H, 1, hd]
                 outs += self.decode_threads.run(
                     lambda b, qd=qd, kc=kc, vc=vc: self._attend(qd[b : b + 1], *self._kv(kc, vc, reads[b]), None),
@@ -165,7 +179,7 @@ class ModelRunner:
                 else:
                     out = self._attend(qc, *self._kv(kc, vc, src), mask)
                 outs.append(out[0].transpose(0, 1).reshape(n, 1, nq, hd))
-            if batch:
+            if batch and kernel is None:
                 outs[:batch] = [torch.cat(outs[:batch]).view(batch, 1, nq, hd)]
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + proj.o(out.view(-1, 1, nq * hd))

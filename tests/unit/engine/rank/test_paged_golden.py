@@ -64,10 +64,12 @@ def test_preempted_and_resumed_sequences_match_hugging_face(tiny_checkpoint, hf_
 
 @pytest.mark.timeout(300)
 def test_two_threads_share_decode_attention_match_hugging_face_and_keep_their_thread_count(
-        tiny_checkpoint, hf_model):
-    """At two torch threads each decode attention call runs on one thread, and the sequences
-    are shared between the engine's thread and a helper (``engine.rank.decode_threads``): the
-    answers stay Hugging Face's, and the matmuls get both threads back after every step."""
+        tiny_checkpoint, hf_model, monkeypatch):
+    """On SDPA (``M_AI_CPU_ATTENTION=sdpa``) at two torch threads each decode attention call
+    runs on one thread, and the sequences are shared between the engine's thread and a helper
+    (``engine.rank.decode_threads``): the answers stay Hugging Face's, and the matmuls get both
+    threads back after every step."""
+    monkeypatch.setenv("M_AI_CPU_ATTENTION", "sdpa")
     config = make_config(tiny_checkpoint, max_num_seqs=8, cpu_threads_per_rank=2)
     seen: list[int] = []
     with LLMEngine.from_config(config) as engine:
@@ -97,5 +99,38 @@ def test_two_threads_share_decode_attention_match_hugging_face_and_keep_their_th
     assert seen and set(seen) == {2}
     assert decode_threads and set(decode_threads) == {1}
     assert len(decode_callers) == 2  # the engine's thread and one helper
+    for p, got in zip(prompts, deltas):
+        assert got == hf_tokens(hf_model, p, 24)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_cpu_decode_attention_op_matches_hugging_face(tiny_checkpoint, hf_model, threads):
+    """Decode rows go to the C++ op (engine/rank/cpu_attention.py), all of a step's sequences in
+    one call per layer, shared over the rank's threads: Hugging Face's tokens, and no decode
+    row reaches SDPA."""
+    config = make_config(tiny_checkpoint, max_num_seqs=8, kv_block_size=5, cpu_threads_per_rank=threads)
+    with LLMEngine.from_config(config) as engine:
+        runner = engine.core.worker.runner
+        assert runner.decode_kernel is not None
+        kernel, attend = runner.decode_kernel, runner._attend
+        calls: list[int] = []
+        sdpa_decode_rows: list[int] = []
+
+        def counted(q, *args):
+            calls.append(q.shape[0])
+            return kernel(q, *args)
+
+        def attended(q, keys, values, mask, causal=False):
+            if q.shape[2] == 1 and mask is None and not causal:
+                sdpa_decode_rows.append(1)
+            return attend(q, keys, values, mask, causal)
+
+        runner.decode_kernel, runner._attend = counted, attended
+        texts = TEXTS + [t.upper() for t in TEXTS]
+        prompts = [engine.tokenizer.encode(t) for t in texts]
+        streams = [engine.submit(p, SamplingParams(max_tokens=24, **GREEDY)) for p in prompts]
+        deltas = [[t for out in s for t in out.token_ids] for s in streams]
+    assert calls and max(calls) > 1 and not sdpa_decode_rows
     for p, got in zip(prompts, deltas):
         assert got == hf_tokens(hf_model, p, 24)
