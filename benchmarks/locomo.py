@@ -293,7 +293,9 @@ def main() -> None:
 
     tokenizer = load_tokenizer(ensure_tiny_checkpoint())
     embedder = MiniLMEmbedder(threads=args.threads)
+    # warm both paths (one text: the trace; a batch: the packed encoder), as a running shard is
     embedder.embed(["warm up"])
+    embedder.embed([" ".join(["word"] * n) for n in range(1, 65)])
     budgets = [int(b) for b in args.budgets.split(",")]
     # memory may give the whole budget to earlier conversations (a new session has nothing else)
     config = MemoryConfig(context={"units_share": 1.0})
