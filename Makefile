@@ -51,9 +51,14 @@ chat: venv
 
 # Prometheus (Debian package) for the rule check and the e2e metrics test; where it cannot be
 # installed (no root) those tests skip, outside CI.
+# g++ and ninja build the CPU decode attention op on first use (engine/rank/cpu_attention.py);
+# without them the engine keeps SDPA and that op's tests fail.
 tools:
 	@command -v prometheus >/dev/null || (apt-get update -q && apt-get install -y -q prometheus) \
 		|| echo "prometheus not installed: its tests will be skipped"
+	@(command -v g++ >/dev/null && command -v ninja >/dev/null) \
+		|| (apt-get update -q && apt-get install -y -q g++ ninja-build) \
+		|| echo "g++/ninja not installed: CPU decode attention stays on SDPA"
 
 test: venv tools
 	$(PYTEST) -q -m "not slow and not load and not gpu and not chaos" tests
