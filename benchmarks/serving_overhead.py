@@ -213,18 +213,18 @@ def start_serve(args: argparse.Namespace, config: ModelConfig) -> tuple[str, str
     from ray import serve
 
     from deployments.app import FAKE_ENGINE, build_app
-    from deployments.cli.main import start_local_ray
+    from deployments.cli.main import proxy_port, start_local_ray
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    temp_dir = start_local_ray(8, log_to_driver=False)  # as `m-ai serve` starts it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_config = build_app_config(
         {
             "models": [config.model_dump(exclude_none=True)],
             "serving": {
+                "port": port,
+                "direct_ingress": args.direct_ingress,
                 "graceful_shutdown_timeout_s": 1,
                 "graceful_shutdown_wait_loop_s": 0.1,
                 **({"stream_max_events_per_s": args.max_events_per_s} if args.max_events_per_s else {}),
@@ -233,6 +233,9 @@ def start_serve(args: argparse.Namespace, config: ModelConfig) -> tuple[str, str
         },
         "benchmark config",
     )
+    # as `m-ai serve` starts them
+    temp_dir = start_local_ray(8, log_to_driver=False, serving=app_config.serving)
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port(app_config.serving)})
     engine_cls = FAKE_ENGINE if args.engine == "fake" else None
     app = build_app(app_config, engine_cls=engine_cls, engine_options=engine_options(args))
     serve.run(app, name="bench", route_prefix="/bench")
@@ -408,6 +411,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--max-events-per-s", type=float, help="serving.stream_max_events_per_s (its default)"
+    )
+    ap.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="serving.direct_ingress: the ingress replica serves HTTP itself, no proxy hop",
     )
     ap.add_argument(
         "--pids-file", help="write the processes' ids by role here once Serve runs (a profiler's)"

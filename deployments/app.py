@@ -12,6 +12,7 @@ Deployment options come from the config here; the classes stay plain.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,18 +20,15 @@ from typing import Any
 from cluster.config import AppConfig, ModelConfig, build_app_config, load_config
 from cluster.config.memory import MemoryConfig
 from cluster.config.serving import (
+    SERVE_CLUSTER_ENV,
     LiveConfig,
     ServingConfig,
     replica_bundles,
     replica_env_vars,
     replica_scaling,
 )
+from cluster.errors import ConfigError
 from engine.fake_engine import FAKE_ENGINE
-
-# Read by Serve's HTTP proxy, so set for the whole cluster before it starts (`ray start`, or the
-# launcher's ray.init): the proxy streams to the ingress over gRPC instead of Ray actor calls,
-# about 2 ms less to the first token (docs/performance.md). It changes nothing else.
-SERVE_CLUSTER_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
 
 
 def deployment_name(model: ModelConfig) -> str:
@@ -161,6 +159,19 @@ def ingress_deployment_options(
     }
 
 
+def check_cluster_env(serving: ServingConfig) -> None:
+    """Refuse ``serving.direct_ingress`` on a cluster whose Serve was started without it: the
+    setting is read by Serve's processes at their start, so the application cannot turn it on."""
+    if serving.direct_ingress and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+        raise ConfigError(
+            "serving.direct_ingress=true, but this Ray cluster was started without Serve's direct "
+            "ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): start it with `m-ai serve`, or set the "
+            "variables of cluster.config.serving.serve_cluster_env on every `ray start` "
+            "(docs/deployment.md), or set direct_ingress: false",
+            param="serving.direct_ingress",
+        )
+
+
 def build_app(
     config: AppConfig,
     engine_cls: str | type | None = None,
@@ -176,6 +187,7 @@ def build_app(
     from deployments.llm_server.deployment import LLMServer
 
     serving = config.serving
+    check_cluster_env(serving)
     models = {
         model.served_name: serve.deployment(LLMServer)
         .options(**llm_deployment_options(model, serving, (live or {}).get(model.served_name)))
@@ -207,6 +219,7 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 __all__ = [
     "build_app",
+    "check_cluster_env",
     "app_builder",
     "llm_deployment_options",
     "ingress_deployment_options",

@@ -27,7 +27,12 @@ import typer
 from rich.console import Console
 
 from cluster.config import AppConfig, build_model_config, env_overrides, load_config
-from cluster.config.serving import hash_api_key, replica_bundles
+from cluster.config.serving import (
+    ServingConfig,
+    hash_api_key,
+    replica_bundles,
+    serve_cluster_env,
+)
 from cluster.errors import MAIError
 from cluster.logging_setup import setup_logging
 from deployments.cli.memory import memory_app
@@ -80,15 +85,16 @@ def _cpus_needed(config: AppConfig) -> int:
     return math.ceil(total)
 
 
-def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> str:
+def start_local_ray(
+    num_cpus: int, log_to_driver: bool = True, serving: ServingConfig | None = None
+) -> str:
     """Ray on this machine only: its own temp dir (returned), no dashboard, node address
-    127.0.0.1, the cluster-wide Serve settings (also used by the serving benchmarks)."""
+    127.0.0.1, the cluster-wide Serve settings of ``serving`` (the defaults' without one; also
+    used by the serving benchmarks)."""
     import ray
 
-    from deployments.app import SERVE_CLUSTER_ENV
-
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    for key, value in SERVE_CLUSTER_ENV.items():  # an operator's own setting wins
+    for key, value in serve_cluster_env(serving or ServingConfig()).items():  # an operator's own setting wins
         os.environ.setdefault(key, value)
     # Ray's workers import the project's packages from a source checkout too.
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -98,6 +104,16 @@ def start_local_ray(num_cpus: int, log_to_driver: bool = True) -> str:
     ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _temp_dir=temp_dir,
              log_to_driver=log_to_driver)
     return temp_dir
+
+
+def proxy_port(serving: ServingConfig) -> int:
+    """The port of Serve's HTTP proxy: ``serving.port``, or with ``serving.direct_ingress``
+    (the ingress replica owns that one; Serve still starts a proxy) a free one."""
+    if not serving.direct_ingress:
+        return serving.port
+    from cluster.net import free_port
+
+    return free_port(serving.host)
 
 
 def command_path(name: str) -> str:
@@ -178,10 +194,10 @@ def serve(
 
     from deployments.app import build_app
 
-    temp_dir = start_local_ray(max(os.cpu_count() or 1, _cpus_needed(cfg)))
+    temp_dir = start_local_ray(max(os.cpu_count() or 1, _cpus_needed(cfg)), serving=serving)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        ray_serve.start(http_options={"host": serving.host, "port": serving.port})
+        ray_serve.start(http_options={"host": serving.host, "port": proxy_port(serving)})
         with console.status(f"Deploying {app_name} (replicas load their models)..."):
             ray_serve.run(
                 build_app(cfg, engine_cls=ENGINES[engine]), name=app_name, route_prefix="/"

@@ -1,0 +1,111 @@
+"""``serving.direct_ingress``: ``m-ai serve`` with the ingress replica serving HTTP on the
+configured port itself (Serve's direct ingress), as a user runs it. Its own Ray: the setting is
+read by every Serve process at its start, so it cannot share the test session's cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.support.serve_harness import REPO_ROOT, free_port
+
+
+def _listener(port: int) -> psutil.Process:
+    """The process listening on 127.0.0.1:``port``."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_m_ai_serve_with_direct_ingress_streams_chat_on_the_configured_port(tmp_path: Path):
+    import openai
+
+    port = free_port()
+    errors = open(tmp_path / "stderr.log", "w")  # noqa: SIM115 (closed below)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "M_AI_SERVING__PORT": str(port),
+        "M_AI_SERVING__DIRECT_INGRESS": "true",
+        "M_AI_SERVING__SESSION_STATE_URI": str(tmp_path / "sessions"),
+        "M_AI_MEMORY__STORAGE_URI": str(tmp_path / "memory"),
+        "M_AI_MEMORY__EMBEDDER": "hashing",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "deployments.cli.main", "serve"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=errors,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
+    )
+    reader.start()
+    stopped_in = None
+    try:
+        deadline = time.monotonic() + 240
+        while not any("Ctrl-C stops the server" in line for line in lines):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}"
+        assert url in "".join(lines)  # what the user is told to call
+
+        # the configured port is the ingress replica's own: no proxy between client and app
+        owner = " ".join(_listener(port).cmdline())
+        assert "ServeReplica" in owner and "ingress" in owner, owner
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.create(
+            model="m-ai-tiny",
+            messages=[{"role": "user", "content": "Hello!"}],
+            max_tokens=8,
+            stream=True,
+        )
+        chunks = list(stream)
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+        assert sum(len(c.choices[0].delta.content or "") for c in chunks) > 0
+
+        whole = client.chat.completions.create(
+            model="m-ai-tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+        )
+        assert whole.choices[0].message.content and whole.usage.completion_tokens > 0
+
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        assert "m-ai-tiny" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+        assert "vllm:num_requests_running" in httpx.get(f"{url}/metrics").text
+
+        # a session's turns are kept across requests on this port too
+        session = httpx.post(f"{url}/v1/sessions", json={}).json()["id"]
+        body = {"model": "m-ai-tiny", "max_tokens": 8, "session_id": session,
+                "messages": [{"role": "user", "content": "my name is Ada"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        stored = httpx.get(f"{url}/v1/sessions/{session}").json()
+        assert [m["content"] for m in stored["messages"] if m["role"] == "user"] == ["my name is Ada"]
+
+        # bad input is still a 400 naming the field, not the replica's traceback
+        bad = httpx.post(f"{url}/v1/chat/completions", json={"model": "m-ai-tiny", "messages": "x"})
+        assert bad.status_code == 400 and "messages" in json.dumps(bad.json())
+    finally:
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        stopped_in = time.monotonic() - started
+        errors.close()
+    # Serve's 30 s hold of a stopping direct-ingress replica (for a load balancer) is off
+    assert stopped_in < 25, stopped_in
+    logged = (tmp_path / "stderr.log").read_text()
+    assert "Traceback" not in logged, logged[-3000:]
