@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.support.serve_harness import REPO_ROOT, free_port
 
@@ -27,6 +28,7 @@ def _listener(port: int) -> psutil.Process:
     raise AssertionError(f"nothing listens on port {port}")
 
 
+@pytest.mark.slow  # its own `m-ai serve` and Ray, ~30 s, like test_cli's serve test
 def test_m_ai_serve_with_direct_ingress_streams_chat_on_the_configured_port(tmp_path: Path):
     import openai
 
