@@ -37,6 +37,10 @@ def test_embedder_takes_a_bare_name_or_a_reference_with_options():
          r"precision='int8' is not one of auto, fp32, fp16"),
         ({"embedder": {"name": "minilm", "options": {"batch_precision": "fp8"}}},
          r"batch_precision='fp8' is not one of auto, bf16, same"),
+        ({"embedder": {"name": "minilm", "options": {"threads": 0}}},
+         r"threads=0 is not a positive whole number"),
+        ({"embedder": {"name": "minilm", "options": {"threads": "two"}}},
+         r"threads='two' is not a positive whole number"),
         ({"unknown": 1}, "unknown"),
     ],
 )
