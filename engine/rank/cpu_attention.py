@@ -24,6 +24,7 @@ import platform
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ MAX_ERROR = 1e-4  # against SDPA on the check's random sequences (measured: ~3e-
 
 Kernel = Callable[..., torch.Tensor]
 _lock = threading.Lock()
-_loaded: dict[str, Kernel | None] = {}
+_loaded: dict[str, Any] = {}
 
 
 def wanted() -> bool:
@@ -51,13 +52,28 @@ def paged_decode_attention(head_dim: int) -> Kernel | None:
     on this machine, or has no kernel for ``head_dim``."""
     if head_dim not in HEAD_DIMS or not wanted():
         return None
+    module = _module()
+    return module.paged_decode_attention if module is not None else None
+
+
+def paged_kv_write() -> Kernel | None:
+    """``(k_pool, v_pool, k, v, slots)``: the step's keys and values ``[N, KVH, D]`` into rows
+    ``slots`` of the pools, in place (what ``index_copy_`` along the pools' token axis does, a
+    memcpy per token and head); None where the op is off or cannot be built."""
+    if not wanted():
+        return None
+    module = _module()
+    return module.write_paged_kv if module is not None else None
+
+
+def _module() -> Any:
     with _lock:
-        if "op" not in _loaded:
-            _loaded["op"] = _build()
-        return _loaded["op"]
+        if "module" not in _loaded:
+            _loaded["module"] = _build()
+        return _loaded["module"]
 
 
-def _build() -> Kernel | None:
+def _build() -> Any:
     try:
         from torch.utils.cpp_extension import load
 
@@ -66,17 +82,16 @@ def _build() -> Kernel | None:
         module = load(name=f"m_ai_paged_decode_attention_{_cpu_digest()}", sources=[str(SOURCE)],
                       extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                       verbose=False)
-        op = module.paged_decode_attention
     except Exception as exc:  # no compiler, no headers: SDPA still works
         log.warning("CPU decode attention op unavailable; decode attention stays on SDPA",
                     extra={"error": str(exc)[:300]})
         return None
-    error = _check(op)
+    error = _check(module.paged_decode_attention)
     if error > MAX_ERROR:
         log.warning("CPU decode attention op differs from SDPA; decode attention stays on SDPA",
                     extra={"max_error": error})
         return None
-    return op
+    return module
 
 
 def _check(op: Kernel) -> float:
@@ -119,4 +134,4 @@ def _cpu_digest() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-__all__ = ["HEAD_DIMS", "paged_decode_attention", "wanted"]
+__all__ = ["HEAD_DIMS", "paged_decode_attention", "paged_kv_write", "wanted"]

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engine.rank.cpu_attention import paged_decode_attention
+from engine.rank.cpu_attention import paged_decode_attention, paged_kv_write
 from engine.rank.decode_threads import DecodeThreads
 from engine.rank.fused_projections import LayerProjections, build_projections, direct, rms_norm
 
@@ -77,6 +77,7 @@ class ModelRunner:
         # or taken from the build cache, now: a first build takes ~30 s, not a first request)
         on_cpu_fp32 = self.device.type == "cpu" and dtype == torch.float32
         self.decode_kernel = paged_decode_attention(self.head_dim) if on_cpu_fp32 else None
+        self.kv_write = paged_kv_write() if self.decode_kernel is not None else None
         self._lm_head: Any = None  # built on first use, once the weights are loaded
         if self.embed.weight.device.type != "meta":
             self._layer_projections()
@@ -158,8 +159,11 @@ class ModelRunner:
         for i, (layer, proj) in enumerate(zip(self.layers, layers)):
             q, k, v = proj.qkv_heads(rms_norm(layer.input_layernorm, x), cos, sin)  # [N, 1, H, hd]
             kc, vc = self.k_cache[i], self.v_cache[i]
-            kc.index_copy_(1, slot_index, k[:, 0].transpose(0, 1))
-            vc.index_copy_(1, slot_index, v[:, 0].transpose(0, 1))
+            if self.kv_write is not None:
+                self.kv_write(kc, vc, k[:, 0], v[:, 0], slot_index)
+            else:
+                kc.index_copy_(1, slot_index, k[:, 0].transpose(0, 1))
+                vc.index_copy_(1, slot_index, v[:, 0].transpose(0, 1))
             outs = []
             if kernel is not None:
                 decoded = kernel(q[:batch, 0], kc, vc, block_tables, lengths, bs, self.scale)  # [B, H, hd]

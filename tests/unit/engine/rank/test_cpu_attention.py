@@ -37,4 +37,19 @@ def test_the_op_equals_sdpa_over_scattered_blocks_with_grouped_heads():
 def test_the_op_is_off_by_environment_or_for_a_head_size_it_has_no_kernel_for(monkeypatch):
     assert paged_decode_attention(48) is None
     monkeypatch.setenv("M_AI_CPU_ATTENTION", "sdpa")
-    assert paged_decode_attention(64) is None
+    assert paged_decode_attention(64) is None and cpu_attention.paged_kv_write() is None
+
+
+def test_the_kv_write_equals_index_copy_from_a_strided_step():
+    write = cpu_attention.paged_kv_write()
+    assert write is not None
+    generator = torch.Generator().manual_seed(2)
+    fused = torch.randn(7, 1, 8, 32, generator=generator)  # [N, 1, q + k + v heads, D], like qkv
+    k, v = fused[:, 0, 4:6], fused[:, 0, 6:8]  # two key/value heads, strided views
+    slots = torch.tensor([3, 40, 41, 42, 17, 0, 63])
+    expected_k, expected_v = torch.zeros(2, 64, 32), torch.zeros(2, 64, 32)
+    expected_k.index_copy_(1, slots, k.transpose(0, 1))
+    expected_v.index_copy_(1, slots, v.transpose(0, 1))
+    got_k, got_v = torch.zeros(2, 64, 32), torch.zeros(2, 64, 32)
+    write(got_k, got_v, k, v, slots)
+    assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
