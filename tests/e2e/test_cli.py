@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +13,8 @@ from typer.testing import CliRunner
 
 from cluster.config.serving import hash_api_key
 from deployments.cli.main import app as cli
-from tests.support.serve_harness import REPO_ROOT, app_config, free_port
+from tests.support.serve_harness import app_config, free_port
+from tests.support.serve_process import start_serve
 
 runner = CliRunner()
 
@@ -110,27 +106,10 @@ def test_m_ai_serve_answers_the_openai_client_and_stops_on_ctrl_c(tmp_path: Path
     import openai
 
     port = free_port()
-    errors = open(tmp_path / "stderr.log", "w")  # noqa: SIM115 (closed below)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "M_AI_SERVING__PORT": str(port)}
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "deployments.cli.main", "serve"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=errors,
-        text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(
-        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
-    )
-    reader.start()
+    served = start_serve(tmp_path, {"M_AI_SERVING__PORT": str(port)})
     try:
-        deadline = time.monotonic() + 240
-        while not any("Ctrl-C stops the server" in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-            time.sleep(0.5)
-        output = "".join(lines)
+        served.wait_ready()
+        output = served.output
         assert f"http://127.0.0.1:{port}" in output and "curl -N" in output
 
         client = openai.OpenAI(
@@ -146,9 +125,8 @@ def test_m_ai_serve_answers_the_openai_client_and_stops_on_ctrl_c(tmp_path: Path
         assert chunks[0].choices[0].delta.role == "assistant"
         assert chunks[-1].choices[0].finish_reason in ("length", "stop")
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
-        errors.close()
+        served.proc.send_signal(signal.SIGINT)
+        assert served.proc.wait(timeout=60) == 0
     # our own shutdown is quiet: no failed task of Serve's controller, no traceback
-    logged = (tmp_path / "stderr.log").read_text()
+    logged = served.stderr()
     assert "graceful_shutdown failed" not in logged and "Traceback" not in logged, logged[-3000:]

@@ -5,11 +5,7 @@ read by every Serve process at its start, so it cannot share the test session's 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +13,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.support.serve_harness import REPO_ROOT, free_port
+from tests.support.serve_harness import free_port
+from tests.support.serve_process import start_serve
 
 
 def _listener(port: int) -> psutil.Process:
@@ -33,37 +30,18 @@ def test_m_ai_serve_with_direct_ingress_streams_chat_on_the_configured_port(tmp_
     import openai
 
     port = free_port()
-    errors = open(tmp_path / "stderr.log", "w")  # noqa: SIM115 (closed below)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO_ROOT),
+    served = start_serve(tmp_path, {
         "M_AI_SERVING__PORT": str(port),
         "M_AI_SERVING__DIRECT_INGRESS": "true",
         "M_AI_SERVING__SESSION_STATE_URI": str(tmp_path / "sessions"),
         "M_AI_MEMORY__STORAGE_URI": str(tmp_path / "memory"),
         "M_AI_MEMORY__EMBEDDER": "hashing",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-u", "-m", "deployments.cli.main", "serve"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=errors,
-        text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(
-        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
-    )
-    reader.start()
+    })
     stopped_in = None
     try:
-        deadline = time.monotonic() + 240
-        while not any("Ctrl-C stops the server" in line for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-            time.sleep(0.5)
+        served.wait_ready()
         url = f"http://127.0.0.1:{port}"
-        assert url in "".join(lines)  # what the user is told to call
+        assert url in served.output  # what the user is told to call
 
         # the configured port is the ingress replica's own: no proxy between client and app
         owner = " ".join(_listener(port).cmdline())
@@ -103,11 +81,10 @@ def test_m_ai_serve_with_direct_ingress_streams_chat_on_the_configured_port(tmp_
         assert bad.status_code == 400 and "messages" in json.dumps(bad.json())
     finally:
         started = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        served.proc.send_signal(signal.SIGINT)
+        assert served.proc.wait(timeout=60) == 0
         stopped_in = time.monotonic() - started
-        errors.close()
     # Serve's 30 s hold of a stopping direct-ingress replica (for a load balancer) is off
     assert stopped_in < 25, stopped_in
-    logged = (tmp_path / "stderr.log").read_text()
+    logged = served.stderr()
     assert "Traceback" not in logged, logged[-3000:]
