@@ -126,8 +126,16 @@ class ConversationItemsRequest(_Request):
 
 class EmbeddingRequest(_Request):
     model: str
+    # Token ids parse, so that the validator can refuse them with a message that says why;
+    # the spec documents only what is accepted (one text, or 1 to MAX_EMBEDDING_INPUTS texts).
     input: str | list[str] | list[int] | list[list[int]] = Field(
-        description="Text or a list of texts (token ids are refused: they are another tokenizer's)."
+        description="Text or a list of 1 to 2,048 texts (token ids are refused with a 400: they "
+        "are another tokenizer's).",
+        json_schema_extra=lambda schema: schema.update(anyOf=[
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1,
+             "maxItems": MAX_EMBEDDING_INPUTS},
+        ]),
     )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveJsonInt | None = Field(None, description="Only the model's own dimension.")

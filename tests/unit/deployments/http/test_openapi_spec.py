@@ -13,7 +13,7 @@ def test_the_committed_spec_is_up_to_date():
     diff = stale_diff(DEFAULT_PATH)
     assert diff is None, (
         "docs/openapi.json no longer matches the HTTP app; regenerate it with "
-        f"`python -m deployments.openapi_spec` and commit it:\n{diff}"
+        f"`python -m deployments.http.openapi` and commit it:\n{diff}"
     )
 
 
