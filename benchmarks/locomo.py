@@ -33,7 +33,7 @@ turn is in the window and queued, and the shard's worker analyses the queued tur
 batches (actors/memory/learning/absorb_worker.py) while later turns arrive (each call is a step
 of the shard's event loop, as separate actor calls are); the clock stops when the queue is
 drained. ``--threads``: the embedder's threads (the CPU threads a shard is given for it;
-engine/minilm.py), recorded in the JSON as ``embedder_threads``.
+engine/embedding/minilm.py), recorded in the JSON as ``embedder_threads``.
 
 ``python benchmarks/locomo.py --data locomo10.json --out F`` writes JSON with
 ``evidence_recall``, ``answer_coverage``, ``best_baseline_evidence_recall``,
@@ -287,7 +287,7 @@ def main() -> None:
     if args.quick:
         args.conversations, args.limit = args.conversations or 1, args.limit or 40
 
-    from engine.minilm import MiniLMEmbedder
+    from engine.embedding.minilm import MiniLMEmbedder
     from engine.tiny.checkpoint import ensure_tiny_checkpoint
     from engine.tokenizer import load_tokenizer
 

@@ -69,7 +69,7 @@ from actors.memory.units import MemoryUnit  # noqa: E402
 from benchmarks.memory_dataset import Conversation, generate  # noqa: E402
 from benchmarks.memory_dataset_independent import generate_independent  # noqa: E402
 from cluster.config.memory import MINILM_PRECISIONS, MemoryConfig  # noqa: E402
-from engine.minilm import MiniLMEmbedder  # noqa: E402
+from engine.embedding.minilm import MiniLMEmbedder  # noqa: E402
 
 TARGETS = {"recall": 0.95, "stale_rate": 0.02, "assembly_p95_ms_100k": 25.0}
 CONTEXT_LENGTH, MAX_TOKENS = 4096, 512

@@ -29,8 +29,8 @@ from engine.decoding.stop import StopStringMatcher
 from engine.inbox import AbortRequest, AddRequest, InboxItem
 from engine.rank.step_messages import StepPlan
 from engine.rank.worker import HEARTBEAT_S, TPWorker
-from engine.scheduler import Scheduler, Sequence
-from engine.siblings import ParkedSiblings
+from engine.scheduling.scheduler import Scheduler, Sequence
+from engine.scheduling.siblings import ParkedSiblings
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.types import (
     EngineStats,
@@ -91,7 +91,7 @@ class EngineCore:
         # The streaming detokenizer's table of plain pieces: built here, not in the first step.
         tokenizer.prepare_streaming()
         self._requests: dict[str, _Request] = {}
-        # Siblings of a request (n > 1) parked until its prompt is prefilled (engine/siblings.py)
+        # Siblings of a request (n > 1) parked until its prompt is prefilled (engine/scheduling/siblings.py)
         self._parked = ParkedSiblings()
         self._inbox: collections.deque[InboxItem] = collections.deque()
         self._wake = threading.Event()
@@ -124,7 +124,7 @@ class EngineCore:
     ) -> None:
         """Queue a request; raises at once when it can never run or the queue is full.
         ``share_prompt_of``: the first of ``n`` samples of this prompt, added just before; this
-        one copies that prompt's KV once it is computed (``engine/siblings.py``).
+        one copies that prompt's KV once it is computed (``engine/scheduling/siblings.py``).
         ``resumed``: the last ``resumed`` of ``prompt_ids`` are this request's own output from
         a replica that died (``serving.migration``): they are computed as prompt, and the
         detokenizer, the stop strings and the grammar continue after them, so the deltas go on

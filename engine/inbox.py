@@ -1,6 +1,6 @@
 """What other threads put into the engine core's inbox; the core loop takes them at the next
 step boundary (``engine.core``). Typed, so that the loop and the sibling bookkeeping
-(``engine.siblings``) read fields by name."""
+(``engine.scheduling.siblings``) read fields by name."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from engine.types import OutputSink, SamplingParams
 @dataclass(frozen=True)
 class AddRequest:
     """A request to admit. ``share_prompt_of``: the leader of ``n`` samples of this prompt,
-    whose KV this one shares (``engine.siblings``)."""
+    whose KV this one shares (``engine.scheduling.siblings``)."""
 
     request_id: str
     prompt_ids: list[int]

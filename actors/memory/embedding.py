@@ -20,7 +20,7 @@ from actors.memory.episodic import ROLE_LABEL
 from actors.memory.learning.extraction import split_sentences
 from cluster.config.memory import MemoryConfig
 from cluster.plugins import PluginRegistry
-from engine.embeddings import Embedder, build_embedder
+from engine.embedding.embedders import Embedder, build_embedder
 
 SENTENCE_CACHE = 16_384
 

@@ -45,7 +45,7 @@ from cluster.config.memory import MemoryConfig
 from cluster.errors import ConfigError
 from cluster.logging_setup import get_logger
 from cluster.plugins import PluginRegistry
-from engine.embeddings import Embedder
+from engine.embedding.embedders import Embedder
 
 log = get_logger("actors.memory.shard")
 

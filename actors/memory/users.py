@@ -44,7 +44,7 @@ from actors.memory.records import MemoryRecord
 from actors.memory.units import UserUnits, unit_rows
 from cluster.config.memory import MemoryConfig
 from cluster.plugins import PluginRegistry
-from engine.embeddings import Embedder
+from engine.embedding.embedders import Embedder
 
 TOUCHED_WRITE_EVERY_S = 60.0
 BACKENDS_GROUP = "m_ai.memory_backends"

@@ -35,7 +35,7 @@ class EmbeddingService:
     def _load(self) -> Any:
         with self._lock:
             if self._embedder is None:
-                from engine.embeddings import build_embedder
+                from engine.embedding.embedders import build_embedder
 
                 self._embedder = build_embedder(self.ref.name, dict(self.ref.options))
             return self._embedder

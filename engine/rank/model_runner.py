@@ -15,7 +15,7 @@ for token equal to ``generate``.
 
 KV cache layout, per layer: a pool ``[kv_heads_local, num_blocks * block_size, head_dim]``;
 block ``b`` holds positions ``b * block_size ..`` of the pool's token axis. A sequence's block
-table (``engine.block_pool``, built by the scheduler) says which blocks hold its positions.
+table (``engine.scheduling.block_pool``, built by the scheduler) says which blocks hold its positions.
 Each step writes its new keys and values with one ``index_copy_`` per layer, then each
 sequence attends exactly its own ``length`` keys: a *view* of the pool when its blocks are
 consecutive (the pool places them so whenever it can), else its blocks gathered. No mask is

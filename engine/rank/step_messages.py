@@ -26,7 +26,7 @@ class StepPlan:
 
     decode_tokens: list[int] = field(default_factory=list)
     decode_positions: list[int] = field(default_factory=list)
-    # each decode sequence's KV block table (engine.block_pool): position p is in block
+    # each decode sequence's KV block table (engine.scheduling.block_pool): position p is in block
     # table[p // block_size]
     decode_tables: list[list[int]] = field(default_factory=list)
     # (token_ids, start_position, block_table) per prompt chunk

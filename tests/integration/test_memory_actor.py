@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from cluster.config.memory import MemoryConfig
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
 from tests.support.serve_harness import wait_until
 

@@ -173,7 +173,7 @@ def test_a_deleted_sessions_memory_goes_with_it(app):
 def test_deleted_memories_free_their_space():
     from actors.memory.shard import MemoryShard
     from cluster.config.memory import MemoryConfig
-    from engine.embeddings import HashingEmbedder
+    from engine.embedding.embedders import HashingEmbedder
     from engine.fake_engine import ByteTokenizer
 
     async def go() -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 
 # A window small enough that a few turns fold into summaries.
 SMALL = {"episodic": {"window_tokens": 120, "episode_turns": 2, "fanout": 2, "summary_tokens": 60}}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors.memory.learning.extraction import Generate, call_model, split_sentences
-from engine.embeddings import Embedder
+from engine.embedding.embedders import Embedder
 
 TokenCounter = Callable[[str], int]
 

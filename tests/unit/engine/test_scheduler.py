@@ -15,8 +15,8 @@ import time
 import pytest
 
 from cluster.errors import CapacityError, ConfigError, InvalidRequestError
-from engine.block_pool import BlockPool
-from engine.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus
+from engine.scheduling.block_pool import BlockPool
+from engine.scheduling.scheduler import Scheduler, SchedulerOutput, Sequence, SequenceStatus
 
 
 def make_seq(rid: str, prompt_len: int, max_tokens: int = 8, first: int = 0) -> Sequence:

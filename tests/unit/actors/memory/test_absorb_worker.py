@@ -9,7 +9,7 @@ import pytest
 
 from actors.memory.shard import MemoryShard
 from cluster.config.memory import MemoryConfig
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
 from tests.support.memory_fixtures import turn
 

@@ -16,7 +16,7 @@ from actors.memory.shard import MemoryShard
 from cluster.config.memory import MemoryConfig
 from cluster.errors import EngineDeadError
 from deployments.ingress.stores.memory_client import MemoryClient, memory_user
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
 from tests.support.fake_handles import PlainHandle
 

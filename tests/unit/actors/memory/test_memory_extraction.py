@@ -14,7 +14,7 @@ from actors.memory.learning.extraction import (
     split_sentences,
 )
 from actors.memory.learning.summarizer import ExtractiveSummarizer, ModelSummarizer, SummarySentence
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 
 
 def facts(text: str, role: str = "user"):

@@ -32,7 +32,7 @@ import asyncio, json, sys
 
 from actors.memory.shard import MemoryShard
 from cluster.config.memory import MemoryConfig
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 
 
 def resident_kib() -> int:
@@ -97,7 +97,7 @@ def test_reads_of_unknown_users_keep_nothing_and_stored_users_are_read_whole(tmp
     from actors.memory.shard import MemoryShard
     from cluster.config.memory import MemoryConfig
     from cluster.errors import NotFoundError
-    from engine.embeddings import HashingEmbedder
+    from engine.embedding.embedders import HashingEmbedder
     from engine.fake_engine import ByteTokenizer
 
     config = {"embedder": "hashing", "persist_interval_s": 0.01}

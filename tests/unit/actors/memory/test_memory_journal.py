@@ -13,7 +13,7 @@ from actors.memory.persistence import MAX_NAME_BYTES, MemoryStorage, folder_name
 from actors.memory.shard import MemoryShard
 from cluster.config.memory import MemoryConfig
 from cluster.errors import NotFoundError
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
 
 

@@ -11,7 +11,7 @@ from actors.memory.persistence import MemoryStorage, UserFiles, to_parquet_bytes
 from actors.memory.shard import MemoryShard
 from cluster.config.memory import MemoryConfig
 from cluster.plugins import PluginRegistry
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
 from tests.support.memory_fixtures import SMALL, SlowEmbedder, turn
 

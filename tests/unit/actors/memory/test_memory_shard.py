@@ -10,7 +10,7 @@ import pytest
 from actors.memory.shard import MemoryShard, shard_for
 from cluster.config.memory import MemoryConfig
 from cluster.errors import CapacityError, ConfigError, InvalidRequestError, NotFoundError
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
 from tests.support.memory_fixtures import SMALL, SlowEmbedder, turn
 

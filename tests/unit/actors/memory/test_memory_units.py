@@ -17,7 +17,7 @@ from actors.memory.shard import MemoryShard
 from actors.memory.units import MemoryUnit, UserUnits
 from cluster.config import AppConfig, config_error
 from cluster.config.memory import MemoryConfig, UnitRetrievalConfig
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
 
 MAY_8 = datetime(2023, 5, 8, 13, 56, tzinfo=UTC).timestamp()  # a Monday

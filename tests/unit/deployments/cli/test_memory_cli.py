@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from actors.memory.shard import MemoryShard
 from cluster.config.memory import MemoryConfig
 from deployments.cli.memory import memory_app
-from engine.embeddings import HashingEmbedder
+from engine.embedding.embedders import HashingEmbedder
 from engine.fake_engine import ByteTokenizer
 
 

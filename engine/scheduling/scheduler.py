@@ -31,7 +31,7 @@ grow into). A prompt longer than the remaining budget is prefilled in chunks ove
 steps (chunked prefill), so a long prompt delays the running sequences by at most one
 budget's worth of tokens per step.
 
-KV blocks (``engine.block_pool``): a sequence gets blocks as its tokens are scheduled. On
+KV blocks (``engine.scheduling.block_pool``): a sequence gets blocks as its tokens are scheduled. On
 admission its prompt's full blocks are looked up in the prefix cache and shared when found
 (at least one token is always computed: its logits give the next token). When a running
 sequence needs a block and none is left, the most recently admitted running sequence is
@@ -55,8 +55,8 @@ import threading
 from collections import OrderedDict
 
 from cluster.errors import CapacityError, ConfigError, InvalidRequestError
-from engine.block_pool import NO_PARENT, BlockPool, block_key
-from engine.sequence import PrefillChunk, SchedulerOutput, Sequence, SequenceStatus
+from engine.scheduling.block_pool import NO_PARENT, BlockPool, block_key
+from engine.scheduling.sequence import PrefillChunk, SchedulerOutput, Sequence, SequenceStatus
 
 __all__ = ["PrefillChunk", "Scheduler", "SchedulerOutput", "Sequence", "SequenceStatus"]
 

@@ -2,7 +2,7 @@
 
 The model runner's KV cache is a pool of ``num_blocks`` blocks per layer, each holding the keys
 and values of ``block_size`` consecutive positions of one sequence. A sequence owns a *block
-table* (``engine.scheduler.Sequence.block_table``): its position ``p`` lives in block
+table* (``engine.scheduling.scheduler.Sequence.block_table``): its position ``p`` lives in block
 ``table[p // block_size]`` at offset ``p % block_size``. This class hands blocks out and takes
 them back; it never touches KV (nothing is copied when a sequence ends or is preempted).
 

@@ -1,5 +1,5 @@
 """The scheduler's records: a request as a sequence of tokens with its KV block table, a
-prompt chunk of a step, and a step's plan (``engine.scheduler`` decides them)."""
+prompt chunk of a step, and a step's plan (``engine.scheduling.scheduler`` decides them)."""
 
 from __future__ import annotations
 

