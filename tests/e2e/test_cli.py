@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cluster.config.serving import hash_api_key
 from deployments.cli.main import app as cli
 from tests.support.serve_harness import app_config, free_port
-from tests.support.serve_process import start_serve
+from tests.support.serve_process import start_serve, streamed_hello
 
 runner = CliRunner()
 
@@ -115,15 +115,7 @@ def test_m_ai_serve_answers_the_openai_client_and_stops_on_ctrl_c(tmp_path: Path
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0
         )
-        stream = client.chat.completions.create(
-            model="m-ai-tiny",
-            messages=[{"role": "user", "content": "Hello!"}],
-            max_tokens=8,
-            stream=True,
-        )
-        chunks = list(stream)
-        assert chunks[0].choices[0].delta.role == "assistant"
-        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+        streamed_hello(client)
     finally:
         served.proc.send_signal(signal.SIGINT)
         assert served.proc.wait(timeout=60) == 0

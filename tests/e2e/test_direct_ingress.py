@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tests.support.serve_harness import free_port
-from tests.support.serve_process import start_serve
+from tests.support.serve_process import start_serve, streamed_hello
 
 
 def _listener(port: int) -> psutil.Process:
@@ -48,15 +48,7 @@ def test_m_ai_serve_with_direct_ingress_streams_chat_on_the_configured_port(tmp_
         assert "ServeReplica" in owner and "ingress" in owner, owner
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        stream = client.chat.completions.create(
-            model="m-ai-tiny",
-            messages=[{"role": "user", "content": "Hello!"}],
-            max_tokens=8,
-            stream=True,
-        )
-        chunks = list(stream)
-        assert chunks[0].choices[0].delta.role == "assistant"
-        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+        chunks = streamed_hello(client)
         assert sum(len(c.choices[0].delta.content or "") for c in chunks) > 0
 
         whole = client.chat.completions.create(

@@ -53,3 +53,18 @@ def start_serve(tmp_path: Path, env: dict[str, str]) -> ServeProcess:
     threading.Thread(target=lambda: served.lines.extend(iter(proc.stdout.readline, "")),
                      daemon=True).start()
     return served
+
+
+def streamed_hello(client) -> list:
+    """The chunks of a streamed 8-token "Hello!" chat from the ``openai`` client ``client``:
+    the first carries the assistant's role, the last a finish reason (both asserted)."""
+    stream = client.chat.completions.create(
+        model="m-ai-tiny",
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=8,
+        stream=True,
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    return chunks
