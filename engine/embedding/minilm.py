@@ -250,7 +250,7 @@ class MiniLMEmbedder:
                                 return_tensors="pt")
         with torch.inference_mode():
             pooled = _mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
-        return torch.nn.functional.normalize(pooled.float(), dim=1)
+        return _unit_rows(pooled)
 
     def _trace(self) -> Any:
         """A frozen TorchScript trace for one unpadded text, or None if it does not match eager."""
