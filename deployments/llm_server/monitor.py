@@ -30,12 +30,15 @@ class ReplicaMonitor:
         config: Any,
         interval_s: float,
         window: LatencyWindow | None = None,
+        stats_timeout_s: float | None = None,
     ) -> None:
         self.recorder = recorder
         self.ranks = ranks
         self.config = config
         self.interval_s = interval_s
         self.window = window
+        # how long a sample waits for the engine's stats: a loaded engine gets time, not forever
+        self.stats_timeout_s = stats_timeout_s if stats_timeout_s is not None else max(5.0, 2 * interval_s)
         self.sampler = ProcessSampler()
         self._pids: dict[str, int] = {"replica": os.getpid()}
         self._last: tuple[int, int] | None = None  # (steps, generated tokens)
@@ -53,7 +56,7 @@ class ReplicaMonitor:
     async def _run(self) -> None:
         try:
             for i, actor in enumerate(self.ranks.actors):
-                info = await actor.describe.remote()
+                info = await asyncio.wait_for(actor.describe.remote(), self.stats_timeout_s)
                 self._pids[f"rank-{i}"] = int(info["pid"])
         except Exception:
             log.warning("rank pids unknown; only the replica's resources are reported", exc_info=True)
@@ -67,8 +70,14 @@ class ReplicaMonitor:
             await asyncio.sleep(self.interval_s)
 
     async def sample_once(self) -> None:
+        # The replica's own figures first. Ray drops a gauge that was not set within two of
+        # its export periods (2 x 10 s): a slow engine must not take them off the dashboards.
+        self.record_replica()
+        stats = await asyncio.wait_for(self.ranks.rank0.stats.remote(), self.stats_timeout_s)
+        self.record_engine(stats)
+
+    def record_engine(self, stats: Any) -> None:
         rec = self.recorder
-        stats = await self.ranks.rank0.stats.remote()
         rec.set("num_requests_running", stats.running)
         rec.set("num_requests_waiting", stats.waiting)
         if stats.kv_blocks_total:
@@ -88,6 +97,15 @@ class ReplicaMonitor:
             tokens = stats.generated_tokens - self._last[1]
             rec.set("batch_size", tokens / steps if steps > 0 else 0.0)
         self._last = (stats.steps, stats.generated_tokens)
+
+    def record_replica(self) -> None:
+        """What this replica knows without asking the engine: its processes' CPU and memory,
+        and the latency it reports to the autoscaler."""
+        rec = self.recorder
+        if self.window is not None:
+            report = self.window.report()
+            rec.set("autoscaling_signal_seconds", report["ttft"], signal="ttft")
+            rec.set("autoscaling_signal_seconds", report["queue"], signal="queue")
         rank_kv = kv_cache_bytes(self.config)
         for actor, pid in self._pids.items():
             usage = self.sampler.sample(pid)
@@ -99,10 +117,6 @@ class ReplicaMonitor:
                 rec.set("process_gpu_memory_bytes", usage.gpu_bytes, actor=actor)
             if actor.startswith("rank-"):
                 rec.set("kv_cache_bytes", rank_kv, actor=actor)
-        if self.window is not None:
-            report = self.window.report()
-            rec.set("autoscaling_signal_seconds", report["ttft"], signal="ttft")
-            rec.set("autoscaling_signal_seconds", report["queue"], signal="queue")
 
 
 __all__ = ["ReplicaMonitor"]

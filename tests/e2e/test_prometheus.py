@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 
 import httpx
 import pytest
@@ -108,6 +109,15 @@ def query(url: str, expr: str) -> dict:
     return answer["data"]
 
 
+def query_range(url: str, expr: str, last_s: int = 120) -> dict:
+    """What a Grafana panel asks: ``expr`` over the last ``last_s`` seconds, every 2 s."""
+    end = time.time()
+    answer = httpx.get(url + "/api/v1/query_range", params={"query": expr, "start": end - last_s, "end": end,
+                                                           "step": 2}, timeout=10).json()
+    assert answer["status"] == "success", (expr, answer)
+    return answer["data"]
+
+
 def test_m_ai_metrics_reach_prometheus(prometheus, traffic):
     def scraped() -> float:
         rows = query(prometheus, f'sum(ray_m_ai_time_to_first_token_seconds_count{{model="{MODEL}"}})')["result"]
@@ -128,7 +138,7 @@ def test_an_alert_fires(prometheus, traffic):
 
 def test_every_dashboard_query_runs_and_the_core_panels_have_data(prometheus, traffic):
     def empty_panels() -> list[str]:
-        return [title for title, expr in queries(build_dashboard()) if not query(prometheus, expr)["result"]]
+        return [title for title, expr in queries(build_dashboard()) if not query_range(prometheus, expr)["result"]]
 
     # This replica's gauges reach Prometheus after its next report and scrape, later on a busy
     # machine: wait for the core panels (bounded), then every query must still run.
@@ -137,8 +147,16 @@ def test_every_dashboard_query_runs_and_the_core_panels_have_data(prometheus, tr
                    interval_s=2, what="data in the core panels")
     except AssertionError:
         pass  # the assertion below names the empty ones
-    empty = empty_panels()
-    assert not [t for t in MUST_HAVE_DATA if t in empty], empty
+    empty = [t for t in MUST_HAVE_DATA if t in empty_panels()]
+    assert not empty, (empty, ray_endpoint_lines(empty))
+
+
+def ray_endpoint_lines(titles: list[str]) -> list[str]:
+    """What Ray's metrics endpoint shows now for the panels ``titles`` (for a failure's message)."""
+    node = next(n for n in ray.nodes() if n["Alive"])
+    text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
+    names = ["ray_m_ai_" + title.replace(" ", "_") for title in titles]
+    return [line for line in text.splitlines() if line.startswith(tuple(names))][:20]
 
 
 def test_diagnose_reads_prometheus(prometheus, traffic):
