@@ -115,7 +115,9 @@ class EnginePath:
         params = oa.sampling_params(request, self.config, len(prompt.token_ids), "messages")
         ttft, tokens = None, 0
         async for out in self.engine.generate(prompt.token_ids, params):
-            tokens += len(out.token_ids)
+            # counted as the API's usage counts them: an end-of-sequence token is generated
+            # (completion_tokens) but not sent (token_ids)
+            tokens = out.completion_tokens or tokens + len(out.token_ids)
             if ttft is None and out.text:
                 ttft = time.perf_counter() - start
         return ttft, tokens
