@@ -227,6 +227,7 @@ def start_serve(args: argparse.Namespace, config: ModelConfig) -> tuple[str, str
             "serving": {
                 "port": port,
                 "direct_ingress": args.direct_ingress,
+                "rank_channel": args.rank_channel,
                 "graceful_shutdown_timeout_s": 1,
                 "graceful_shutdown_wait_loop_s": 0.1,
                 **({"stream_max_events_per_s": args.max_events_per_s} if args.max_events_per_s else {}),
@@ -350,6 +351,8 @@ def summarize(args: argparse.Namespace, results: dict, cpu_s: dict) -> dict[str,
         "fake_prefill_ms": args.prefill_ms if args.engine == "fake" else None,
         "output_processing": args.output_processing,
         "cpu_cores": os.cpu_count(),
+        "direct_ingress": args.direct_ingress,
+        "rank_channel": args.rank_channel,
         # Serve settings of the cluster's processes (deployments.app.SERVE_CLUSTER_ENV; the
         # replicas' own come from serving.replica_event_loop)
         "serve_cluster_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
@@ -418,6 +421,10 @@ def main() -> None:
         "--direct-ingress",
         action="store_true",
         help="serving.direct_ingress: the ingress replica serves HTTP itself, no proxy hop",
+    )
+    ap.add_argument(
+        "--rank-channel", choices=("socket", "ray"), default="socket",
+        help="serving.rank_channel: how a model replica reaches its rank 0 (its default: socket)",
     )
     ap.add_argument(
         "--pids-file", help="write the processes' ids by role here once Serve runs (a profiler's)"

@@ -100,8 +100,11 @@ def as_mai_error(exc: BaseException, part: str = "the model replica") -> MAIErro
             f"retry shortly",
             retry_after=exc.retry_after_s or 1.0,
         )
+    from actors.tp.stream_channel import RankStreamLost
+
     if isinstance(
-        exc, (ray.exceptions.RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
+        exc,
+        (ray.exceptions.RayActorError, DeploymentUnavailableError, ReplicaUnavailableError, RankStreamLost),
     ):
         log.warning("unavailable", extra={"part": part, "error": type(exc).__name__})
         return EngineDeadError(f"{part} is unavailable (stopped or being replaced); retry shortly")

@@ -1,7 +1,8 @@
 """One tensor-parallel rank of a model replica, as a plain class that Ray makes an actor.
 
 Rank 0 runs the engine core over its ``TPWorker`` (``LLMEngine.from_worker``) and serves the
-replica's requests: one streaming call per request (``generate``), never one per step. Ranks
+replica's requests: one stream per request (``generate``), never one call per step, over its
+local request socket (``stream_channel.py``) or as a Ray streaming call. Ranks
 above 0 load their weights rank, then follow rank 0's per-step broadcasts in a thread
 (``TPWorker.serve_forever``) while the actor keeps answering pings.
 
@@ -80,6 +81,7 @@ class RankActor:
         self._follower_error: str | None = None
         self._active_streams = 0
         self._loaded = False
+        self._stream_server: Any = None  # rank 0's request channel, once the replica asks
 
     # -- start --------------------------------------------------------------------------------
 
@@ -158,6 +160,19 @@ class RankActor:
                 yield out
         finally:
             self._active_streams -= 1
+
+    async def open_stream_channel(self) -> dict[str, Any]:
+        """Rank 0 also serves ``generate`` on a Unix socket (``actors/tp/stream_channel.py``):
+        its path and this rank's node, for the replica to connect to (once per rank group)."""
+        import atexit
+
+        from actors.tp.stream_channel import RankStreamServer
+
+        self._engine()
+        if self._stream_server is None:
+            self._stream_server = await RankStreamServer(self.generate).start()
+            atexit.register(self._stream_server.close)
+        return {"path": self._stream_server.path, "node_id": self.describe().get("node_id")}
 
     def stats(self) -> EngineStats:
         return self._engine().stats()

@@ -103,6 +103,14 @@ class ServingConfig(BaseModel):
     graceful_shutdown_wait_loop_s: float = Field(
         2.0, gt=0, description="How often a stopping replica checks whether its requests are done."
     )
+    rank_channel: Literal["socket", "ray"] = Field(
+        "socket",
+        description="How a model replica sends requests to its rank 0 and reads their outputs: "
+        "'socket', a Unix socket between the two processes (they share a node), or 'ray', a Ray "
+        "streaming call per request, which costs both processes about a millisecond of Ray's "
+        "own work per request and per streamed output (docs/performance.md). Ray starts and "
+        "supervises the ranks either way.",
+    )
     # -- the ingress --------------------------------------------------------------------------
     ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP and handle API) replicas.")
     direct_ingress: bool = Field(

@@ -4,8 +4,8 @@ A plain class (``serve.deployment`` is applied in ``app.py``) that takes the eng
 parameter. On start it creates the replica's tensor-parallel ``RankActor``s in the placement
 group Serve reserved with the replica (``actors.tp.rank_group``), waits until they have loaded,
 and loads the tokenizer of the engine's checkpoint. Each request (one ``ModelRequest``) is
-templated and its context length checked here, then handed to rank 0 in one streaming Ray call
-per choice; rank 0's engine core batches it with the others, and the engine's typed deltas
+templated and its context length checked here, then handed to rank 0 as one stream per choice
+(over rank 0's local socket, ``rank_requests.py``); rank 0's engine core batches it with the others, and the engine's typed deltas
 stream back to the ingress (``deployments.messages``).
 
 Live configuration arrives as Serve's ``user_config`` (``reconfigure``, schema
@@ -45,6 +45,7 @@ from deployments.live_config_status import publish_refusal
 from deployments.llm_server.metrics import MetricsRecorder
 from deployments.llm_server.monitor import ReplicaMonitor
 from deployments.llm_server.rank_recovery import RankRecovery
+from deployments.llm_server.rank_requests import RankRequests, interleave
 from deployments.llm_server.request_metrics import RequestTrace
 from deployments.messages import ChoiceDelta, ModelRequest
 from deployments.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -115,8 +116,11 @@ class LLMServer:
         self.recovery = RankRecovery(
             group, group_options, time.monotonic() - started,
             name=self.name, start_timeout_s=self.serving.rank_start_timeout_s,
-            config=lambda: self.config, on_stop=self._stop_monitor, on_start=self._start_monitor,
+            config=lambda: self.config, on_stop=self._on_group_stop, on_start=self._on_group_start,
         )
+        # Requests to rank 0 over its local socket once open, Ray calls until then.
+        self.rank_requests = RankRequests(self.serving.rank_channel)
+        await self.rank_requests.attach(group)
         # Loaded here, where prompts are templated and counted (the ranks have it cached).
         self.tokenizer = await asyncio.to_thread(
             resolve_engine_cls(engine_cls).load_tokenizer, model_config, **(engine_options or {})
@@ -134,6 +138,15 @@ class LLMServer:
     def ranks(self) -> RankGroup:
         """The rank group that serves now (a new one after a rebuild)."""
         return self.recovery.group
+
+    def _on_group_start(self) -> None:
+        """A rebuilt rank group serves: watch it, and open its rank 0's request channel."""
+        self._start_monitor()
+        asyncio.ensure_future(self.rank_requests.attach(self.ranks))
+
+    def _on_group_stop(self) -> None:
+        self._stop_monitor()
+        self.rank_requests.detach()
 
     def _start_monitor(self) -> None:
         self.monitor = ReplicaMonitor(
@@ -300,42 +313,17 @@ class LLMServer:
             async for out in self._engine_stream(request, choices[0], pacing):
                 yield choices[0].index, out
             return
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(choice: Choice) -> None:
-            stream = self._engine_stream(request, choice, pacing)
-            try:
-                async for out in stream:
-                    queue.put_nowait((choice.index, out))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                queue.put_nowait((choice.index, exc))
-            finally:
-                queue.put_nowait((choice.index, None))
-
-        tasks = [asyncio.ensure_future(pump(c)) for c in choices]
-        try:
-            done = 0
-            while done < len(tasks):
-                index, item = await queue.get()
-                if item is None:
-                    done += 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield index, item
-        finally:
-            for task in tasks:
-                task.cancel()
+        streams = {c.index: self._engine_stream(request, c, pacing) for c in choices}
+        async for index, out in interleave(streams):
+            yield index, out
 
     async def _engine_stream(
         self, request: ModelRequest, choice: Choice, pacing: StreamPacing | None
     ) -> AsyncIterator[RequestOutput]:
-        """Choice ``index`` of ``request``: one streaming Ray call to rank 0. Cancellation has
-        one path: closing this stream cancels the Ray call, and rank 0's stream closes the
-        engine's (which frees the slot). The request's metrics are recorded after the caller
+        """Choice ``index`` of ``request``: one stream from rank 0 (``rank_requests.py``).
+        Cancellation has one path: closing this stream closes rank 0's, which closes the
+        engine's (and frees the slot). The request's metrics are recorded after the caller
         took the last output."""
-        import ray
-
         index, params = choice.index, choice.params
         timing = RequestTrace(self.recorder, self.latency, request.choice_id(index), request.sent_at)
         down = self.recovery.unavailable()
@@ -345,13 +333,16 @@ class LLMServer:
         extra: dict[str, Any] = {"resumed": choice.resumed} if choice.resumed else {}
         if index and request.resume is None:
             extra["share_prompt_of"] = request.choice_id(0)
-        refs = self.ranks.rank0.generate.remote(choice.prompt_ids, params, timing.request_id, pacing, **extra)
+        rid = timing.request_id
+        stream = self.rank_requests.stream(self.ranks, rid, choice.prompt_ids, params, rid, pacing, **extra)
         finished = False
         text: list[str] = []
         try:
-            async for ref in refs:
+            while True:
                 try:
-                    out: RequestOutput = await ref
+                    out: RequestOutput = await anext(stream)
+                except StopAsyncIteration:
+                    break
                 except Exception as exc:
                     # a rank that died names itself
                     error = self.recovery.unavailable() or as_mai_error(exc)
@@ -375,7 +366,7 @@ class LLMServer:
             raise EngineDeadError("the engine ended the stream without a final output")
         finally:
             if not finished:
-                ray.cancel(refs)
+                await stream.aclose()  # cancels the request on rank 0
                 timing.cancelled()
 
     # -- state ------------------------------------------------------------------------------
@@ -422,6 +413,8 @@ class LLMServer:
             "rank_names": list(self.ranks.names),
             "namespace": ray.get_runtime_context().namespace,
             "ranks": [await a.describe.remote() for a in self.ranks.actors],
+            # how requests reach rank 0 now (serving.rank_channel; "ray" until its socket is open)
+            "rank_channel": "socket" if self.rank_requests.serves(self.ranks) else "ray",
             "placement_group": {
                 "id": pg.id.hex() if pg else None,
                 "strategy": table.get("strategy"),
@@ -434,6 +427,9 @@ class LLMServer:
         graceful_shutdown_timeout_s``): what still runs ends with a typed 503 saying so."""
         grace = getattr(getattr(self, "serving", None), "graceful_shutdown_timeout_s", 0)
         self._stop_monitor()
+        rank_requests = getattr(self, "rank_requests", None)
+        if rank_requests is not None:
+            rank_requests.detach()
         recovery = getattr(self, "recovery", None)  # None when the start failed before it
         if recovery is not None:
             recovery.stop(

@@ -43,6 +43,7 @@ def test_a_dead_rank_shows_at_once_and_heals_faster_than_a_replica_is_replaced(a
     with httpx.Client(base_url=app.url, timeout=30) as http:
         assert http.post("/v1/chat/completions", json=ASK).status_code == 200
         before = app.llm().describe.remote().result()
+        assert before["rank_channel"] == "socket"  # requests reach rank 0 over its local socket
         rank1 = ray.get_actor(before["rank_names"][1], namespace=before["namespace"])
         ray.kill(rank1, no_restart=True)
         killed = time.monotonic()
@@ -60,6 +61,9 @@ def test_a_dead_rank_shows_at_once_and_heals_faster_than_a_replica_is_replaced(a
         rank_recovery = serving_again(http, killed)
         after = app.llm().describe.remote().result()
         assert after["rank_names"] != before["rank_names"]  # new ranks
+        # and the new rank 0's socket is opened for the requests that follow
+        wait_until(lambda: app.llm().describe.remote().result()["rank_channel"] == "socket", timeout_s=30,
+                   interval_s=0.2, what="the new rank 0's request socket in use")
 
         # the same application, its whole replica killed: Serve's health check replaces it
         replica = [a for a in ray.util.list_named_actors(all_namespaces=True)
