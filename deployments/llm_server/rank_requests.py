@@ -21,6 +21,13 @@ from engine.types import RequestOutput
 log = get_logger("deployments.llm_server.rank_requests")
 
 
+def this_node() -> str | None:
+    """Ray's id of this process's node (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class RankRequests:
     def __init__(self, channel: str) -> None:
         self.channel = channel
@@ -38,10 +45,8 @@ class RankRequests:
         if self.channel != "socket":
             return
         try:
-            import ray
-
             info = await group.rank0.open_stream_channel.remote()
-            here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+            here = this_node()
             if info.get("node_id") != here:
                 log.warning("rank 0 runs on another node; its requests go as Ray calls",
                             extra={"rank_node": info.get("node_id"), "replica_node": here})
@@ -115,4 +120,4 @@ async def _ray_stream(rank0: Any, args: tuple, kwargs: dict) -> AsyncIterator[Re
             ray.cancel(refs)
 
 
-__all__ = ["RankRequests", "interleave"]
+__all__ = ["RankRequests", "interleave", "this_node"]

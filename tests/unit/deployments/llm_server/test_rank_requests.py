@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from actors.tp.stream_channel import RankStreamServer
-from deployments.llm_server.rank_requests import RankRequests
+from deployments.llm_server.rank_requests import RankRequests, this_node
 from engine.types import RequestOutput
 
 
@@ -23,8 +23,9 @@ class Call:
 
 
 class Group:
-    def __init__(self, node_id=None, fail=False) -> None:
+    def __init__(self, node_id="here", fail=False) -> None:
         self.server: RankStreamServer | None = None
+        node_id = this_node() if node_id == "here" else node_id  # Ray may run in this process
 
         async def open_channel():
             if fail:
