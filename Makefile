@@ -21,7 +21,7 @@ help:
 	@echo "make test-load  load, soak and leak tests"
 	@echo "make test-chaos processes killed by pid under load, on the real engine"
 	@echo "make bench      the benchmarks (JSON under out/)"
-	@echo "make bench-peers  vLLM's CPU build in its own venv, then M-AI vs vLLM (out/vs_vllm.json)"
+	@echo "make bench-peers  vLLM's CPU build in its own venv, then M-AI vs vLLM (out/vs_vllm.json, out/vllm_serving_overhead.json)"
 	@echo "make lint       ruff"
 	@echo "make image      the GPU image (Dockerfile) as IMAGE=$(IMAGE), then the CPU one as IMAGE-cpu"
 	@echo "make image-cpu  the CPU image only (Dockerfile.cpu)"
@@ -98,6 +98,7 @@ $(PEERS)/.installed:
 bench-peers: venv $(PEERS)/.installed
 	mkdir -p out
 	$(PY) benchmarks/vs_vllm.py --vllm-python $(PEERS)/bin/python --out out/vs_vllm.json
+	$(PY) benchmarks/vllm_serving_overhead.py --vllm-python $(PEERS)/bin/python --out out/vllm_serving_overhead.json
 
 clean:
 	rm -rf .venv .cache out
