@@ -181,6 +181,8 @@ class RankStreamClient:
                 if message[0] == "error":
                     finished = True
                     raise message[2]
+                # after the final output rank 0 has nothing left to cancel
+                finished = bool(getattr(message[2], "finished", False))
                 yield message[2]
         finally:
             self._streams.pop(request_id, None)

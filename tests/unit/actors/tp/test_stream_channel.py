@@ -81,6 +81,24 @@ def test_rank_errors_reach_the_caller_with_their_type():
     assert error.retry_after == 3.0 and len(outs) == 2
 
 
+def test_a_caller_that_stops_at_the_final_output_sends_no_cancel():
+    async def main():
+        rank = Rank()
+        server, client = await pair(rank)
+        cancels = []
+        write = client._writer.write
+        client._writer.write = lambda data: (cancels.append(data) if b"cancel" in data else None, write(data))
+        async for out in client.generate("g", "p", 3, "g"):
+            if out.finished:
+                break  # as the LLMServer does: it returns after the final output
+        await asyncio.sleep(0.05)
+        client.close()
+        server.close()
+        return cancels
+
+    assert run(main()) == []
+
+
 def test_closing_the_callers_stream_cancels_the_request_on_the_rank():
     async def main():
         rank = Rank()
