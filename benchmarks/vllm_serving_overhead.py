@@ -134,6 +134,14 @@ async def http_round(url: str, model_dir: str, n: int, mean: int) -> dict:
         return await run_clients(workload(n, mean), one)
 
 
+def end(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Wait for ``proc`` to exit (asked already), then kill it."""
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def worker_result(worker: subprocess.Popen) -> dict:
     """The engine worker's next JSON line (vLLM logs to the same stdout)."""
     while line := worker.stdout.readline():
@@ -216,16 +224,10 @@ def main() -> None:
             r["results"]["http"].append(asyncio.run(http_round(url, model_dir, args.requests, args.max_tokens)))
     finally:
         if worker.poll() is None:
-            worker.stdin.close()
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            worker.stdin.close()  # the worker ends its loop and shuts its engine down
+        end(worker)
         server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        end(server)
         server_log.close()
     summary = {}
     for path, rounds in r["results"].items():

@@ -41,6 +41,14 @@ async def pair(rank: Rank) -> tuple[RankStreamServer, RankStreamClient]:
     return server, await RankStreamClient.connect(server.path)
 
 
+async def until_closed(rank: Rank, request_id: str) -> None:
+    """Until the rank's stream of ``request_id`` has closed (at most a second)."""
+    for _ in range(100):
+        if request_id in rank.closed:
+            return
+        await asyncio.sleep(0.01)
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
@@ -106,10 +114,7 @@ def test_closing_the_callers_stream_cancels_the_request_on_the_rank():
         stream = client.generate("c", "p", 100, "c", wait=True)
         first = await anext(stream)
         await stream.aclose()
-        for _ in range(100):
-            if "c" in rank.closed:
-                break
-            await asyncio.sleep(0.01)
+        await until_closed(rank, "c")
         client.close()
         server.close()
         return first, rank.closed
@@ -125,10 +130,7 @@ def test_a_replica_that_goes_away_cancels_its_requests():
         stream = client.generate("d", "p", 100, "d", wait=True)
         await anext(stream)
         client.close()  # the replica's connection ends with a request open
-        for _ in range(100):
-            if "d" in rank.closed:
-                break
-            await asyncio.sleep(0.01)
+        await until_closed(rank, "d")
         server.close()
         return rank.closed
 
