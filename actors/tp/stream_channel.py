@@ -33,6 +33,9 @@ from cluster.logging_setup import get_logger
 log = get_logger("actors.tp.stream_channel")
 
 _HEADER = struct.Struct("!I")
+_DIR_PREFIX = "m-ai-rank-"
+_SOCKET_NAME = "requests.sock"
+_MAX_SOCKET_PATH = 100  # sun_path holds 107 bytes on Linux
 _END = object()  # the queue marker of a stream whose rank went away
 
 
@@ -65,10 +68,15 @@ def _portable(exc: BaseException) -> BaseException:
 class RankStreamServer:
     """Serves ``generate(*args, **kwargs) -> async iterator of outputs`` on a Unix socket."""
 
-    def __init__(self, generate: Callable[..., AsyncIterator[Any]]) -> None:
+    def __init__(self, generate: Callable[..., AsyncIterator[Any]], parent: str | None = None) -> None:
         self.generate = generate
-        self._dir = tempfile.mkdtemp(prefix="m-ai-rank-")  # 0700: only this user connects
-        self.path = os.path.join(self._dir, "requests.sock")
+        # 0700: only this user connects. A rank that is killed cannot remove it, so it lives in
+        # ``parent`` (Ray's session directory, which goes with the session) and the replica
+        # removes it when it lets the rank group go (``remove_socket_dir``).
+        if parent is not None and len(os.path.join(parent, _DIR_PREFIX + "x" * 8, _SOCKET_NAME)) > _MAX_SOCKET_PATH:
+            parent = None
+        self._dir = tempfile.mkdtemp(prefix=_DIR_PREFIX, dir=parent)
+        self.path = os.path.join(self._dir, _SOCKET_NAME)
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> RankStreamServer:
@@ -115,6 +123,13 @@ class RankStreamServer:
                 writer.write(_frame(("error", rid, _portable(exc))))
         finally:
             await stream.aclose()
+
+
+def remove_socket_dir(path: str) -> None:
+    """Remove the private directory of the channel at ``path`` (a rank that was killed left it)."""
+    directory = os.path.dirname(path)
+    if os.path.basename(path) == _SOCKET_NAME and os.path.basename(directory).startswith(_DIR_PREFIX):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # -- the replica's side ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from actors.tp.stream_channel import RankStreamClient
+from actors.tp.stream_channel import RankStreamClient, remove_socket_dir
 from cluster.logging_setup import get_logger
 from engine.types import RequestOutput
 
@@ -33,6 +33,7 @@ class RankRequests:
         self.channel = channel
         self._group: Any = None  # the rank group the client below talks to
         self._client: RankStreamClient | None = None
+        self._path: str | None = None  # where that client connected
 
     def serves(self, group: Any) -> bool:
         """Whether requests to rank 0 of ``group`` go over its socket now."""
@@ -56,10 +57,16 @@ class RankRequests:
             log.warning("rank 0's request channel could not be opened; its requests go as Ray calls",
                         exc_info=True)
             return
-        self._group, self._client = group, client
+        self._group, self._client, self._path = group, client, info["path"]
 
     def detach(self) -> None:
+        """Close the channel of the rank group that served until now (it is dead, replaced or
+        stopping with this replica) and remove its socket's directory, which a killed rank
+        cannot remove itself."""
         client, self._group, self._client = self._client, None, None
+        path, self._path = self._path, None
+        if path is not None:
+            remove_socket_dir(path)
         if client is not None:
             try:
                 client.close()

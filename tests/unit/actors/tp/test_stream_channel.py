@@ -8,7 +8,12 @@ import os
 
 import pytest
 
-from actors.tp.stream_channel import RankStreamClient, RankStreamLost, RankStreamServer
+from actors.tp.stream_channel import (
+    RankStreamClient,
+    RankStreamLost,
+    RankStreamServer,
+    remove_socket_dir,
+)
 from cluster.errors import CapacityError, MAIError
 from engine.types import RequestOutput
 
@@ -167,3 +172,30 @@ def test_the_socket_is_private_and_removed_on_close():
 
     mode, exists = run(main())
     assert mode == 0o700 and not exists
+
+
+def test_the_socket_lives_in_the_given_directory_and_a_killed_ranks_is_removed_for_it(tmp_path):
+    """A rank killed by Ray leaves its socket behind: it lives in Ray's session directory, and
+    the replica removes it (``remove_socket_dir``) but nothing that is not a channel's."""
+
+    async def main():
+        server = await RankStreamServer(Rank().generate, str(tmp_path)).start()
+        inside = os.path.dirname(os.path.dirname(server.path)) == str(tmp_path)
+        long_parent = tmp_path / ("d" * 90)
+        long_parent.mkdir()
+        fallback = await RankStreamServer(Rank().generate, str(long_parent)).start()
+        in_long = str(long_parent) in fallback.path
+        fallback.close()
+        return server, inside, in_long
+
+    server, inside, in_long = run(main())  # never closed: as if killed
+    assert inside and os.path.exists(server.path)
+    assert not in_long  # a socket path over sun_path's 107 bytes would not bind
+    other = tmp_path / "m-ai-rank-data" / "notes.txt"
+    other.parent.mkdir()
+    other.write_text("x")
+    remove_socket_dir(str(other))
+    remove_socket_dir(str(tmp_path / "requests.sock"))
+    assert other.exists() and tmp_path.exists()
+    remove_socket_dir(server.path)
+    assert not os.path.exists(os.path.dirname(server.path))

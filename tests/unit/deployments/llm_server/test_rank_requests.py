@@ -4,6 +4,7 @@ serves a real ``RankStreamServer``)."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 from actors.tp.stream_channel import RankStreamServer
 from deployments.llm_server.rank_requests import RankRequests, this_node
@@ -42,13 +43,13 @@ def test_requests_go_over_the_socket_of_the_group_that_serves():
         await requests.attach(group)
         outs = [o async for o in requests.stream(group, "r1", "hello", "r1")]
         serves = requests.serves(group), requests.serves(other)
-        requests.detach()
-        group.server.close()
-        return outs, serves, requests.serves(group)
+        requests.detach()  # the group is let go: its socket's directory goes (a killed rank
+        return outs, serves, requests.serves(group), group.server.path  # cannot remove it)
 
-    outs, (serves, serves_other), after_detach = asyncio.run(main())
+    outs, (serves, serves_other), after_detach, path = asyncio.run(main())
     assert [o.text for o in outs] == ["hello"] and outs[0].finished
     assert serves and not serves_other and not after_detach
+    assert not os.path.exists(os.path.dirname(path))
 
 
 def test_ray_calls_where_the_socket_cannot_serve():
