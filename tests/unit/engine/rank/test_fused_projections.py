@@ -104,3 +104,26 @@ def test_cpu_projections_run_prepacked_through_onednn_unless_told_not_to(config,
     plain = build_projections(layer, HEAD_DIM, HEADS, KV_HEADS)
     assert isinstance(plain.qkv, fused_projections._FusedLinear)
     torch.testing.assert_close(plain.mlp(h), want_mlp, rtol=0, atol=0)  # torch's own kernels: exact
+
+
+def test_packed_linears_run_any_row_count_as_one_of_few_shapes():
+    """oneDNN JIT-compiles a kernel per input shape (0.6-0.9 MiB each, up to 1,024 kept): row
+    counts above a decode batch are padded to 8 steps per doubling, and the answer for every
+    row count is the unpadded product."""
+    from engine.rank import fused_projections
+
+    assert [fused_projections.padded_rows(r) for r in (1, 32, 33, 37, 64, 65, 1000)] == [
+        1, 32, 36, 40, 64, 72, 1024]
+    shapes = {fused_projections.padded_rows(r) for r in range(1, 2049)}
+    assert len(shapes) == 80
+    assert all(r <= fused_projections.padded_rows(r) <= 1.125 * r for r in range(1, 4097))
+    if not fused_projections.packing_available(torch.zeros(2, 2)):
+        pytest.skip("this torch has no oneDNN")
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 64), torch.randn(48)
+    packed = fused_projections._PackedLinear(weight, bias)
+    for rows in (1, 31, 33, 50, 130):
+        x = torch.randn(2, rows, 64)
+        got = packed(x)
+        assert got.shape == (2, rows, 48)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
