@@ -43,6 +43,16 @@ def ray_gpu_ids() -> list[int | str]:
         return []
 
 
+def _ray_sockets_dir() -> str | None:
+    """Ray's sockets directory of this node's session (None outside Ray)."""
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node.get_sockets_dir_path()
+    except Exception:  # not inside a Ray worker, or a Ray without it
+        return None
+
+
 def resolve_engine_cls(engine_cls: str | type | None) -> type:
     """An engine class from itself or from a ``"module:Class"`` path (None: the real engine)."""
     if engine_cls is None:
@@ -170,7 +180,7 @@ class RankActor:
 
         self._engine()
         if self._stream_server is None:
-            self._stream_server = await RankStreamServer(self.generate).start()
+            self._stream_server = await RankStreamServer(self.generate, _ray_sockets_dir()).start()
             atexit.register(self._stream_server.close)
         return {"path": self._stream_server.path, "node_id": self.describe().get("node_id")}
 
@@ -210,7 +220,12 @@ class RankActor:
 
     def describe(self) -> dict[str, Any]:
         """Where this rank runs: process, node and placement group (when inside Ray)."""
-        info: dict[str, Any] = {"rank": self.rank, "pid": os.getpid(), "loaded": self._loaded}
+        info: dict[str, Any] = {
+            "rank": self.rank,
+            "pid": os.getpid(),
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0),  # serving.rank_niceness
+            "loaded": self._loaded,
+        }
         try:
             import ray
 

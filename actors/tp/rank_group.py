@@ -45,6 +45,7 @@ class RankGroup:
         engine_options: dict[str, Any] | None = None,
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
+        niceness: int | None = None,
     ) -> RankGroup:
         """Create one actor per rank in the current placement group (bundles 1..tp_size)."""
         import ray
@@ -69,6 +70,10 @@ class RankGroup:
                 "name": name,
                 "max_restarts": 0,
             }
+            if niceness is not None:
+                # Ray's core worker sets its process's niceness from this at start (15 unless
+                # told otherwise); the replica's other env_vars are inherited.
+                options["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(niceness)}}
             if pg is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank + 1

@@ -90,6 +90,17 @@ class ServingConfig(BaseModel):
     rank_num_gpus: float | None = Field(
         None, ge=0, description="GPUs per rank; None: 1 when the model's device is `cuda`, else 0."
     )
+    rank_niceness: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="Scheduling niceness of the rank processes. Ray starts every worker at 15 "
+        "(RAY_worker_niceness) so that its raylet and GCS come first; a rank runs the engine's "
+        "step loop, which every token of every stream waits for, so it runs at 0, ahead of "
+        "Serve's proxy and replicas (15), which take the CPU time the engine leaves "
+        "(docs/performance.md). 15: Ray's default, the ranks share the CPU equally with the "
+        "serving processes.",
+    )
     rank_start_timeout_s: float = Field(
         900.0, gt=0, description="Time the ranks of a replica get to load their weights."
     )

@@ -108,6 +108,7 @@ class LLMServer:
             "engine_options": engine_options,
             "num_cpus": rank_bundle["CPU"],
             "num_gpus": rank_bundle.get("GPU", 0.0),
+            "niceness": self.serving.rank_niceness,
         }
         started = time.monotonic()
         group = RankGroup.start(model_config, **group_options)

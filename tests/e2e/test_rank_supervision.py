@@ -39,11 +39,19 @@ def serving_again(http: httpx.Client, since: float, timeout_s: float = 90) -> fl
     return time.monotonic() - since
 
 
+def rank_niceness(info: dict) -> list[int]:
+    """The scheduling niceness of each rank process of the replica ``info`` describes."""
+    ranks = [ray.get_actor(name, namespace=info["namespace"]) for name in info["rank_names"]]
+    return [d["niceness"] for d in ray.get([r.describe.remote() for r in ranks])]
+
+
 def test_a_dead_rank_shows_at_once_and_heals_faster_than_a_replica_is_replaced(app):
     with httpx.Client(base_url=app.url, timeout=30) as http:
         assert http.post("/v1/chat/completions", json=ASK).status_code == 200
         before = app.llm().describe.remote().result()
         assert before["rank_channel"] == "socket"  # requests reach rank 0 over its local socket
+        # the engine's processes run ahead of Serve's (Ray starts workers at niceness 15)
+        assert rank_niceness(before) == [0, 0]
         rank1 = ray.get_actor(before["rank_names"][1], namespace=before["namespace"])
         ray.kill(rank1, no_restart=True)
         killed = time.monotonic()
@@ -61,6 +69,7 @@ def test_a_dead_rank_shows_at_once_and_heals_faster_than_a_replica_is_replaced(a
         rank_recovery = serving_again(http, killed)
         after = app.llm().describe.remote().result()
         assert after["rank_names"] != before["rank_names"]  # new ranks
+        assert rank_niceness(after) == [0, 0]  # made as the first ones were
         # and the new rank 0's socket is opened for the requests that follow
         wait_until(lambda: app.llm().describe.remote().result()["rank_channel"] == "socket", timeout_s=30,
                    interval_s=0.2, what="the new rank 0's request socket in use")
