@@ -228,6 +228,7 @@ def start_serve(args: argparse.Namespace, config: ModelConfig) -> tuple[str, str
                 "port": port,
                 "direct_ingress": args.direct_ingress,
                 "rank_channel": args.rank_channel,
+                "rank_niceness": args.rank_niceness,
                 "graceful_shutdown_timeout_s": 1,
                 "graceful_shutdown_wait_loop_s": 0.1,
                 **({"stream_max_events_per_s": args.max_events_per_s} if args.max_events_per_s else {}),
@@ -353,6 +354,7 @@ def summarize(args: argparse.Namespace, results: dict, cpu_s: dict) -> dict[str,
         "cpu_cores": os.cpu_count(),
         "direct_ingress": args.direct_ingress,
         "rank_channel": args.rank_channel,
+        "rank_niceness": args.rank_niceness,
         # Serve settings of the cluster's processes (deployments.app.SERVE_CLUSTER_ENV; the
         # replicas' own come from serving.replica_event_loop)
         "serve_cluster_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")},
@@ -425,6 +427,11 @@ def main() -> None:
     ap.add_argument(
         "--rank-channel", choices=("socket", "ray"), default="socket",
         help="serving.rank_channel: how a model replica reaches its rank 0 (its default: socket)",
+    )
+    ap.add_argument(
+        "--rank-niceness", type=int, default=0,
+        help="serving.rank_niceness: the rank processes' scheduling niceness (its default: 0; "
+        "Ray's own: 15)",
     )
     ap.add_argument(
         "--pids-file", help="write the processes' ids by role here once Serve runs (a profiler's)"
