@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import AppConfig, build_app_config
+from cluster.config.serving import SERVE_CLUSTER_ENV
 from cluster.net import free_port
 from deployments.app import FAKE_ENGINE as FAKE_ENGINE  # tests that need the fake name it
 
@@ -172,6 +173,10 @@ def acquire() -> ServeCluster:
 
         # Ray then uses 127.0.0.1 as the node address; workers import the repo's packages.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # Serve's cluster-wide settings, as `m-ai serve` sets them (the proxy streams to the
+        # ingress over gRPC): the tests run the transport users run.
+        for key, value in SERVE_CLUSTER_ENV.items():
+            os.environ.setdefault(key, value)
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if str(REPO_ROOT) not in paths:
             os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *paths])
