@@ -290,18 +290,25 @@ def replica_bundles(serving: ServingConfig, model: ModelConfig) -> list[dict[str
 def replica_env_vars(serving: ServingConfig) -> dict[str, str]:
     """Serve settings read in each replica process at its start, for ``runtime_env.env_vars`` of
     the ingress and LLM deployments (``serving.replica_event_loop``)."""
-    if serving.replica_event_loop == "separate":
-        return {}
-    return {
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    }
+    env = dict(GRPC_MESSAGE_ENV)  # the ingress -> LLMServer hop is gRPC on any cluster
+    if serving.replica_event_loop == "main":
+        env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+        env["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] = "0"
+    return env
+
+
+# Serve caps each gRPC message between its processes at 4 MiB, and a response body travels from
+# the ingress to the HTTP proxy as one (with the ASGI messages queued before it): a bigger one,
+# such as the listing of many long sessions, reached the client as a bare 500. Ray's actor
+# calls, the path without gRPC, have no such cap; this lifts it to gRPC's largest.
+GRPC_MESSAGE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 
 # Read by Serve's HTTP proxy, so set for the whole cluster before it starts (`ray start`, or the
 # launcher's ray.init): the proxy streams to the ingress over gRPC instead of Ray actor calls,
-# about 2 ms less to the first token (docs/performance.md). It changes nothing else.
-SERVE_CLUSTER_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+# about 2 ms less to the first token (docs/performance.md), with gRPC's message cap lifted as
+# for the replicas (``GRPC_MESSAGE_ENV``). It changes nothing else.
+SERVE_CLUSTER_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1", **GRPC_MESSAGE_ENV}
 
 
 def serve_cluster_env(serving: ServingConfig) -> dict[str, str]:
@@ -343,6 +350,7 @@ def replica_scaling(serving: ServingConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "GRPC_MESSAGE_ENV",
     "SERVE_CLUSTER_ENV",
     "ServingConfig",
     "LiveConfig",

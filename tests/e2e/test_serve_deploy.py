@@ -75,6 +75,7 @@ def cluster_env(token: str) -> dict[str, str]:
         DS_ACCELERATOR="cpu",
         PYTHONPATH=str(REPO_ROOT),
         RAY_SERVE_PROXY_USE_GRPC="1",  # as docs/deployment.md starts the head
+        RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH="2147483647",
     )
     return env
 

@@ -269,9 +269,12 @@ def test_replicas_run_request_code_on_their_own_loop_unless_told_otherwise():
         assert env_of(options) == {
             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
             "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+            "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647",  # > 4 MiB bodies
         }
         assert options["ray_actor_options"]["num_cpus"] >= 0
     separate = build_app_config({"serving": {"replica_event_loop": "separate"}}, "separate")
-    assert env_of(llm_deployment_options(model, separate.serving)) == {}
+    assert env_of(llm_deployment_options(model, separate.serving)) == {
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647",
+    }
     with pytest.raises(ConfigError, match="replica_event_loop"):
         build_app_config({"serving": {"replica_event_loop": "threads"}}, "bad")
