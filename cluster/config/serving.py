@@ -287,6 +287,13 @@ def replica_bundles(serving: ServingConfig, model: ModelConfig) -> list[dict[str
     return [{"CPU": serving.replica_num_cpus}] + [dict(rank) for _ in range(model.tp_size)]
 
 
+# Serve caps each gRPC message between its processes at 4 MiB, and a response body travels from
+# the ingress to the HTTP proxy as one (with the ASGI messages queued before it): a bigger one,
+# such as the listing of many long sessions, reached the client as a bare 500. Ray's actor
+# calls, the path without gRPC, have no such cap; this lifts it to gRPC's largest.
+GRPC_MESSAGE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
+
+
 def replica_env_vars(serving: ServingConfig) -> dict[str, str]:
     """Serve settings read in each replica process at its start, for ``runtime_env.env_vars`` of
     the ingress and LLM deployments (``serving.replica_event_loop``)."""
@@ -295,13 +302,6 @@ def replica_env_vars(serving: ServingConfig) -> dict[str, str]:
         env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
         env["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] = "0"
     return env
-
-
-# Serve caps each gRPC message between its processes at 4 MiB, and a response body travels from
-# the ingress to the HTTP proxy as one (with the ASGI messages queued before it): a bigger one,
-# such as the listing of many long sessions, reached the client as a bare 500. Ray's actor
-# calls, the path without gRPC, have no such cap; this lifts it to gRPC's largest.
-GRPC_MESSAGE_ENV = {"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(2**31 - 1)}
 
 
 # Read by Serve's HTTP proxy, so set for the whole cluster before it starts (`ray start`, or the
